@@ -1,0 +1,230 @@
+// CPU kernels for the sparse-supervision loss (METHODS.md section 1) and the RNG test hook.
+//
+// Layout shared with the Triton kernel: the input is viewed as (B, C, R); the keep-mask has one
+// uniform per (b, r), index m = b * R + r (C = 1 for granularity "element", C = channels for
+// "pixel"). Work is split into tasks of kCountersPerTask Philox counters of one row, so every
+// counter (4 mask indices) is evaluated once per row and partial sums are reduced in a fixed order:
+// results do not depend on the number of threads.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/irange.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "philox.h"
+
+namespace diffkernels {
+namespace {
+
+constexpr int kLanes = 16;                    // Philox counters evaluated together (64 uniforms)
+constexpr int64_t kChunk = 4 * kLanes;        // mask indices per chunk
+constexpr int64_t kChunksPerTask = 16;        // 1024 mask indices per task
+constexpr int64_t kTaskSpan = kChunk * kChunksPerTask;
+
+// Tasks per row: enough aligned spans to cover R mask indices starting at any offset mod 4.
+int64_t tasks_per_row(int64_t R) { return (R + 3 + kTaskSpan - 1) / kTaskSpan; }
+
+// Calls f(r0, j_lo, j_hi, keep) for each 64-wide chunk of row b inside task t: mask index
+// 4 * counter0 + j maps to row position r0 + j, and only j in [j_lo, j_hi) lie inside the row.
+template <typename F>
+void for_each_chunk(int64_t b, int64_t t, int64_t R, uint64_t seed, float eta, F&& f) {
+  const int64_t row_start = b * R;
+  const int64_t first_counter = (row_start >> 2) + t * (kTaskSpan / 4);
+  float u[kChunk];
+  bool keep[kChunk];
+  for (int64_t k = 0; k < kChunksPerTask; ++k) {
+    const int64_t counter0 = first_counter + k * kLanes;
+    const int64_t r0 = 4 * counter0 - row_start;
+    const int64_t j_lo = std::max<int64_t>(0, -r0);
+    const int64_t j_hi = std::min<int64_t>(kChunk, R - r0);
+    if (j_hi <= j_lo) {
+      if (r0 >= R) return;
+      continue;
+    }
+    philox_uniform_batch<kLanes>(static_cast<uint64_t>(counter0), seed, u);
+    for (int j = 0; j < kChunk; ++j) keep[j] = u[j] >= eta;
+    f(r0, j_lo, j_hi, keep);
+  }
+}
+
+template <typename acc_t>
+at::ScalarType acc_scalar_type() {
+  return std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
+}
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "diffkernels C++ kernels take CPU tensors; ", name, " is on ", t.device());
+  TORCH_CHECK(t.is_contiguous(), "diffkernels C++ kernels take contiguous tensors; ", name, " is not");
+}
+
+at::Tensor philox_uniform_op(int64_t seed, const at::Tensor& index) {
+  check_cpu(index, "index");
+  TORCH_CHECK(index.scalar_type() == at::kLong, "index must be int64");
+  auto out = at::empty(index.sizes(), index.options().dtype(at::kFloat));
+  const int64_t* idx = index.data_ptr<int64_t>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, index.numel(), 4096, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) o[i] = philox_uniform(static_cast<uint64_t>(seed), static_cast<uint64_t>(idx[i]));
+  });
+  return out;
+}
+
+// Keep-mask of shape (B, C, R): one draw per (b, r), repeated over the C channels.
+at::Tensor sparse_mask(int64_t seed, int64_t B, int64_t C, int64_t R, double mask_ratio) {
+  TORCH_CHECK(B >= 0 && C >= 1 && R >= 0, "invalid mask shape");
+  auto out = at::empty({B, C, R}, at::TensorOptions().dtype(at::kBool));
+  bool* o = out.data_ptr<bool>();
+  const float eta = static_cast<float>(mask_ratio);
+  const int64_t T = tasks_per_row(R);
+  at::parallel_for(0, B * T, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t b = task / T;
+      for_each_chunk(b, task % T, R, static_cast<uint64_t>(seed), eta,
+                     [&](int64_t r0, int64_t j_lo, int64_t j_hi, const bool* keep) {
+                       for (int64_t c = 0; c < C; ++c) {
+                         bool* row = o + (b * C + c) * R + r0;
+                         for (int64_t j = j_lo; j < j_hi; ++j) row[j] = keep[j];
+                       }
+                     });
+    }
+  });
+  return out;
+}
+
+// Per-row sums of keep * (pred - target)^2 (float64), per-row kept element counts (int64), and,
+// when grad_scale (B,) is given, grad = grad_scale[b] * keep * (pred - target) in pred's dtype.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_mse_fwd(const at::Tensor& pred, const at::Tensor& target,
+                                                              double mask_ratio, int64_t seed, int64_t channels,
+                                                              const std::optional<at::Tensor>& grad_scale) {
+  check_cpu(pred, "pred");
+  check_cpu(target, "target");
+  TORCH_CHECK(pred.sizes() == target.sizes() && pred.scalar_type() == target.scalar_type(),
+              "pred and target must have the same shape and dtype");
+  TORCH_CHECK(pred.dim() >= 1, "pred must have a batch dimension");
+  const int64_t B = pred.size(0);
+  const int64_t n = B ? pred.numel() / B : 0;
+  TORCH_CHECK(channels >= 1 && n % channels == 0, "channels must divide the per-sample size");
+  const int64_t C = channels, R = n / C;
+  const float eta = static_cast<float>(mask_ratio);
+  const bool want_grad = grad_scale.has_value();
+  if (want_grad) {
+    check_cpu(*grad_scale, "grad_scale");
+    TORCH_CHECK(grad_scale->numel() == B, "grad_scale must have one entry per sample");
+  }
+
+  const int64_t T = tasks_per_row(R);
+  std::vector<double> partial(static_cast<size_t>(B * T), 0.0);
+  std::vector<int64_t> partial_kept(static_cast<size_t>(B * T), 0);
+  auto grad = want_grad ? at::empty_like(pred) : at::empty({0}, pred.options());
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "sparse_mse_fwd", [&] {
+    // float math for float/half/bfloat16 (elementwise in float, sums in double); double for double.
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* p = pred.data_ptr<scalar_t>();
+    const scalar_t* q = target.data_ptr<scalar_t>();
+    scalar_t* g = want_grad ? grad.data_ptr<scalar_t>() : nullptr;
+    at::Tensor gs_acc;
+    const acc_t* gs = nullptr;
+    if (want_grad) {
+      gs_acc = grad_scale->to(acc_scalar_type<acc_t>()).contiguous();
+      gs = gs_acc.data_ptr<acc_t>();
+    }
+    at::parallel_for(0, B * T, 1, [&](int64_t lo, int64_t hi) {
+      acc_t sq[kChunk];
+      for (int64_t task = lo; task < hi; ++task) {
+        const int64_t b = task / T;
+        const acc_t scale = want_grad ? gs[b] : acc_t(0);
+        double sum = 0.0;
+        int64_t kept = 0;
+        for_each_chunk(b, task % T, R, static_cast<uint64_t>(seed), eta,
+                       [&](int64_t r0, int64_t j_lo, int64_t j_hi, const bool* keep) {
+                         for (int64_t j = j_lo; j < j_hi; ++j) kept += keep[j];
+                         for (int64_t c = 0; c < C; ++c) {
+                           const int64_t base = (b * C + c) * R + r0;
+                           // Masked elements contribute an exact 0 (a select, not a product), so
+                           // NaN/Inf in masked-out positions never reach the loss or the gradient.
+                           for (int64_t j = j_lo; j < j_hi; ++j) {
+                             const acc_t d = static_cast<acc_t>(p[base + j]) - static_cast<acc_t>(q[base + j]);
+                             sq[j] = keep[j] ? d * d : acc_t(0);
+                             if (want_grad) g[base + j] = static_cast<scalar_t>(keep[j] ? scale * d : acc_t(0));
+                           }
+                           for (int64_t j = j_lo; j < j_hi; ++j) sum += static_cast<double>(sq[j]);
+                         }
+                       });
+        partial[task] = sum;
+        partial_kept[task] = kept * C;
+      }
+    });
+  });
+
+  auto sq_sum = at::empty({B}, pred.options().dtype(at::kDouble));
+  auto kept = at::empty({B}, pred.options().dtype(at::kLong));
+  double* s = sq_sum.data_ptr<double>();
+  int64_t* k = kept.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    double acc = 0.0;
+    int64_t cnt = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      acc += partial[b * T + t];
+      cnt += partial_kept[b * T + t];
+    }
+    s[b] = acc;
+    k[b] = cnt;
+  }
+  return std::make_tuple(sq_sum, kept, grad);
+}
+
+// grad[b, ...] *= factor[b], skipping rows whose factor is exactly 1 (the usual loss.backward()).
+void scale_rows_(at::Tensor grad, const at::Tensor& factor) {
+  check_cpu(grad, "grad");
+  check_cpu(factor, "factor");
+  const int64_t B = grad.dim() ? grad.size(0) : 0;
+  TORCH_CHECK(factor.numel() == B, "factor must have one entry per row");
+  const int64_t n = B ? grad.numel() / B : 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "scale_rows_", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    auto f_acc = factor.to(acc_scalar_type<acc_t>()).contiguous();
+    const acc_t* f = f_acc.data_ptr<acc_t>();
+    scalar_t* g = grad.data_ptr<scalar_t>();
+    at::parallel_for(0, B * n, 16384, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi;) {
+        const int64_t b = i / n, end = std::min(hi, (b + 1) * n);
+        const acc_t s = f[b];
+        if (s != acc_t(1))
+          for (int64_t j = i; j < end; ++j) g[j] = static_cast<scalar_t>(s * static_cast<acc_t>(g[j]));
+        i = end;
+      }
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(diffkernels_native, m) {
+  m.def("philox_uniform(int seed, Tensor index) -> Tensor");
+  m.def("sparse_mask(int seed, int batch, int channels, int rows, float mask_ratio) -> Tensor");
+  m.def(
+      "sparse_mse_fwd(Tensor pred, Tensor target, float mask_ratio, int seed, int channels, Tensor? grad_scale)"
+      " -> (Tensor, Tensor, Tensor)");
+  m.def("scale_rows_(Tensor(a!) grad, Tensor factor) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(diffkernels_native, CPU, m) {
+  m.impl("philox_uniform", &philox_uniform_op);
+  m.impl("sparse_mse_fwd", &sparse_mse_fwd);
+  m.impl("scale_rows_", &scale_rows_);
+}
+
+// sparse_mask takes no tensor, so it is registered for the catch-all key.
+TORCH_LIBRARY_IMPL(diffkernels_native, CompositeExplicitAutograd, m) { m.impl("sparse_mask", &sparse_mask); }
+
+}  // namespace diffkernels

@@ -1,0 +1,19 @@
+"""diffkernels: fused kernels for training and diagnosing diffusion models.
+
+Public API only; see README.md for an overview.
+"""
+
+from ._backend import backends, use_backend
+from .ops.sparse_mse import SparseMSELoss, sparse_mask, sparse_mse_loss
+from .rng import fold_seed
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SparseMSELoss",
+    "backends",
+    "fold_seed",
+    "sparse_mask",
+    "sparse_mse_loss",
+    "use_backend",
+]

@@ -1,0 +1,116 @@
+"""Which implementation runs an op: ``triton`` | ``cuda`` | ``cpp`` | ``torch``.
+
+Defaults: CUDA tensors -> Triton, CPU tensors -> the C++ kernels, anything else (or a backend
+that is missing) -> the plain-PyTorch reference. ``DIFFKERNELS_BACKEND`` or
+``diffkernels.use_backend(name)`` forces one; a forced backend that cannot run on the given
+tensors is an error, never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import os
+import threading
+
+import torch
+
+from . import _native
+
+BACKENDS = ("triton", "cuda", "cpp", "torch")
+_override = threading.local()
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the interpreter (on CPU tensors), as in CI."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_installed() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "the triton package is not installed"
+    return None
+
+
+def _unavailable(name: str, device: torch.device) -> str | None:
+    """Why ``name`` cannot run on ``device``, or None if it can."""
+    if name == "torch":
+        return None
+    if name == "triton":
+        why = _triton_installed()
+        if why:
+            return why
+        if device.type == "cuda" or (device.type == "cpu" and interpreting()):
+            return None
+        return f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {device.type}"
+    if name == "cpp":
+        if device.type != "cpu":
+            return f"the C++ kernels take CPU tensors, got {device.type}"
+        return None if _native.load() else _native.status()
+    if name == "cuda":
+        return "the CUDA kernels of csrc/ are not built in this version"
+    raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
+
+
+def forced() -> str | None:
+    name = getattr(_override, "name", None) or os.environ.get("DIFFKERNELS_BACKEND") or None
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"DIFFKERNELS_BACKEND={name!r} is not one of {BACKENDS}")
+    return name
+
+
+def select(device: torch.device) -> str:
+    """The backend that runs an op on tensors of ``device``."""
+    name = forced()
+    if name is not None:
+        why = _unavailable(name, device)
+        if why:
+            raise RuntimeError(f"diffkernels backend {name!r} was requested but cannot run here: {why}")
+        return name
+    return default(device)
+
+
+def default(device: torch.device) -> str:
+    """The backend used for ``device`` when none is forced."""
+    if device.type == "cuda" and _unavailable("triton", device) is None:
+        return "triton"
+    if device.type == "cpu" and _unavailable("cpp", device) is None:
+        return "cpp"
+    return "torch"
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None):
+    """Force a backend inside a ``with`` block (``None`` restores the defaults); thread-local."""
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
+    previous = getattr(_override, "name", None)
+    _override.name = name
+    try:
+        yield
+    finally:
+        _override.name = previous
+
+
+def backends() -> dict:
+    """What each backend can do here, and which one runs by default per device."""
+    cpu = torch.device("cpu")
+    gpu = torch.device("cuda")
+    _native.load()
+    triton_device = gpu if torch.cuda.is_available() else cpu
+    triton_note = " (interpreter, TRITON_INTERPRET=1)" if interpreting() else ""
+    report = {
+        "triton": _unavailable("triton", triton_device) or "available" + triton_note,
+        "cuda": _unavailable("cuda", gpu) or "available",
+        "cpp": _native.status(),
+        "torch": "available (plain-PyTorch reference)",
+    }
+    report["default"] = {"cpu": default(cpu)}
+    if torch.cuda.is_available():
+        report["default"]["cuda"] = default(gpu)
+    forced_name = forced()
+    if forced_name:
+        report["forced"] = forced_name
+    return report

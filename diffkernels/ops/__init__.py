@@ -1,0 +1,1 @@
+"""Custom ops: validation, ``torch.library`` registration (fake + autograd) and backend dispatch."""

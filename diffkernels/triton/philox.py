@@ -1,0 +1,39 @@
+"""The shared RNG convention inside Triton kernels (see diffkernels/rng.py)."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def uniform_tile(seed, counter):
+    """Uniforms for the 4 mask indices of each counter: tile [G, 4], tile[g, w] = U(seed, 4 * counter[g] + w)."""
+    u0, u1, u2, u3 = tl.rand4x(seed, counter)
+    word = tl.arange(0, 4)[None, :]
+    return tl.where(
+        word == 0,
+        u0[:, None],
+        tl.where(word == 1, u1[:, None], tl.where(word == 2, u2[:, None], u3[:, None])),
+    )
+
+
+@triton.jit
+def _uniform_kernel(index_ptr, out_ptr, numel, seed, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < numel
+    index = tl.load(index_ptr + offs, mask=inside, other=0)
+    u0, u1, u2, u3 = tl.rand4x(seed, index >> 2)
+    word = index & 3
+    u = tl.where(word == 0, u0, tl.where(word == 1, u1, tl.where(word == 2, u2, u3)))
+    tl.store(out_ptr + offs, u, mask=inside)
+
+
+def uniform(seed: int, index):
+    """U(seed, index) for an int64 tensor of indices (one Philox call per element; for tests)."""
+    import torch
+
+    out = torch.empty(index.shape, dtype=torch.float32, device=index.device)
+    n = index.numel()
+    BLOCK = 1024
+    if n:
+        _uniform_kernel[(triton.cdiv(n, BLOCK),)](index.contiguous(), out, n, seed, BLOCK=BLOCK)
+    return out

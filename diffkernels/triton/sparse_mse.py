@@ -1,0 +1,123 @@
+"""Triton kernels of the sparse-supervision loss (METHODS.md section 1).
+
+The input is viewed as (B, C, R) with one keep draw per (b, r): mask index m = b * R + r
+(C = 1 for granularity "element"). Program p handles row b = p // T, counters
+(b * R) // 4 + t * G ... + G - 1 with t = p % T, i.e. 4 * G mask indices aligned to Philox
+counters, so every uniform of a row is generated exactly once. Masked-out elements are never
+loaded: at 98% masking most memory sectors are skipped entirely.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .philox import uniform_tile
+
+COUNTERS_PER_PROGRAM = 256  # 1024 mask indices per program
+SCALE_BLOCK = 2048
+
+
+@triton.jit
+def _row_tile(R, T, seed, eta, G: tl.constexpr):
+    """Row b, row positions r [G, 4], in-row flags and keep flags of this program's tile."""
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // T
+    t = pid % T
+    row_start = b * R
+    counter = (row_start >> 2) + t * G + tl.arange(0, G).to(tl.int64)
+    u = uniform_tile(seed, counter)
+    r = 4 * counter[:, None] + tl.arange(0, 4)[None, :] - row_start
+    inside = (r >= 0) & (r < R)
+    keep = inside & (u >= eta)
+    return pid, b, r, inside, keep
+
+
+@triton.jit
+def _sparse_mse_fwd_kernel(
+    pred_ptr, target_ptr, grad_ptr, grad_scale_ptr, sq_ptr, kept_ptr,
+    R, C, T, seed, eta,
+    WANT_GRAD: tl.constexpr, G: tl.constexpr,
+):
+    pid, b, r, inside, keep = _row_tile(R, T, seed, eta, G)
+    acc_dtype = grad_scale_ptr.dtype.element_ty
+    if WANT_GRAD:
+        scale = tl.load(grad_scale_ptr + b)
+    total = tl.zeros([G, 4], dtype=acc_dtype)
+    for c in range(C):
+        offs = (b * C + c) * R + r
+        # Masked-out elements are not loaded (other=0), so their NaN/Inf never reach the sums.
+        p = tl.load(pred_ptr + offs, mask=keep, other=0.0).to(acc_dtype)
+        q = tl.load(target_ptr + offs, mask=keep, other=0.0).to(acc_dtype)
+        d = p - q
+        total += d * d
+        if WANT_GRAD:
+            g = tl.where(keep, scale * d, 0.0)
+            tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=inside)
+    tl.store(sq_ptr + pid, tl.sum(tl.sum(total, axis=1), axis=0))
+    tl.store(kept_ptr + pid, tl.sum(tl.sum(keep.to(tl.int32), axis=1), axis=0) * C)
+
+
+@triton.jit
+def _sparse_mask_kernel(out_ptr, R, C, T, seed, eta, G: tl.constexpr):
+    pid, b, r, inside, keep = _row_tile(R, T, seed, eta, G)
+    for c in range(C):
+        tl.store(out_ptr + (b * C + c) * R + r, keep.to(tl.int8), mask=inside)
+
+
+@triton.jit
+def _scale_rows_kernel(grad_ptr, factor_ptr, n, T, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // T
+    f = tl.load(factor_ptr + b)
+    if f != 1.0:  # the usual loss.backward() passes exactly 1: skip the pass, without a host sync
+        offs = (pid % T) * BLOCK + tl.arange(0, BLOCK)
+        inside = offs < n
+        g = tl.load(grad_ptr + b * n + offs, mask=inside)
+        tl.store(grad_ptr + b * n + offs, (g.to(factor_ptr.dtype.element_ty) * f).to(g.dtype), mask=inside)
+
+
+def _tasks_per_row(R: int) -> int:
+    return triton.cdiv(R + 3, 4 * COUNTERS_PER_PROGRAM)
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def sparse_mse_fwd(pred, target, mask_ratio: float, seed: int, channels: int, grad_scale):
+    B = pred.shape[0]
+    n = pred.numel() // B if B else 0
+    R = n // channels
+    T = _tasks_per_row(R)
+    acc = _acc_dtype(pred.dtype)
+    sq = torch.empty(B * T, dtype=acc, device=pred.device)
+    kept = torch.empty(B * T, dtype=torch.int32, device=pred.device)
+    want_grad = grad_scale is not None
+    grad = torch.empty_like(pred) if want_grad else pred.new_empty(0)
+    scale = grad_scale.to(acc).contiguous() if want_grad else torch.empty(1, dtype=acc, device=pred.device)
+    if B * T:
+        _sparse_mse_fwd_kernel[(B * T,)](
+            pred, target, grad if want_grad else pred, scale, sq, kept,
+            R, channels, T, seed, mask_ratio,
+            WANT_GRAD=want_grad, G=COUNTERS_PER_PROGRAM,
+        )
+    sq_sum = sq.view(B, T).double().sum(dim=1)
+    kept_sum = kept.view(B, T).sum(dim=1, dtype=torch.int64)
+    return sq_sum, kept_sum, grad
+
+
+def sparse_mask(seed: int, B: int, C: int, R: int, mask_ratio: float, device):
+    out = torch.empty((B, C, R), dtype=torch.bool, device=device)
+    T = _tasks_per_row(R)
+    if B * T:
+        _sparse_mask_kernel[(B * T,)](out.view(torch.int8), R, C, T, seed, mask_ratio, G=COUNTERS_PER_PROGRAM)
+    return out
+
+
+def scale_rows_(grad, factor) -> None:
+    B = grad.shape[0]
+    n = grad.numel() // B if B else 0
+    T = triton.cdiv(n, SCALE_BLOCK)
+    if B * T:
+        f = factor.to(_acc_dtype(grad.dtype)).contiguous()
+        _scale_rows_kernel[(B * T,)](grad, f, n, T, BLOCK=SCALE_BLOCK)
