@@ -25,15 +25,15 @@
 namespace diffkernels {
 namespace {
 
-constexpr int kLanes = 16;                    // Philox counters evaluated together (64 uniforms)
-constexpr int64_t kChunk = 4 * kLanes;        // mask indices per chunk
-constexpr int64_t kChunksPerTask = 16;        // 1024 mask indices per task
+constexpr int kLanes = kBatchCounters;        // Philox counters evaluated together
+constexpr int64_t kChunk = 4 * kLanes;        // mask indices per chunk (128)
+constexpr int64_t kChunksPerTask = 8;         // 1024 mask indices per task
 constexpr int64_t kTaskSpan = kChunk * kChunksPerTask;
 
 // Tasks per row: enough aligned spans to cover R mask indices starting at any offset mod 4.
 int64_t tasks_per_row(int64_t R) { return (R + 3 + kTaskSpan - 1) / kTaskSpan; }
 
-// Calls f(r0, j_lo, j_hi, keep) for each 64-wide chunk of row b inside task t: mask index
+// Calls f(r0, j_lo, j_hi, keep) for each kChunk-wide chunk of row b inside task t: mask index
 // 4 * counter0 + j maps to row position r0 + j, and only j in [j_lo, j_hi) lie inside the row.
 template <typename F>
 void for_each_chunk(int64_t b, int64_t t, int64_t R, uint64_t seed, float eta, F&& f) {
@@ -50,7 +50,7 @@ void for_each_chunk(int64_t b, int64_t t, int64_t R, uint64_t seed, float eta, F
       if (r0 >= R) return;
       continue;
     }
-    philox_uniform_batch<kLanes>(static_cast<uint64_t>(counter0), seed, u);
+    philox_uniform_batch(static_cast<uint64_t>(counter0), seed, u);
     for (int j = 0; j < kChunk; ++j) keep[j] = u[j] >= eta;
     f(r0, j_lo, j_hi, keep);
   }
@@ -59,6 +59,45 @@ void for_each_chunk(int64_t b, int64_t t, int64_t R, uint64_t seed, float eta, F
 template <typename acc_t>
 at::ScalarType acc_scalar_type() {
   return std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
+}
+
+// Sum of keep * (p - q)^2 over len elements (float64, in 4 partial sums so the loop vectorises),
+// writing grad = keep * scale * (p - q) when g is given. Masked elements contribute an exact 0
+// (a select, not a product), so NaN/Inf in masked-out positions never reach the loss or gradient.
+template <typename scalar_t, typename acc_t>
+inline __attribute__((always_inline)) double chunk_sq_sum_body(const scalar_t* p, const scalar_t* q, scalar_t* g,
+                                                               const bool* keep, int64_t len, acc_t scale) {
+  double part[4] = {0.0, 0.0, 0.0, 0.0};
+  if (g != nullptr) {
+    for (int64_t j = 0; j < len; ++j) {
+      const acc_t d = static_cast<acc_t>(p[j]) - static_cast<acc_t>(q[j]);
+      part[j & 3] += static_cast<double>(keep[j] ? d * d : acc_t(0));
+      g[j] = static_cast<scalar_t>(keep[j] ? scale * d : acc_t(0));
+    }
+  } else {
+    for (int64_t j = 0; j < len; ++j) {
+      const acc_t d = static_cast<acc_t>(p[j]) - static_cast<acc_t>(q[j]);
+      part[j & 3] += static_cast<double>(keep[j] ? d * d : acc_t(0));
+    }
+  }
+  return (part[0] + part[1]) + (part[2] + part[3]);
+}
+
+#if defined(__x86_64__) || defined(_M_X64)
+template <typename scalar_t, typename acc_t>
+__attribute__((target("avx2"))) double chunk_sq_sum_avx2(const scalar_t* p, const scalar_t* q, scalar_t* g,
+                                                         const bool* keep, int64_t len, acc_t scale) {
+  return chunk_sq_sum_body(p, q, g, keep, len, scale);
+}
+#endif
+
+template <typename scalar_t, typename acc_t>
+double chunk_sq_sum(const scalar_t* p, const scalar_t* q, scalar_t* g, const bool* keep, int64_t len, acc_t scale) {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool has_avx2 = __builtin_cpu_supports("avx2");
+  if (has_avx2) return chunk_sq_sum_avx2(p, q, g, keep, len, scale);
+#endif
+  return chunk_sq_sum_body(p, q, g, keep, len, scale);
 }
 
 void check_cpu(const at::Tensor& t, const char* name) {
@@ -139,7 +178,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_mse_fwd(const at::Tensor& 
       gs = gs_acc.data_ptr<acc_t>();
     }
     at::parallel_for(0, B * T, 1, [&](int64_t lo, int64_t hi) {
-      acc_t sq[kChunk];
       for (int64_t task = lo; task < hi; ++task) {
         const int64_t b = task / T;
         const acc_t scale = want_grad ? gs[b] : acc_t(0);
@@ -149,15 +187,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_mse_fwd(const at::Tensor& 
                        [&](int64_t r0, int64_t j_lo, int64_t j_hi, const bool* keep) {
                          for (int64_t j = j_lo; j < j_hi; ++j) kept += keep[j];
                          for (int64_t c = 0; c < C; ++c) {
-                           const int64_t base = (b * C + c) * R + r0;
-                           // Masked elements contribute an exact 0 (a select, not a product), so
-                           // NaN/Inf in masked-out positions never reach the loss or the gradient.
-                           for (int64_t j = j_lo; j < j_hi; ++j) {
-                             const acc_t d = static_cast<acc_t>(p[base + j]) - static_cast<acc_t>(q[base + j]);
-                             sq[j] = keep[j] ? d * d : acc_t(0);
-                             if (want_grad) g[base + j] = static_cast<scalar_t>(keep[j] ? scale * d : acc_t(0));
-                           }
-                           for (int64_t j = j_lo; j < j_hi; ++j) sum += static_cast<double>(sq[j]);
+                           const int64_t base = (b * C + c) * R + r0 + j_lo;
+                           sum += chunk_sq_sum<scalar_t, acc_t>(p + base, q + base, want_grad ? g + base : nullptr,
+                                                                keep + j_lo, j_hi - j_lo, scale);
                          }
                        });
         partial[task] = sum;
