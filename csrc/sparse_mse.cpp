@@ -117,6 +117,17 @@ at::Tensor philox_uniform_op(int64_t seed, const at::Tensor& index) {
   return out;
 }
 
+// The batched generator the kernels use (AVX2 where the CPU has it), exposed for the RNG tests:
+// U(seed, 4 * counter0 + i) for i < 4 * kBatchCounters.
+at::Tensor philox_uniform_batch_op(int64_t seed, int64_t counter0, bool force_scalar) {
+  auto out = at::empty({4 * kBatchCounters}, at::TensorOptions().dtype(at::kFloat));
+  if (force_scalar)
+    philox_uniform_batch_scalar(static_cast<uint64_t>(counter0), static_cast<uint64_t>(seed), out.data_ptr<float>());
+  else
+    philox_uniform_batch(static_cast<uint64_t>(counter0), static_cast<uint64_t>(seed), out.data_ptr<float>());
+  return out;
+}
+
 // Keep-mask of shape (B, C, R): one draw per (b, r), repeated over the C channels.
 at::Tensor sparse_mask(int64_t seed, int64_t B, int64_t C, int64_t R, double mask_ratio) {
   TORCH_CHECK(B >= 0 && C >= 1 && R >= 0, "invalid mask shape");
@@ -243,6 +254,7 @@ void scale_rows_(at::Tensor grad, const at::Tensor& factor) {
 
 TORCH_LIBRARY(diffkernels_native, m) {
   m.def("philox_uniform(int seed, Tensor index) -> Tensor");
+  m.def("philox_uniform_batch(int seed, int counter0, bool force_scalar) -> Tensor");
   m.def("sparse_mask(int seed, int batch, int channels, int rows, float mask_ratio) -> Tensor");
   m.def(
       "sparse_mse_fwd(Tensor pred, Tensor target, float mask_ratio, int seed, int channels, Tensor? grad_scale)"
@@ -256,7 +268,10 @@ TORCH_LIBRARY_IMPL(diffkernels_native, CPU, m) {
   m.impl("scale_rows_", &scale_rows_);
 }
 
-// sparse_mask takes no tensor, so it is registered for the catch-all key.
-TORCH_LIBRARY_IMPL(diffkernels_native, CompositeExplicitAutograd, m) { m.impl("sparse_mask", &sparse_mask); }
+// These take no tensor argument to dispatch on, so they are registered for the catch-all key.
+TORCH_LIBRARY_IMPL(diffkernels_native, CompositeExplicitAutograd, m) {
+  m.impl("sparse_mask", &sparse_mask);
+  m.impl("philox_uniform_batch", &philox_uniform_batch_op);
+}
 
 }  // namespace diffkernels

@@ -1,10 +1,11 @@
 """``diffkernels::sparse_mse``: the fused masked, weighted MSE of sparse supervision.
 
-One pass over pred and target produces the per-sample losses and, when an input needs a
-gradient, the gradient itself (already scaled for an incoming gradient of 1). Backward then only
-rescales it in place by the incoming gradient, in a kernel that skips rows whose factor is exactly
-1, so the usual ``loss.backward()`` costs no second pass and no host sync. The keep-mask is
-regenerated from (seed, index) inside every kernel and never stored.
+Default (backward="fused"): one pass over pred and target produces the per-sample losses and,
+when an input needs a gradient, the gradient itself (already scaled for an upstream gradient of
+1). Backward then only rescales it in place, in a kernel that skips rows whose factor is exactly
+1, so the usual ``loss.backward()`` costs no second pass and no host sync. backward="recompute"
+regenerates the mask in backward instead, for graphs differentiated more than once. The
+keep-mask is regenerated from (seed, index) inside every kernel and never stored.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from . import _kernels
 GRANULARITIES = ("element", "pixel")
 NORMALIZATIONS = ("expected", "all", "kept")
 REDUCTIONS = ("mean", "sum", "none")
+BACKWARD_MODES = ("fused", "recompute")
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -35,6 +37,23 @@ def _loss_shape(pred: Tensor, reduction: str) -> tuple[int, ...]:
     return (pred.shape[0],) if reduction == "none" else ()
 
 
+def _grad_scale(weight: Optional[Tensor], B: int, n: int, mask_ratio: float, normalize: str, reduction: str,
+                dtype: torch.dtype, device) -> Tensor:
+    """Per-row c_b with d loss / d pred = c_b * keep * (pred - target) for an upstream gradient of 1.
+
+    For normalize="kept" the 1/Z_b factor is only known after the pass, so it is left out here
+    and applied with the upstream gradient (the per-row ``row_factor``).
+    """
+    w = weight.double() if weight is not None else torch.ones(B, dtype=torch.float64, device=device)
+    reduce_factor = 1.0 / B if (reduction == "mean" and B) else 1.0
+    z = _known_normaliser(n, mask_ratio, normalize) or 1.0
+    return ((2.0 * reduce_factor / z) * w).to(_acc_dtype(dtype))
+
+
+def _known_normaliser(n: int, mask_ratio: float, normalize: str) -> Optional[float]:
+    return {"expected": n * (1.0 - mask_ratio), "all": float(n)}.get(normalize)
+
+
 @torch.library.custom_op("diffkernels::sparse_mse", mutates_args=())
 def _sparse_mse(
     pred: Tensor,
@@ -45,25 +64,21 @@ def _sparse_mse(
     channels: int,
     normalize: str,
     reduction: str,
-    compute_grad: bool,
+    fused_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (loss, grad buffer, per-row backward factor, per-sample unweighted loss)."""
-    kernels = _kernels.for_device(pred.device)
+    """Returns (loss, gradient buffer, per-row backward factor, per-sample unweighted loss).
+
+    With ``fused_grad`` the gradient for an upstream gradient of 1 is written in the same pass;
+    otherwise the buffer is empty.
+    """
     B = pred.shape[0]
     n = pred.numel() // B if B else 0
     acc = _acc_dtype(pred.dtype)
-    w = weight.double() if weight is not None else torch.ones(B, dtype=torch.float64, device=pred.device)
-    reduce_factor = 1.0 / B if (reduction == "mean" and B) else 1.0
-    z_known = {"expected": n * (1.0 - mask_ratio), "all": float(n)}.get(normalize)
-
-    grad_scale = None
-    if compute_grad:
-        # d loss / d pred = grad_scale[b] * keep * (pred - target); for "kept" the 1/Z_b factor is
-        # only known after the pass, so backward applies it.
-        grad_scale = (2.0 * reduce_factor / (z_known if z_known else 1.0)) * w
-        grad_scale = grad_scale.to(acc)
-    sq_sum, kept, grad = kernels.sparse_mse_fwd(pred, target, mask_ratio, seed, channels, grad_scale)
-
+    grad_scale = _grad_scale(weight, B, n, mask_ratio, normalize, reduction, pred.dtype, pred.device) if fused_grad else None
+    sq_sum, kept, grad = _kernels.for_device(pred.device).sparse_mse_fwd(
+        pred, target, mask_ratio, seed, channels, grad_scale
+    )
+    z_known = _known_normaliser(n, mask_ratio, normalize)
     if z_known is not None:
         z = torch.full((B,), z_known, dtype=torch.float64, device=pred.device)
         row_factor = torch.ones(B, dtype=acc, device=pred.device)
@@ -71,7 +86,7 @@ def _sparse_mse(
         z = kept.clamp(min=1).double()
         row_factor = (1.0 / z).to(acc)
     unweighted = sq_sum / z
-    per_sample = w * unweighted
+    per_sample = unweighted * weight.double() if weight is not None else unweighted
     if reduction == "none":
         loss = per_sample
     elif reduction == "sum":
@@ -82,11 +97,11 @@ def _sparse_mse(
 
 
 @_sparse_mse.register_fake
-def _(pred, target, weight, mask_ratio, seed, channels, normalize, reduction, compute_grad):
+def _(pred, target, weight, mask_ratio, seed, channels, normalize, reduction, fused_grad):
     B = pred.shape[0]
     acc = _acc_dtype(pred.dtype)
     loss = pred.new_empty(_loss_shape(pred, reduction), dtype=_loss_dtype(pred.dtype))
-    grad = torch.empty_like(pred) if compute_grad else pred.new_empty(0)
+    grad = torch.empty_like(pred) if fused_grad else pred.new_empty(0)
     return loss, grad, pred.new_empty(B, dtype=acc), pred.new_empty(B, dtype=torch.float64)
 
 
@@ -101,31 +116,70 @@ def _(grad, factor):
     return None
 
 
+@torch.library.custom_op("diffkernels::sparse_mse_grad", mutates_args=())
+def _sparse_mse_grad(pred: Tensor, target: Tensor, grad_scale: Tensor, mask_ratio: float, seed: int,
+                     channels: int) -> Tensor:
+    """grad_scale[b] * keep * (pred - target): the gradient, regenerating the mask (backward="recompute")."""
+    kernels = _kernels.for_device(pred.device)
+    return kernels.sparse_mse_fwd(pred, target, mask_ratio, seed, channels, grad_scale)[2]
+
+
+@_sparse_mse_grad.register_fake
+def _(pred, target, grad_scale, mask_ratio, seed, channels):
+    return torch.empty_like(pred)
+
+
 def _setup_context(ctx, inputs, output):
-    pred, target, weight, mask_ratio, seed, channels, normalize, reduction, compute_grad = inputs
+    pred, target, weight, mask_ratio, seed, channels, normalize, reduction, fused_grad = inputs
     loss, grad, row_factor, unweighted = output
     ctx.mark_non_differentiable(grad, row_factor, unweighted)
-    ctx.save_for_backward(grad, row_factor, unweighted)
-    ctx.reduction = reduction
-    ctx.compute_grad = compute_grad
-    ctx.weight_dtype = None if weight is None else weight.dtype
+    ctx.fused_grad = fused_grad
+    ctx.has_weight = weight is not None
+    ctx.options = (mask_ratio, seed, channels, normalize, reduction)
+    if fused_grad:
+        ctx.save_for_backward(grad, row_factor, unweighted, weight)
+    else:  # regenerate in backward: keep the inputs instead of a gradient buffer
+        ctx.save_for_backward(pred, target, row_factor, unweighted, weight)
+
+
+def _saved(ctx):
+    try:
+        return ctx.saved_tensors
+    except RuntimeError as exc:
+        if "inplace" not in str(exc):
+            raise
+        raise RuntimeError(
+            "diffkernels.sparse_mse_loss: this graph was already differentiated once. With "
+            "backward='fused' (the default) the gradient is computed in the forward pass and rescaled "
+            "in place by the first backward, so a graph can be differentiated only once. For "
+            "retain_graph=True, gradcheck or Jacobians, call sparse_mse_loss(..., backward='recompute')."
+        ) from exc
 
 
 def _backward(ctx, grad_loss, _grad_buffer, _row_factor, _unweighted):
-    grad, row_factor, unweighted = ctx.saved_tensors
+    mask_ratio, seed, channels, normalize, reduction = ctx.options
+    if ctx.fused_grad:
+        grad, row_factor, unweighted, weight = _saved(ctx)
+    else:
+        pred, target, row_factor, unweighted, weight = _saved(ctx)
     B = unweighted.shape[0]
     if grad_loss is None:
         return (None,) * 9
-    per_row = grad_loss.expand(B) if ctx.reduction != "none" else grad_loss
+    per_row = grad_loss.expand(B) if reduction != "none" else grad_loss
+    factor = per_row.to(row_factor.dtype) * row_factor  # upstream gradient (and 1/Z_b for "kept")
     grad_pred = grad_target = grad_weight = None
-    if ctx.compute_grad and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
-        factor = per_row.to(row_factor.dtype) * row_factor
-        torch.ops.diffkernels.scale_rows_(grad, factor)
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+        if ctx.fused_grad:
+            torch.ops.diffkernels.scale_rows_(grad, factor)
+        else:
+            n = pred.numel() // B if B else 0
+            scale = _grad_scale(weight, B, n, mask_ratio, normalize, reduction, pred.dtype, pred.device) * factor
+            grad = torch.ops.diffkernels.sparse_mse_grad(pred, target, scale, mask_ratio, seed, channels)
         grad_pred = grad if ctx.needs_input_grad[0] else None
         grad_target = -grad if ctx.needs_input_grad[1] else None
-    if ctx.weight_dtype is not None and ctx.needs_input_grad[2]:
-        reduce_factor = 1.0 / B if (ctx.reduction == "mean" and B) else 1.0
-        grad_weight = (per_row.double() * unweighted * reduce_factor).to(ctx.weight_dtype)
+    if ctx.has_weight and ctx.needs_input_grad[2]:
+        reduce_factor = 1.0 / B if (reduction == "mean" and B) else 1.0
+        grad_weight = (per_row.double() * unweighted * reduce_factor).to(weight.dtype)
     return grad_pred, grad_target, grad_weight, None, None, None, None, None, None
 
 
@@ -184,6 +238,7 @@ def sparse_mse_loss(
     granularity: str = "element",
     normalize: str = "expected",
     reduction: str = "mean",
+    backward: str = "fused",
 ) -> Tensor:
     """Masked, weighted MSE of sparse supervision (METHODS.md section 1), fused.
 
@@ -200,6 +255,13 @@ def sparse_mse_loss(
     float32 inputs. NaN/Inf in kept elements propagate; in masked-out elements they are ignored.
     An empty batch gives NaN for "mean" (like ``torch.mean`` of nothing), 0 for "sum" and an
     empty vector for "none". Gradients flow to ``pred``, ``target`` and ``weight``.
+
+    ``backward``: ``"fused"`` (default, fastest) computes the gradient in the forward pass and
+    rescales it in place in backward (skipped when the upstream gradient is exactly 1), so the
+    graph can be differentiated once; for half/bfloat16 inputs with an upstream gradient other
+    than 1 the gradient is rounded twice (at most 1 ulp more). ``"recompute"`` computes only the
+    loss in forward and regenerates the mask in backward (one more read of pred and target); its
+    graph can be differentiated any number of times (retain_graph, gradcheck, Jacobians).
     """
     _check_tensor(pred, "pred")
     _check_tensor(target, "target")
@@ -226,9 +288,10 @@ def sparse_mse_loss(
         if weight.device != pred.device:
             raise ValueError(f"weight must be on pred's device {pred.device}, got {weight.device}")
         weight = weight.contiguous()
-    compute_grad = torch.is_grad_enabled() and (pred.requires_grad or target.requires_grad)
+    _check_choice(backward, "backward", BACKWARD_MODES)
+    fused_grad = backward == "fused" and torch.is_grad_enabled() and (pred.requires_grad or target.requires_grad)
     loss, _, _, _ = _sparse_mse(
-        pred.contiguous(), target.contiguous(), weight, mask_ratio, seed, channels, normalize, reduction, compute_grad
+        pred.contiguous(), target.contiguous(), weight, mask_ratio, seed, channels, normalize, reduction, fused_grad
     )
     return loss
 
@@ -261,17 +324,18 @@ class SparseMSELoss(torch.nn.Module):
     """
 
     def __init__(self, mask_ratio: float, *, granularity: str = "element", normalize: str = "expected",
-                 reduction: str = "mean"):
+                 reduction: str = "mean", backward: str = "fused"):
         super().__init__()
         self.mask_ratio = _check_mask_ratio(mask_ratio)
         _channels((1, 1), granularity)
         _check_choice(normalize, "normalize", NORMALIZATIONS)
         _check_choice(reduction, "reduction", REDUCTIONS)
-        self.granularity, self.normalize, self.reduction = granularity, normalize, reduction
+        _check_choice(backward, "backward", BACKWARD_MODES)
+        self.granularity, self.normalize, self.reduction, self.backward = granularity, normalize, reduction, backward
 
     def forward(self, pred: Tensor, target: Tensor, seed: int, weight: Optional[Tensor] = None) -> Tensor:
         return sparse_mse_loss(pred, target, self.mask_ratio, seed, weight=weight, granularity=self.granularity,
-                               normalize=self.normalize, reduction=self.reduction)
+                               normalize=self.normalize, reduction=self.reduction, backward=self.backward)
 
     def extra_repr(self) -> str:
         return (f"mask_ratio={self.mask_ratio}, granularity={self.granularity!r}, normalize={self.normalize!r}, "

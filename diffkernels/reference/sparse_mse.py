@@ -94,7 +94,7 @@ def sparse_mse_fwd(pred, target, mask_ratio: float, seed: int, channels: int, gr
 
 
 def scale_rows_(grad: torch.Tensor, factor: torch.Tensor) -> None:
-    B = grad.shape[0]
+    B, n = grad.shape[0], math.prod(grad.shape[1:])
     acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
-    scaled = grad.reshape(B, -1).to(acc) * factor.to(acc).view(B, 1)
+    scaled = grad.reshape(B, n).to(acc) * factor.to(acc).view(B, 1)
     grad.copy_(scaled.view(grad.shape))
