@@ -1,0 +1,74 @@
+"""Backend selection, forced backends, and running without the native extension."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import diffkernels as dk
+from diffkernels import _backend, reference
+
+
+def run_python(code: str, **env) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=300)
+
+
+def test_backends_report_lists_every_backend():
+    report = dk.backends()
+    for name in ("triton", "cuda", "cpp", "torch"):
+        assert isinstance(report[name], str) and report[name]
+    assert report["default"]["cpu"] in ("cpp", "torch")
+
+
+def test_use_backend_forces_and_restores():
+    before = _backend.select(torch.device("cpu"))
+    with dk.use_backend("torch"):
+        assert _backend.select(torch.device("cpu")) == "torch"
+    assert _backend.select(torch.device("cpu")) == before
+    with pytest.raises(ValueError, match="unknown backend"):
+        with dk.use_backend("fortran"):
+            pass
+
+
+def test_impossible_forced_backend_is_an_error():
+    with dk.use_backend("cuda"):
+        with pytest.raises(RuntimeError, match="backend 'cuda' was requested"):
+            dk.sparse_mse_loss(torch.randn(2, 3), torch.randn(2, 3), 0.5, 1)
+
+
+def test_env_variable_forces_backend_and_rejects_unknown_names():
+    code = "import torch, diffkernels as dk; print(dk.sparse_mse_loss(torch.ones(2, 3), torch.zeros(2, 3), 0.0, 1).item())"
+    ok = run_python(code, DIFFKERNELS_BACKEND="torch")
+    assert ok.returncode == 0 and float(ok.stdout.strip()) == 1.0
+    bad = run_python(code, DIFFKERNELS_BACKEND="fortran")
+    assert bad.returncode != 0 and "DIFFKERNELS_BACKEND='fortran'" in bad.stderr
+    no_interp = run_python(code, DIFFKERNELS_BACKEND="triton", TRITON_INTERPRET="0", CUDA_VISIBLE_DEVICES="")
+    assert no_interp.returncode != 0 and "backend 'triton' was requested" in no_interp.stderr
+
+
+def test_without_native_code_the_reference_backend_runs():
+    code = (
+        "import json, torch, diffkernels as dk\n"
+        "p = torch.linspace(-1, 1, 300).reshape(4, 3, 5, 5).requires_grad_()\n"
+        "loss = dk.sparse_mse_loss(p, torch.zeros_like(p), 0.5, 3)\n"
+        "loss.backward()\n"
+        "print(json.dumps({'backends': dk.backends(), 'loss': loss.item()}))\n"
+    )
+    out = run_python(code, DIFFKERNELS_NO_NATIVE="1", DIFFKERNELS_BACKEND="")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "DIFFKERNELS_NO_NATIVE" in result["backends"]["cpp"]
+    assert result["backends"]["default"]["cpu"] == "torch"
+    p = torch.linspace(-1, 1, 300).reshape(4, 3, 5, 5)
+    expected = reference.sparse_mse_loss(p, torch.zeros_like(p), 0.5, 3)
+    assert abs(result["loss"] - expected.item()) <= 1e-6 * expected.item()
+
+
+def test_cli_backends_command():
+    out = subprocess.run([sys.executable, "-m", "diffkernels", "backends"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "default" in json.loads(out.stdout)
