@@ -54,7 +54,7 @@ def _sparse_mse_fwd_kernel(
             g = tl.where(keep, scale * d, 0.0)
             tl.store(grad_ptr + offs, g.to(grad_ptr.dtype.element_ty), mask=inside)
     tl.store(sq_ptr + pid, tl.sum(tl.sum(total, axis=1), axis=0))
-    tl.store(kept_ptr + pid, tl.sum(tl.sum(keep.to(tl.int32), axis=1), axis=0) * C)
+    tl.store(kept_ptr + pid, tl.sum(tl.sum(keep.to(tl.int32), axis=1), axis=0))  # kept draws; x C on the host
 
 
 @triton.jit
@@ -102,7 +102,7 @@ def sparse_mse_fwd(pred, target, mask_ratio: float, seed: int, channels: int, gr
             WANT_GRAD=want_grad, G=COUNTERS_PER_PROGRAM,
         )
     sq_sum = sq.view(B, T).double().sum(dim=1)
-    kept_sum = kept.view(B, T).sum(dim=1, dtype=torch.int64)
+    kept_sum = kept.view(B, T).sum(dim=1, dtype=torch.int64) * channels
     return sq_sum, kept_sum, grad
 
 

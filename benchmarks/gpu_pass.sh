@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The GPU verification pass (shared/design/GPU.md), in one command:
+#     bash benchmarks/gpu_pass.sh OUTDIR
+# 1. installs the package in place against this machine's torch (no deps, no build isolation);
+# 2. runs the whole test suite on CUDA tensors, then compute-sanitizer over the kernels;
+# 3. measures the device's ceilings and benchmarks every op (bench_*.py);
+# 4. writes everything (logs, JSON + Markdown tables, versions, commit, date) to OUTDIR.
+# Every step runs even if an earlier one fails; the exit code says whether all passed.
+set -uo pipefail
+OUT=${1:?usage: bash benchmarks/gpu_pass.sh OUTDIR}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+status=0
+step() {  # step NAME COMMAND...: run, log to OUTDIR/NAME.log, remember failures
+  local name=$1; shift
+  echo "== $name: $*"
+  local t0=$SECONDS
+  if "$@" >"$OUT/$name.log" 2>&1; then echo "   ok ($((SECONDS - t0)) s)"; else echo "   FAILED ($((SECONDS - t0)) s), see $OUT/$name.log"; tail -n 30 "$OUT/$name.log"; status=1; fi
+}
+
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
+  python -c "import sys, torch; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+  python -c "import triton; print('triton', triton.__version__)" 2>/dev/null || echo "triton: not installed"
+  nvcc --version 2>/dev/null | tail -n 1
+} | tee "$OUT/environment.txt"
+
+step install pip install --no-deps --no-build-isolation -e .
+step backends python -m diffkernels backends
+step tests python -m pytest tests -q -rs --durations=15 --junitxml="$OUT/tests.xml"
+if command -v compute-sanitizer >/dev/null; then
+  step sanitizer compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/sanitize_kernels.py
+else
+  echo "compute-sanitizer not found: skipped" | tee "$OUT/sanitizer.log"
+fi
+for bench in benchmarks/bench_*.py; do
+  step "$(basename "$bench" .py)" python "$bench" --out "$OUT"
+done
+cat "$OUT"/*.md 2>/dev/null | tail -n 80
+exit $status
