@@ -68,6 +68,9 @@ def _build_key(src: Path) -> str:
 def _load_prebuilt() -> bool:
     here = Path(__file__).resolve().parent
     for lib in sorted(glob.glob(str(here / "_C*.so"))):
+        src = _csrc_dir()
+        if src is not None and any((src / f).stat().st_mtime > os.path.getmtime(lib) for f in SOURCES + HEADERS):
+            return False  # an in-place build older than the sources (editable install): rebuild by JIT
         try:
             torch.ops.load_library(lib)
             return True
@@ -87,7 +90,7 @@ def _jit_build() -> None:
     build = cache_dir() / name
     build.mkdir(parents=True, exist_ok=True)
     if not (build / f"{name}.so").exists():
-        print(f"diffkernels: compiling the C++ CPU kernels into {build} (once, about a minute)...", file=sys.stderr)
+        print(f"diffkernels: compiling the C++ CPU kernels into {build} (one time, under a minute)...", file=sys.stderr)
     cpp_extension.load(
         name=name,
         sources=[str(src / f) for f in SOURCES],
