@@ -4,7 +4,7 @@ Public API only; see README.md for an overview.
 """
 
 from ._backend import backends, use_backend
-from .ops.sparse_mse import SparseMSELoss, sparse_mask, sparse_mse_loss
+from .sparse import SparseMSELoss, sparse_mask, sparse_mse_loss
 from .rng import fold_seed
 
 __version__ = "0.1.0"

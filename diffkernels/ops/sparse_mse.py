@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..rng import seed_to_int64
+from .._validate import check_choice, check_float_tensor, check_mask_ratio, check_seed
 from . import _kernels
 
 GRANULARITIES = ("element", "pixel")
@@ -189,35 +189,8 @@ _sparse_mse.register_autograd(_backward, setup_context=_setup_context)
 # --- public functions -------------------------------------------------------------------------
 
 
-def _check_tensor(x, name: str) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-
-
-def _check_mask_ratio(mask_ratio) -> float:
-    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float)):
-        raise TypeError(f"mask_ratio must be a Python float in [0, 1), got {type(mask_ratio).__name__}")
-    mask_ratio = float(mask_ratio)
-    if not (0.0 <= mask_ratio < 1.0):  # also rejects NaN
-        raise ValueError(f"mask_ratio must lie in [0, 1), got {mask_ratio}")
-    return mask_ratio
-
-
-def _check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be a Python int, got {type(seed).__name__}")
-    return seed_to_int64(seed)
-
-
-def _check_choice(value, name: str, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-
-
 def _channels(shape, granularity: str, name: str = "pred") -> int:
-    _check_choice(granularity, "granularity", GRANULARITIES)
+    check_choice(granularity, "granularity", GRANULARITIES)
     if granularity == "pixel":
         if len(shape) < 2:
             raise ValueError(
@@ -263,8 +236,8 @@ def sparse_mse_loss(
     loss in forward and regenerates the mask in backward (one more read of pred and target); its
     graph can be differentiated any number of times (retain_graph, gradcheck, Jacobians).
     """
-    _check_tensor(pred, "pred")
-    _check_tensor(target, "target")
+    check_float_tensor(pred, "pred")
+    check_float_tensor(target, "target")
     if pred.shape != target.shape:
         raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
     if pred.dtype != target.dtype:
@@ -273,22 +246,22 @@ def sparse_mse_loss(
         raise ValueError(f"pred and target must be on the same device, got {pred.device} and {target.device}")
     if pred.dim() < 1:
         raise ValueError("pred must have a batch dimension (dim 0), got a 0-d tensor")
-    mask_ratio = _check_mask_ratio(mask_ratio)
-    seed = _check_seed(seed)
-    _check_choice(normalize, "normalize", NORMALIZATIONS)
-    _check_choice(reduction, "reduction", REDUCTIONS)
+    mask_ratio = check_mask_ratio(mask_ratio)
+    seed = check_seed(seed)
+    check_choice(normalize, "normalize", NORMALIZATIONS)
+    check_choice(reduction, "reduction", REDUCTIONS)
     channels = _channels(pred.shape, granularity)
     B = pred.shape[0]
     if B and pred[0].numel() == 0:
         raise ValueError(f"pred has no elements per sample (shape {tuple(pred.shape)})")
     if weight is not None:
-        _check_tensor(weight, "weight")
+        check_float_tensor(weight, "weight")
         if weight.shape != (B,):
             raise ValueError(f"weight must have shape (B,) = ({B},), one weight per sample, got {tuple(weight.shape)}")
         if weight.device != pred.device:
             raise ValueError(f"weight must be on pred's device {pred.device}, got {weight.device}")
         weight = weight.contiguous()
-    _check_choice(backward, "backward", BACKWARD_MODES)
+    check_choice(backward, "backward", BACKWARD_MODES)
     fused_grad = backward == "fused" and torch.is_grad_enabled() and (pred.requires_grad or target.requires_grad)
     loss, _, _, _ = _sparse_mse(
         pred.contiguous(), target.contiguous(), weight, mask_ratio, seed, channels, normalize, reduction, fused_grad
@@ -303,8 +276,8 @@ def sparse_mask(shape, mask_ratio: float, seed: int, *, granularity: str = "elem
         raise ValueError("shape must have a batch dimension")
     if any(s < 0 for s in shape):
         raise ValueError(f"shape must be non-negative, got {tuple(shape)}")
-    mask_ratio = _check_mask_ratio(mask_ratio)
-    seed = _check_seed(seed)
+    mask_ratio = check_mask_ratio(mask_ratio)
+    seed = check_seed(seed)
     C = _channels(shape, granularity, "shape")
     B = shape[0]
     n = math.prod(shape[1:])
@@ -314,29 +287,3 @@ def sparse_mask(shape, mask_ratio: float, seed: int, *, granularity: str = "elem
         return torch.zeros(shape, dtype=torch.bool, device=device)
     mask = _kernels.for_device(device).sparse_mask(seed, B, C, R, mask_ratio, device)
     return mask.reshape(shape)
-
-
-class SparseMSELoss(torch.nn.Module):
-    """Module form of :func:`sparse_mse_loss`; ``forward(pred, target, seed, weight=None)``.
-
-    Derive a fresh seed every step (e.g. ``diffkernels.fold_seed(base_seed, step, rank)``):
-    the same seed gives the same mask.
-    """
-
-    def __init__(self, mask_ratio: float, *, granularity: str = "element", normalize: str = "expected",
-                 reduction: str = "mean", backward: str = "fused"):
-        super().__init__()
-        self.mask_ratio = _check_mask_ratio(mask_ratio)
-        _channels((1, 1), granularity)
-        _check_choice(normalize, "normalize", NORMALIZATIONS)
-        _check_choice(reduction, "reduction", REDUCTIONS)
-        _check_choice(backward, "backward", BACKWARD_MODES)
-        self.granularity, self.normalize, self.reduction, self.backward = granularity, normalize, reduction, backward
-
-    def forward(self, pred: Tensor, target: Tensor, seed: int, weight: Optional[Tensor] = None) -> Tensor:
-        return sparse_mse_loss(pred, target, self.mask_ratio, seed, weight=weight, granularity=self.granularity,
-                               normalize=self.normalize, reduction=self.reduction, backward=self.backward)
-
-    def extra_repr(self) -> str:
-        return (f"mask_ratio={self.mask_ratio}, granularity={self.granularity!r}, normalize={self.normalize!r}, "
-                f"reduction={self.reduction!r}")

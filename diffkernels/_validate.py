@@ -1,0 +1,34 @@
+"""Argument checks shared by the public functions: each error names the argument."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from .rng import seed_to_int64
+
+
+def check_float_tensor(x, name: str) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+
+
+def check_mask_ratio(mask_ratio) -> float:
+    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float)):
+        raise TypeError(f"mask_ratio must be a Python float in [0, 1), got {type(mask_ratio).__name__}")
+    mask_ratio = float(mask_ratio)
+    if not (0.0 <= mask_ratio < 1.0):  # also rejects NaN
+        raise ValueError(f"mask_ratio must lie in [0, 1), got {mask_ratio}")
+    return mask_ratio
+
+
+def check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be a Python int, got {type(seed).__name__}")
+    return seed_to_int64(seed)
+
+
+def check_choice(value, name: str, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
