@@ -40,7 +40,7 @@ def native_extensions():
         return [], {}
     ext = CppExtension(
         "diffkernels._C",
-        sources=["csrc/sparse_mse.cpp"],
+        sources=["csrc/sparse_mse.cpp", "csrc/mdm_mask.cpp"],
         extra_compile_args=["-O3", "-fopenmp", "-std=c++17", "-ffp-contract=off"],
         extra_link_args=["-fopenmp"],
         py_limited_api=False,

@@ -2,9 +2,7 @@
 //
 // Layout shared with the Triton kernel: the input is viewed as (B, C, R); the keep-mask has one
 // uniform per (b, r), index m = b * R + r (C = 1 for granularity "element", C = channels for
-// "pixel"). Work is split into tasks of kCountersPerTask Philox counters of one row, so every
-// counter (4 mask indices) is evaluated once per row and partial sums are reduced in a fixed order:
-// results do not depend on the number of threads.
+// "pixel"), walked with the row tiles of row_tiles.h.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -21,40 +19,10 @@
 #include <vector>
 
 #include "philox.h"
+#include "row_tiles.h"
 
 namespace diffkernels {
 namespace {
-
-constexpr int kLanes = kBatchCounters;        // Philox counters evaluated together
-constexpr int64_t kChunk = 4 * kLanes;        // mask indices per chunk (128)
-constexpr int64_t kChunksPerTask = 8;         // 1024 mask indices per task
-constexpr int64_t kTaskSpan = kChunk * kChunksPerTask;
-
-// Tasks per row: enough aligned spans to cover R mask indices starting at any offset mod 4.
-int64_t tasks_per_row(int64_t R) { return (R + 3 + kTaskSpan - 1) / kTaskSpan; }
-
-// Calls f(r0, j_lo, j_hi, keep) for each kChunk-wide chunk of row b inside task t: mask index
-// 4 * counter0 + j maps to row position r0 + j, and only j in [j_lo, j_hi) lie inside the row.
-template <typename F>
-void for_each_chunk(int64_t b, int64_t t, int64_t R, uint64_t seed, float eta, F&& f) {
-  const int64_t row_start = b * R;
-  const int64_t first_counter = (row_start >> 2) + t * (kTaskSpan / 4);
-  float u[kChunk];
-  bool keep[kChunk];
-  for (int64_t k = 0; k < kChunksPerTask; ++k) {
-    const int64_t counter0 = first_counter + k * kLanes;
-    const int64_t r0 = 4 * counter0 - row_start;
-    const int64_t j_lo = std::max<int64_t>(0, -r0);
-    const int64_t j_hi = std::min<int64_t>(kChunk, R - r0);
-    if (j_hi <= j_lo) {
-      if (r0 >= R) return;
-      continue;
-    }
-    philox_uniform_batch(static_cast<uint64_t>(counter0), seed, u);
-    for (int j = 0; j < kChunk; ++j) keep[j] = u[j] >= eta;
-    f(r0, j_lo, j_hi, keep);
-  }
-}
 
 template <typename acc_t>
 at::ScalarType acc_scalar_type() {
@@ -138,11 +106,11 @@ at::Tensor sparse_mask(int64_t seed, int64_t B, int64_t C, int64_t R, double mas
   at::parallel_for(0, B * T, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t b = task / T;
-      for_each_chunk(b, task % T, R, static_cast<uint64_t>(seed), eta,
-                     [&](int64_t r0, int64_t j_lo, int64_t j_hi, const bool* keep) {
+      for_each_chunk(b, task % T, R, static_cast<uint64_t>(seed),
+                     [&](int64_t r0, int64_t j_lo, int64_t j_hi, const float* u) {
                        for (int64_t c = 0; c < C; ++c) {
                          bool* row = o + (b * C + c) * R + r0;
-                         for (int64_t j = j_lo; j < j_hi; ++j) row[j] = keep[j];
+                         for (int64_t j = j_lo; j < j_hi; ++j) row[j] = u[j] >= eta;
                        }
                      });
     }
@@ -194,8 +162,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_mse_fwd(const at::Tensor& 
         const acc_t scale = want_grad ? gs[b] : acc_t(0);
         double sum = 0.0;
         int64_t kept = 0;
-        for_each_chunk(b, task % T, R, static_cast<uint64_t>(seed), eta,
-                       [&](int64_t r0, int64_t j_lo, int64_t j_hi, const bool* keep) {
+        bool keep[kChunk];
+        for_each_chunk(b, task % T, R, static_cast<uint64_t>(seed),
+                       [&](int64_t r0, int64_t j_lo, int64_t j_hi, const float* u) {
+                         for (int64_t j = 0; j < kChunk; ++j) keep[j] = u[j] >= eta;
                          for (int64_t j = j_lo; j < j_hi; ++j) kept += keep[j];
                          for (int64_t c = 0; c < C; ++c) {
                            const int64_t base = (b * C + c) * R + r0 + j_lo;

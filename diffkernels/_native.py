@@ -21,8 +21,8 @@ import torch
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
 _PACKAGED_CSRC = Path(__file__).resolve().parent / "csrc"  # where a wheel carries the sources
-SOURCES = ("sparse_mse.cpp",)
-HEADERS = ("philox.h",)
+SOURCES = ("sparse_mse.cpp", "mdm_mask.cpp")
+HEADERS = ("philox.h", "row_tiles.h")
 NAMESPACE = "diffkernels_native"
 
 _lock = threading.Lock()

@@ -1,7 +1,8 @@
-"""One table from backend name to the module that implements the sparse-MSE primitives.
+"""One table from backend name to the implementation of each kernel primitive.
 
-Each backend module offers ``sparse_mse_fwd``, ``sparse_mask`` and ``scale_rows_`` with the same
-meaning (see diffkernels/reference/sparse_mse.py for the plain-PyTorch definition).
+Every backend offers the same primitives with the same meaning; their plain-PyTorch definitions
+are in diffkernels/reference/ (sparse_mse.py, mdm_mask.py). Triton modules are imported lazily so
+that TRITON_INTERPRET can be set before the first kernel is defined.
 """
 
 from __future__ import annotations
@@ -9,16 +10,18 @@ from __future__ import annotations
 import torch
 
 from .. import _backend, _native
-from ..reference import sparse_mse as _ref
+from ..reference import mdm_mask as _ref_mdm
+from ..reference import sparse_mse as _ref_sparse
 
 
 class _Torch:
-    sparse_mse_fwd = staticmethod(_ref.sparse_mse_fwd)
-    scale_rows_ = staticmethod(_ref.scale_rows_)
+    sparse_mse_fwd = staticmethod(_ref_sparse.sparse_mse_fwd)
+    scale_rows_ = staticmethod(_ref_sparse.scale_rows_)
+    mask_tokens = staticmethod(_ref_mdm.mask_tokens_fwd)
 
     @staticmethod
     def sparse_mask(seed, B, C, R, mask_ratio, device):
-        return _ref.keep_mask(B, C, R, mask_ratio, seed, device).contiguous()
+        return _ref_sparse.keep_mask(B, C, R, mask_ratio, seed, device).contiguous()
 
 
 class _Cpp:
@@ -34,13 +37,39 @@ class _Cpp:
     def scale_rows_(grad, factor):
         _native.ops().scale_rows_(grad, factor.contiguous())
 
+    @staticmethod
+    def mask_tokens(ids, table, seed, mask_id, eligible, rare, mirror):
+        return _native.ops().mask_tokens(ids, table, seed, mask_id, eligible, rare, mirror)
+
+
+class _Triton:
+    @staticmethod
+    def sparse_mse_fwd(*args):
+        from ..triton import sparse_mse
+
+        return sparse_mse.sparse_mse_fwd(*args)
+
+    @staticmethod
+    def sparse_mask(*args):
+        from ..triton import sparse_mse
+
+        return sparse_mse.sparse_mask(*args)
+
+    @staticmethod
+    def scale_rows_(*args):
+        from ..triton import sparse_mse
+
+        return sparse_mse.scale_rows_(*args)
+
+    @staticmethod
+    def mask_tokens(*args):
+        from ..triton import mdm_mask
+
+        return mdm_mask.mask_tokens(*args)
+
+
+_BY_NAME = {"triton": _Triton, "cpp": _Cpp, "torch": _Torch}
+
 
 def for_device(device: torch.device):
-    name = _backend.select(device)
-    if name == "triton":
-        from ..triton import sparse_mse as triton_kernels
-
-        return triton_kernels
-    if name == "cpp":
-        return _Cpp
-    return _Torch
+    return _BY_NAME[_backend.select(device)]

@@ -17,6 +17,29 @@ def uniform_tile(seed, counter):
 
 
 @triton.jit
+def row_tile(R, T, seed, G: tl.constexpr):
+    """This program's tile of a stream of rows of R draws (draw (b, r) at index b * R + r).
+
+    Program p covers row b = p // T, counters (b * R) // 4 + (p % T) * G + [0, G): 4 * G draws
+    aligned to Philox counters, so each uniform of a row is generated once (the C++ kernels walk
+    the same tiles, csrc/row_tiles.h). Returns pid, b, the row positions r [G, 4], whether they lie
+    inside the row, and the uniforms.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // T
+    row_start = b * R
+    counter = (row_start >> 2) + (pid % T) * G + tl.arange(0, G).to(tl.int64)
+    r = 4 * counter[:, None] + tl.arange(0, 4)[None, :] - row_start
+    inside = (r >= 0) & (r < R)
+    return pid, b, r, inside, uniform_tile(seed, counter)
+
+
+def tasks_per_row(R: int, G: int) -> int:
+    """Programs per row for row_tile: enough aligned spans of 4 * G draws to cover R of them."""
+    return triton.cdiv(R + 3, 4 * G)
+
+
+@triton.jit
 def _uniform_kernel(index_ptr, out_ptr, numel, seed, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < numel

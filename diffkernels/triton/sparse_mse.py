@@ -1,9 +1,7 @@
 """Triton kernels of the sparse-supervision loss (METHODS.md section 1).
 
 The input is viewed as (B, C, R) with one keep draw per (b, r): mask index m = b * R + r
-(C = 1 for granularity "element"). Program p handles row b = p // T, counters
-(b * R) // 4 + t * G ... + G - 1 with t = p % T, i.e. 4 * G mask indices aligned to Philox
-counters, so every uniform of a row is generated exactly once. Masked-out elements are never
+(C = 1 for granularity "element"), tiled with ``philox.row_tile``. Masked-out elements are never
 loaded: at 98% masking most memory sectors are skipped entirely.
 """
 
@@ -11,25 +9,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .philox import uniform_tile
+from .philox import row_tile, tasks_per_row
 
 COUNTERS_PER_PROGRAM = 256  # 1024 mask indices per program
 SCALE_BLOCK = 2048
-
-
-@triton.jit
-def _row_tile(R, T, seed, eta, G: tl.constexpr):
-    """Row b, row positions r [G, 4], in-row flags and keep flags of this program's tile."""
-    pid = tl.program_id(0).to(tl.int64)
-    b = pid // T
-    t = pid % T
-    row_start = b * R
-    counter = (row_start >> 2) + t * G + tl.arange(0, G).to(tl.int64)
-    u = uniform_tile(seed, counter)
-    r = 4 * counter[:, None] + tl.arange(0, 4)[None, :] - row_start
-    inside = (r >= 0) & (r < R)
-    keep = inside & (u >= eta)
-    return pid, b, r, inside, keep
 
 
 @triton.jit
@@ -38,7 +21,8 @@ def _sparse_mse_fwd_kernel(
     R, C, T, seed, eta,
     WANT_GRAD: tl.constexpr, G: tl.constexpr,
 ):
-    pid, b, r, inside, keep = _row_tile(R, T, seed, eta, G)
+    pid, b, r, inside, u = row_tile(R, T, seed, G)
+    keep = inside & (u >= eta)
     acc_dtype = grad_scale_ptr.dtype.element_ty
     if WANT_GRAD:
         scale = tl.load(grad_scale_ptr + b)
@@ -59,7 +43,8 @@ def _sparse_mse_fwd_kernel(
 
 @triton.jit
 def _sparse_mask_kernel(out_ptr, R, C, T, seed, eta, G: tl.constexpr):
-    pid, b, r, inside, keep = _row_tile(R, T, seed, eta, G)
+    pid, b, r, inside, u = row_tile(R, T, seed, G)
+    keep = inside & (u >= eta)
     for c in range(C):
         tl.store(out_ptr + (b * C + c) * R + r, keep.to(tl.int8), mask=inside)
 
@@ -76,10 +61,6 @@ def _scale_rows_kernel(grad_ptr, factor_ptr, n, T, BLOCK: tl.constexpr):
         tl.store(grad_ptr + b * n + offs, (g.to(factor_ptr.dtype.element_ty) * f).to(g.dtype), mask=inside)
 
 
-def _tasks_per_row(R: int) -> int:
-    return triton.cdiv(R + 3, 4 * COUNTERS_PER_PROGRAM)
-
-
 def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -88,7 +69,7 @@ def sparse_mse_fwd(pred, target, mask_ratio: float, seed: int, channels: int, gr
     B = pred.shape[0]
     n = pred.numel() // B if B else 0
     R = n // channels
-    T = _tasks_per_row(R)
+    T = tasks_per_row(R, COUNTERS_PER_PROGRAM)
     acc = _acc_dtype(pred.dtype)
     sq = torch.empty(B * T, dtype=acc, device=pred.device)
     kept = torch.empty(B * T, dtype=torch.int32, device=pred.device)
@@ -108,7 +89,7 @@ def sparse_mse_fwd(pred, target, mask_ratio: float, seed: int, channels: int, gr
 
 def sparse_mask(seed: int, B: int, C: int, R: int, mask_ratio: float, device):
     out = torch.empty((B, C, R), dtype=torch.bool, device=device)
-    T = _tasks_per_row(R)
+    T = tasks_per_row(R, COUNTERS_PER_PROGRAM)
     if B * T:
         _sparse_mask_kernel[(B * T,)](out.view(torch.int8), R, C, T, seed, mask_ratio, G=COUNTERS_PER_PROGRAM)
     return out

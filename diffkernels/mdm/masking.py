@@ -1,0 +1,158 @@
+"""Token masks for masked diffusion LMs: standard, MIRROR (antithetic), ISAD (METHODS.md section 2)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .._validate import check_choice, check_seed
+from ..ops.mdm_mask import _mask_tokens, row_table
+
+MODES = ("standard", "mirror")
+
+
+@dataclass
+class MaskedTokens:
+    """What ``mask_tokens`` returns. Rows: the B input rows, then (mirror mode) their B second copies.
+
+    noisy_ids (R, L): the input with masked tokens replaced by ``mask_id``.
+    masked (R, L) bool: which tokens are masked (the loss is taken there).
+    weights (R, L) float32: per-token loss weight, 0 where not masked: 1/p, 1/q for ISAD tokens,
+        or the Horvitz-Thompson union weights (2/pi masked in one copy, 1/pi in both).
+    row_weight (R,) float32: how much each row counts in the per-sequence average: 1 in standard
+        mode; 1/2 for each copy of a mirrored row (the loss is 1/2 (l1 + l2)); 1 and 0 for rows
+        whose second copy is switched off by ``mirror_max_t``.
+    eligible_count (B,) int64: eligible tokens per input row (the paper's P).
+    p (R,) float32: each row's masking probability. source_row (R,) int64: its input row.
+
+    Per-sequence loss (METHODS.md): l_b = sum_rows(row_weight * sum_l weights * CE) / eligible_count.
+    """
+
+    noisy_ids: Tensor
+    masked: Tensor
+    weights: Tensor
+    row_weight: Tensor
+    eligible_count: Tensor
+    p: Tensor
+    source_row: Tensor
+
+
+def _check_p(p, B: int, device) -> Tensor:
+    if isinstance(p, bool):
+        raise TypeError("p must be a float or a (B,) floating tensor, got bool")
+    if isinstance(p, (int, float)):
+        if not (0.0 < float(p) <= 1.0):
+            raise ValueError(f"p must lie in (0, 1], got {p}")
+        return torch.full((B,), float(p), dtype=torch.float32, device=device)
+    if not isinstance(p, Tensor) or not p.dtype.is_floating_point:
+        raise TypeError(f"p must be a float or a (B,) floating tensor, got {type(p).__name__}")
+    if p.shape != (B,):
+        raise ValueError(f"p must have shape (B,) = ({B},), got {tuple(p.shape)}")
+    if p.device != device:
+        raise ValueError(f"p must be on input_ids' device {device}, got {p.device}")
+    p = p.to(torch.float32)
+    in_range = ((p > 0) & (p <= 1)).all()
+    if p.device.type == "cpu":
+        if not bool(in_range):
+            raise ValueError(f"p must lie in (0, 1], got values in [{float(p.min())}, {float(p.max())}]")
+    else:  # checked on the device, without a host sync (a failure is a device-side assert)
+        torch._assert_async(in_range, "diffkernels.mdm.mask_tokens: p must lie in (0, 1]")
+    return p.contiguous()
+
+
+def mask_tokens(
+    input_ids: Tensor,
+    p,
+    seed: int,
+    *,
+    mask_id: int,
+    eligible: Optional[Tensor] = None,
+    mode: str = "standard",
+    mirror_max_t: Optional[float] = None,
+    rare=None,
+    rare_delta: float = 0.0,
+    union_weights: bool = False,
+) -> MaskedTokens:
+    """Mask the eligible tokens of each row with probability p (one Philox uniform per token).
+
+    Token (b, l) draws u = U(seed, b * L + l) (diffkernels.rng). Copy 1 masks it iff u < p_b;
+    with ``mode="mirror"`` copy 2 masks it iff u > 1 - p_b (MIRROR: same u, so each copy is exactly
+    a standard mask and for p <= 1/2 the two are disjoint). ``mirror_max_t``: only rows with
+    p_b < mirror_max_t get a second copy (the paper's tau = 0.9; p = (1 - eps) t + eps ~ t); the
+    others keep an all-unmasked copy 2 with row_weight 0, so shapes never depend on the data.
+    ``eligible`` (B, L) bool excludes prompt and padding. ``rare``: token ids (ISAD) masked with
+    q = min(1, p + rare_delta) and weighted 1/q. ``union_weights`` (mirror only): Horvitz-Thompson
+    weights of the union of the two masks. All thresholds and weights are float32.
+
+    The masks are bit-identical across the Triton, C++ and reference backends. The check that
+    eligible tokens do not already equal ``mask_id`` runs on CPU tensors only (it would need a
+    host sync on the GPU).
+    """
+    if not isinstance(input_ids, Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
+        got = input_ids.dtype if isinstance(input_ids, Tensor) else type(input_ids).__name__
+        raise TypeError(f"input_ids must be an int32 or int64 tensor of token ids, got {got}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape (B, L), got {tuple(input_ids.shape)}")
+    B, L = input_ids.shape
+    device = input_ids.device
+    seed = check_seed(seed)
+    check_choice(mode, "mode", MODES)
+    if isinstance(mask_id, bool) or not isinstance(mask_id, int):
+        raise TypeError(f"mask_id must be an int, got {type(mask_id).__name__}")
+    info = torch.iinfo(input_ids.dtype)
+    if not info.min <= mask_id <= info.max:
+        raise ValueError(f"mask_id {mask_id} does not fit in input_ids' dtype {input_ids.dtype}")
+    p = _check_p(p, B, device)
+    if eligible is not None:
+        if not isinstance(eligible, Tensor) or eligible.dtype != torch.bool:
+            raise TypeError("eligible must be a bool tensor shaped like input_ids")
+        if eligible.shape != input_ids.shape or eligible.device != device:
+            raise ValueError(f"eligible must have input_ids' shape {tuple(input_ids.shape)} and device {device}, "
+                             f"got {tuple(eligible.shape)} on {eligible.device}")
+        eligible = eligible.contiguous()
+    if isinstance(rare_delta, bool) or not isinstance(rare_delta, (int, float)) or not (0.0 <= rare_delta <= 1.0):
+        raise ValueError(f"rare_delta must be a float in [0, 1], got {rare_delta!r}")
+    rare_flags = None
+    if rare is not None:
+        rare_ids = torch.as_tensor(rare, device=device)
+        if rare_ids.dtype.is_floating_point or rare_ids.dtype == torch.bool:
+            raise TypeError("rare must be a collection of integer token ids")
+        rare_flags = torch.isin(input_ids, rare_ids.to(input_ids.dtype)).contiguous()
+    mirror = mode == "mirror"
+    if not mirror and (union_weights or mirror_max_t is not None):
+        raise ValueError("union_weights and mirror_max_t apply to mode='mirror' only")
+    mirror_rows = None
+    if mirror:
+        mirror_rows = torch.ones(B, dtype=torch.bool, device=device)
+        if mirror_max_t is not None:
+            if not (0.0 < float(mirror_max_t) <= 1.0):
+                raise ValueError(f"mirror_max_t must lie in (0, 1], got {mirror_max_t}")
+            mirror_rows = p < float(mirror_max_t)
+    ids = input_ids.contiguous()
+    if device.type == "cpu":
+        collides = ids == mask_id if eligible is None else (ids == mask_id) & eligible
+        if bool(collides.any()):
+            raise ValueError(f"mask_id {mask_id} already occurs among the eligible tokens of input_ids")
+
+    table = row_table(p, float(rare_delta), mirror_rows, union_weights)
+    noisy, masked, weights = _mask_tokens(ids, table, seed, mask_id, eligible, rare_flags, mirror)
+    copies = 2 if mirror else 1
+    if mirror:
+        half = torch.where(mirror_rows, 0.5, 1.0).to(torch.float32)
+        row_weight = torch.cat([half, torch.where(mirror_rows, 0.5, 0.0).to(torch.float32)])
+    else:
+        row_weight = torch.ones(B, dtype=torch.float32, device=device)
+    eligible_count = eligible.sum(dim=1) if eligible is not None else torch.full((B,), L, dtype=torch.int64, device=device)
+    source = torch.arange(B, device=device).repeat(copies)
+    return MaskedTokens(
+        noisy_ids=noisy.view(copies * B, L),
+        masked=masked.view(copies * B, L),
+        weights=weights.view(copies * B, L),
+        row_weight=row_weight,
+        eligible_count=eligible_count,
+        p=p.repeat(copies),
+        source_row=source,
+    )
