@@ -54,13 +54,18 @@ def _check_p(p, B: int, device) -> Tensor:
     if p.device != device:
         raise ValueError(f"p must be on input_ids' device {device}, got {p.device}")
     p = p.to(torch.float32)
-    in_range = ((p > 0) & (p <= 1)).all()
-    if p.device.type == "cpu":
-        if not bool(in_range):
-            raise ValueError(f"p must lie in (0, 1], got values in [{float(p.min())}, {float(p.max())}]")
-    else:  # checked on the device, without a host sync (a failure is a device-side assert)
-        torch._assert_async(in_range, "diffkernels.mdm.mask_tokens: p must lie in (0, 1]")
+    _check_on_device(((p > 0) & (p <= 1)).all(), "p must lie in (0, 1]")
     return p.contiguous()
+
+
+def _check_on_device(condition: Tensor, message: str) -> None:
+    """A data-dependent check: a ValueError on CPU; on the GPU or inside torch.compile an
+    asynchronous device-side assert instead, because reading the result would be a host sync."""
+    if condition.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(condition):
+            raise ValueError(message)
+    else:
+        torch._assert_async(condition, f"diffkernels.mdm.mask_tokens: {message}")
 
 
 def mask_tokens(
@@ -134,8 +139,7 @@ def mask_tokens(
     ids = input_ids.contiguous()
     if device.type == "cpu":
         collides = ids == mask_id if eligible is None else (ids == mask_id) & eligible
-        if bool(collides.any()):
-            raise ValueError(f"mask_id {mask_id} already occurs among the eligible tokens of input_ids")
+        _check_on_device(~collides.any(), f"mask_id {mask_id} already occurs among the eligible tokens of input_ids")
 
     table = row_table(p, float(rare_delta), mirror_rows, union_weights)
     noisy, masked, weights = _mask_tokens(ids, table, seed, mask_id, eligible, rare_flags, mirror)
