@@ -46,7 +46,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mask_tokens(const at::Tensor& ids
     const index_t* in = ids.data_ptr<index_t>();
     index_t* out = noisy.data_ptr<index_t>();
     const index_t mask_value = static_cast<index_t>(mask_id);
-    at::parallel_for(0, B * T, 1, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, B * T, task_grain(kTaskSpan), [&](int64_t lo, int64_t hi) {
       for (int64_t task = lo; task < hi; ++task) {
         const int64_t b = task / T;
         const float* row = tab + 8 * b;

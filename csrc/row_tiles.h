@@ -20,6 +20,13 @@ constexpr int64_t kTaskSpan = kChunk * kChunksPerTask;  // 1024 draws per task
 // Tasks per row: enough aligned spans to cover R draws starting at any offset mod 4.
 inline int64_t tasks_per_row(int64_t R) { return (R + 3 + kTaskSpan - 1) / kTaskSpan; }
 
+// Grain size for at::parallel_for over tasks that each touch elements_per_task elements: small
+// inputs run on the calling thread (a parallel region costs more than it saves below ~64K elements).
+inline int64_t task_grain(int64_t elements_per_task) {
+  constexpr int64_t kMinElementsPerThread = 1 << 16;
+  return std::max<int64_t>(1, kMinElementsPerThread / std::max<int64_t>(1, elements_per_task));
+}
+
 // Calls f(r0, j_lo, j_hi, u) for each chunk of row b inside task t: u[j] = U(seed, b * R + r0 + j),
 // and only j in [j_lo, j_hi) lie inside the row (r0 may be negative at the row start).
 template <typename F>

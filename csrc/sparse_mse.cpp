@@ -103,7 +103,7 @@ at::Tensor sparse_mask(int64_t seed, int64_t B, int64_t C, int64_t R, double mas
   bool* o = out.data_ptr<bool>();
   const float eta = static_cast<float>(mask_ratio);
   const int64_t T = tasks_per_row(R);
-  at::parallel_for(0, B * T, 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, B * T, task_grain(kTaskSpan * C), [&](int64_t lo, int64_t hi) {
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t b = task / T;
       for_each_chunk(b, task % T, R, static_cast<uint64_t>(seed),
@@ -156,7 +156,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_mse_fwd(const at::Tensor& 
       gs_acc = grad_scale->to(acc_scalar_type<acc_t>()).contiguous();
       gs = gs_acc.data_ptr<acc_t>();
     }
-    at::parallel_for(0, B * T, 1, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, B * T, task_grain(kTaskSpan * C), [&](int64_t lo, int64_t hi) {
       for (int64_t task = lo; task < hi; ++task) {
         const int64_t b = task / T;
         const acc_t scale = want_grad ? gs[b] : acc_t(0);
@@ -208,7 +208,7 @@ void scale_rows_(at::Tensor grad, const at::Tensor& factor) {
     auto f_acc = factor.to(acc_scalar_type<acc_t>()).contiguous();
     const acc_t* f = f_acc.data_ptr<acc_t>();
     scalar_t* g = grad.data_ptr<scalar_t>();
-    at::parallel_for(0, B * n, 16384, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, B * n, 1 << 16, [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi;) {
         const int64_t b = i / n, end = std::min(hi, (b + 1) * n);
         const acc_t s = f[b];
