@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .._validate import check_choice, check_float_tensor, check_mask_ratio, check_seed
 from . import _kernels
+from ._inplace import saved_tensors
 
 GRANULARITIES = ("element", "pixel")
 NORMALIZATIONS = ("expected", "all", "kept")
@@ -142,26 +143,20 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(pred, target, row_factor, unweighted, weight)
 
 
-def _saved(ctx):
-    try:
-        return ctx.saved_tensors
-    except RuntimeError as exc:
-        if "inplace" not in str(exc):
-            raise
-        raise RuntimeError(
-            "diffkernels.sparse_mse_loss: this graph was already differentiated once. With "
-            "backward='fused' (the default) the gradient is computed in the forward pass and rescaled "
-            "in place by the first backward, so a graph can be differentiated only once. For "
-            "retain_graph=True, gradcheck or Jacobians, call sparse_mse_loss(..., backward='recompute')."
-        ) from exc
+SECOND_BACKWARD = (
+    "diffkernels.sparse_mse_loss: this graph was already differentiated once. With backward='fused' (the "
+    "default) the gradient is computed in the forward pass and rescaled in place by the first backward, so a "
+    "graph can be differentiated only once. For retain_graph=True, gradcheck or Jacobians, call "
+    "sparse_mse_loss(..., backward='recompute')."
+)
 
 
 def _backward(ctx, grad_loss, _grad_buffer, _row_factor, _unweighted):
     mask_ratio, seed, channels, normalize, reduction = ctx.options
     if ctx.fused_grad:
-        grad, row_factor, unweighted, weight = _saved(ctx)
+        grad, row_factor, unweighted, weight = saved_tensors(ctx, SECOND_BACKWARD)
     else:
-        pred, target, row_factor, unweighted, weight = _saved(ctx)
+        pred, target, row_factor, unweighted, weight = saved_tensors(ctx, SECOND_BACKWARD)
     B = unweighted.shape[0]
     if grad_loss is None:
         return (None,) * 9

@@ -1,0 +1,162 @@
+"""The masked diffusion LM loss (METHODS.md section 2), computed only where tokens are masked."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .._validate import check_choice
+from ..ops.masked_ce import _masked_ce_hidden, _masked_ce_logits, default_chunk_size
+from .masking import MaskedTokens
+
+NORMALIZERS = ("row", "batch", "global")
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def masked_cross_entropy(
+    targets: Tensor,
+    coef: Tensor,
+    *,
+    logits: Optional[Tensor] = None,
+    hidden: Optional[Tensor] = None,
+    lm_head_weight: Optional[Tensor] = None,
+    lm_head_bias: Optional[Tensor] = None,
+    chunk_size: Optional[int] = None,
+) -> Tensor:
+    """``sum_i coef_i * CE_i`` over the tokens with ``coef_i != 0``, never forming the other logits.
+
+    Give either ``logits`` (..., V), or ``hidden`` (..., H) with ``lm_head_weight`` (V, H) and an
+    optional ``lm_head_bias`` (V,): then logits are computed only for tokens with a nonzero
+    coefficient, ``chunk_size`` tokens at a time (default: 256 MiB of float32 logits per chunk).
+    ``targets`` (...) are the token ids to predict, ``coef`` (...) the weights (e.g. 1/p for masked
+    tokens, 0 elsewhere, divided by the normaliser). Accumulates in float32 (float64 for float64
+    inputs); the gradients are produced in the forward pass. One host sync per call (the number of
+    tokens with a loss sizes the chunk loop).
+    """
+    if (logits is None) == (hidden is None):
+        raise ValueError("give exactly one of logits or hidden (with lm_head_weight)")
+    lead = targets.shape
+    if targets.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"targets must hold integer token ids, got {targets.dtype}")
+    if not isinstance(coef, Tensor) or not coef.dtype.is_floating_point or coef.shape != lead:
+        raise ValueError(f"coef must be a floating tensor shaped like targets {tuple(lead)}")
+    source = logits if logits is not None else hidden
+    name = "logits" if logits is not None else "hidden"
+    if not isinstance(source, Tensor) or not source.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor")
+    if source.shape[:-1] != lead:
+        raise ValueError(f"{name} must have shape {tuple(lead)} + (last dim,), got {tuple(source.shape)}")
+    if targets.device != source.device or coef.device != source.device:
+        raise ValueError(f"targets, coef and {name} must be on one device")
+    flat_targets = targets.reshape(-1).to(torch.int64)
+    flat_coef = coef.reshape(-1).to(torch.float32 if source.dtype != torch.float64 else torch.float64)
+    if logits is not None:
+        V = logits.shape[-1]
+        chunk = chunk_size or default_chunk_size(V)
+        loss, _, _ = _masked_ce_logits(logits.reshape(-1, V), flat_targets, flat_coef, chunk, _needs_grad(logits))
+        return loss
+    if lm_head_weight is None or lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"lm_head_weight must have shape (V, H) with H = {hidden.shape[-1]}")
+    if lm_head_weight.dtype != hidden.dtype or lm_head_weight.device != hidden.device:
+        raise ValueError("lm_head_weight must have hidden's dtype and device")
+    V = lm_head_weight.shape[0]
+    if lm_head_bias is not None and (lm_head_bias.shape != (V,) or lm_head_bias.dtype != hidden.dtype):
+        raise ValueError(f"lm_head_bias must have shape ({V},) and hidden's dtype")
+    chunk = chunk_size or default_chunk_size(V)
+    need = _needs_grad(hidden, lm_head_weight, lm_head_bias)
+    loss, *_ = _masked_ce_hidden(hidden.reshape(-1, hidden.shape[-1]), lm_head_weight, lm_head_bias,
+                                 flat_targets, flat_coef, chunk, need)
+    return loss
+
+
+def masked_diffusion_loss(
+    masked: MaskedTokens,
+    targets: Tensor,
+    *,
+    logits: Optional[Tensor] = None,
+    hidden: Optional[Tensor] = None,
+    lm_head_weight: Optional[Tensor] = None,
+    lm_head_bias: Optional[Tensor] = None,
+    importance: Optional[Tensor] = None,
+    normalizer: str = "row",
+    num_tokens: Optional[float] = None,
+    row_clamp: Optional[float] = None,
+    chunk_size: Optional[int] = None,
+) -> Tensor:
+    """The MDM training loss for a batch masked by :func:`mask_tokens`.
+
+    Per sequence b: l_b = sum over its rows r (1 or 2 copies) of row_weight_r * importance_b *
+    sum_l weights_rl * CE_rl, with CE = -log p_theta(x0 | x_t) at masked tokens only, computed
+    from ``logits`` (R, L, V) or from ``hidden`` (R, L, H) and the LM head without forming the
+    logits of unmasked tokens. ``targets`` (B, L) are the clean ids x0 of the B input rows.
+    ``importance`` (B,): per-sequence weights, e.g. 1/p(t) from a P-POTS sampler.
+
+    ``normalizer``:
+    * ``"row"`` (METHODS.md): divide l_b by the row's eligible count P_b, average over the B rows;
+    * ``"batch"``: sum over the batch divided by the batch's total eligible count;
+    * ``"global"``: sum divided by ``num_tokens``, a count you fix for the whole optimizer step
+      (e.g. the eligible tokens of the global batch over all micro-batches and ranks), so the
+      gradient does not change with gradient accumulation or data-parallel size. Sum the losses
+      of the micro-batches (do not average them).
+    ``row_clamp``: clamp each l_b (after normalisation) at this value; clamped rows get no
+    gradient. Biased; needs ``normalizer="row"``; costs a second pass over the masked tokens.
+    """
+    if not isinstance(masked, MaskedTokens):
+        raise TypeError("masked must be the MaskedTokens returned by diffkernels.mdm.mask_tokens")
+    check_choice(normalizer, "normalizer", NORMALIZERS)
+    R, L = masked.noisy_ids.shape
+    B = masked.eligible_count.shape[0]
+    if targets.shape != (B, L):
+        raise ValueError(f"targets must be the clean ids of the B input rows, shape ({B}, {L}), got {tuple(targets.shape)}")
+    dev = masked.weights.device
+    row_factor = masked.row_weight.double()
+    if importance is not None:
+        if importance.shape != (B,):
+            raise ValueError(f"importance must have shape (B,) = ({B},), got {tuple(importance.shape)}")
+        row_factor = row_factor * importance.to(dev).double()[masked.source_row]
+    if normalizer == "row":
+        row_factor = row_factor / (masked.eligible_count.clamp(min=1).double()[masked.source_row] * B)
+    elif normalizer == "batch":
+        row_factor = row_factor / masked.eligible_count.sum().clamp(min=1).double()
+    else:
+        if num_tokens is None or not float(num_tokens) > 0:
+            raise ValueError("normalizer='global' needs num_tokens > 0 (fixed for the whole optimizer step)")
+        row_factor = row_factor / float(num_tokens)
+    coef = masked.weights.double() * row_factor[:, None]
+    row_targets = targets[masked.source_row]
+    kw = dict(logits=logits, hidden=hidden, lm_head_weight=lm_head_weight, lm_head_bias=lm_head_bias, chunk_size=chunk_size)
+    if row_clamp is None:
+        return masked_cross_entropy(row_targets, coef, **kw)
+
+    # Clamp: a first pass without gradients finds each sequence's loss l_b; clamped sequences
+    # keep the clamp value as a constant and drop out of the gradient pass.
+    if normalizer != "row":
+        raise ValueError("row_clamp needs normalizer='row' (it clamps each sequence's normalised loss)")
+    with torch.no_grad():
+        per_token = _per_token_ce(row_targets, coef, **kw)
+        per_sequence = torch.zeros(B, dtype=torch.float64, device=dev).index_add_(
+            0, masked.source_row, (coef * per_token.double()).sum(dim=1)) * B
+        clamped = per_sequence > row_clamp
+    coef = torch.where(clamped[masked.source_row][:, None], 0.0, coef)
+    loss = masked_cross_entropy(row_targets, coef, **kw)
+    return loss + (clamped.double().sum() * row_clamp / B).to(loss.dtype)
+
+
+def _per_token_ce(targets, coef, *, logits, hidden, lm_head_weight, lm_head_bias, chunk_size):
+    """Per-token CE (0 where coef == 0), without gradients."""
+    flat_t = targets.reshape(-1).to(torch.int64)
+    source = logits if logits is not None else hidden
+    flat_c = coef.reshape(-1).to(torch.float64 if source.dtype == torch.float64 else torch.float32)
+    if logits is not None:
+        V = logits.shape[-1]
+        _, ce, _ = _masked_ce_logits(logits.reshape(-1, V), flat_t, flat_c, chunk_size or default_chunk_size(V), False)
+    else:
+        V = lm_head_weight.shape[0]
+        _, ce, *_ = _masked_ce_hidden(hidden.reshape(-1, hidden.shape[-1]), lm_head_weight, lm_head_bias, flat_t,
+                                      flat_c, chunk_size or default_chunk_size(V), False)
+    return ce.view(targets.shape)
