@@ -1,5 +1,6 @@
 """Masked diffusion language models (METHODS.md section 2): variance-reduced training tools."""
 
+from .ema import BinnedEMABaseline, EMAEffect, measure_ema_effect
 from .loss import masked_cross_entropy, masked_diffusion_loss
 from .masking import MaskedTokens, mask_tokens
 from .samplers import (
@@ -14,6 +15,8 @@ from .samplers import (
     estimate_ppots_grid,
     fit_epr,
 )
+from .syrm import SyRMWeights, syrm_coefficients, syrm_loss, syrm_weights
+from .variance import VarianceComponents, VarianceDecomposition, nested_variance_components, variance_decomposition
 
 __all__ = [
     "MaskedTokens",
@@ -30,4 +33,15 @@ __all__ = [
     "Uniform",
     "estimate_ppots_grid",
     "fit_epr",
+    "BinnedEMABaseline",
+    "EMAEffect",
+    "measure_ema_effect",
+    "SyRMWeights",
+    "syrm_coefficients",
+    "syrm_loss",
+    "syrm_weights",
+    "VarianceComponents",
+    "VarianceDecomposition",
+    "nested_variance_components",
+    "variance_decomposition",
 ]
