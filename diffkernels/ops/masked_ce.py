@@ -140,6 +140,7 @@ SECOND_BACKWARD = (
 
 def _setup_logits(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)  # no zero gradients for the auxiliary outputs
     ctx.save_for_backward(output[2])
 
 
@@ -153,6 +154,7 @@ def _backward_logits(ctx, grad_loss, _ce, _grad):
 
 def _setup_hidden(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # no zero gradients for the auxiliary outputs
     ctx.save_for_backward(*output[2:])
     ctx.has_bias = inputs[2] is not None
 

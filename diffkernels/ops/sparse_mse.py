@@ -134,6 +134,7 @@ def _setup_context(ctx, inputs, output):
     pred, target, weight, mask_ratio, seed, channels, normalize, reduction, fused_grad = inputs
     loss, grad, row_factor, unweighted = output
     ctx.mark_non_differentiable(grad, row_factor, unweighted)
+    ctx.set_materialize_grads(False)  # no zero gradients for the auxiliary outputs
     ctx.fused_grad = fused_grad
     ctx.has_weight = weight is not None
     ctx.options = (mask_ratio, seed, channels, normalize, reduction)
