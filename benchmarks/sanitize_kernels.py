@@ -7,6 +7,7 @@ which is where a computed index would go out of bounds.
 import torch
 
 import diffkernels as dk
+from diffkernels import mdm
 
 
 def main() -> None:
@@ -23,6 +24,22 @@ def main() -> None:
                                               normalize="kept", reduction="none", backward=backward)
                     torch.autograd.grad(loss, (pred, target), torch.rand_like(loss))
                 dk.sparse_mask(shape, 0.3, 9, granularity=granularity, device="cuda")
+    # Token masks: odd row lengths, every mode, ISAD ids and an eligibility mask.
+    for B, L in [(1, 1), (3, 37), (5, 1029)]:
+        ids = torch.randint(0, 50, (B, L), device="cuda", generator=g)
+        p = torch.rand(B, device="cuda", generator=g).clamp_min(0.01)
+        eligible = torch.rand(B, L, device="cuda", generator=g) < 0.8
+        rare = torch.tensor([3, 7], device="cuda")
+        for mode in ("standard", "mirror"):
+            mdm.mask_tokens(ids, p, 11, mask_id=99, eligible=eligible, mode=mode, rare=rare, rare_delta=0.2,
+                            union_weights=(mode == "mirror"))
+    # Masked cross-entropy from hidden states (chunked online softmax, gradients in forward).
+    hidden = torch.randn(3, 37, 64, device="cuda", generator=g, requires_grad=True)
+    W = torch.randn(101, 64, device="cuda", generator=g, requires_grad=True)
+    targets = torch.randint(0, 100, (3, 37), device="cuda", generator=g)
+    loss = mdm.masked_diffusion_loss(mdm.mask_tokens(targets, 0.5, 3, mask_id=100), targets,
+                                     hidden=hidden, lm_head_weight=W)
+    loss.backward()
     torch.cuda.synchronize()
     print("sanitize_kernels: all kernels ran")
 
