@@ -6,6 +6,8 @@
 # 3. measures the device's ceilings and benchmarks every op (bench_*.py);
 # 4. writes everything (logs, JSON + Markdown tables, versions, commit, date) to OUTDIR.
 # Every step runs even if an earlier one fails; the exit code says whether all passed.
+# GPU_PASS_SKIP="tests sanitizer" skips steps by name (to spend a short lease on what changed);
+# GPU_PASS_BENCH_ARGS passes extra arguments to every bench_*.py.
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/gpu_pass.sh OUTDIR}
 mkdir -p "$OUT"
@@ -13,6 +15,7 @@ cd "$(dirname "$0")/.."
 status=0
 step() {  # step NAME COMMAND...: run, log to OUTDIR/NAME.log, remember failures
   local name=$1; shift
+  case " ${GPU_PASS_SKIP:-} " in *" $name "*) echo "== $name: skipped (GPU_PASS_SKIP)"; return;; esac
   echo "== $name: $*"
   local t0=$SECONDS
   if "$@" >"$OUT/$name.log" 2>&1; then echo "   ok ($((SECONDS - t0)) s)"; else echo "   FAILED ($((SECONDS - t0)) s), see $OUT/$name.log"; tail -n 30 "$OUT/$name.log"; status=1; fi
@@ -27,7 +30,10 @@ step() {  # step NAME COMMAND...: run, log to OUTDIR/NAME.log, remember failures
   nvcc --version 2>/dev/null | tail -n 1
 } | tee "$OUT/environment.txt"
 
-step install pip install --no-deps --no-build-isolation -e .
+# `python -m pip`: a bare `pip` may belong to another interpreter than the one that has torch.
+step install python -m pip install --no-deps --no-build-isolation -e .
+# The scripts below run from other directories too: make the checkout importable whatever pip did.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 step backends python -m diffkernels backends
 step tests python -m pytest tests -q -rs --durations=15 --junitxml="$OUT/tests.xml"
 if command -v compute-sanitizer >/dev/null; then
@@ -36,7 +42,7 @@ else
   echo "compute-sanitizer not found: skipped" | tee "$OUT/sanitizer.log"
 fi
 for bench in benchmarks/bench_*.py; do
-  step "$(basename "$bench" .py)" python "$bench" --out "$OUT"
+  step "$(basename "$bench" .py)" python "$bench" --out "$OUT" ${GPU_PASS_BENCH_ARGS:-}
 done
 cat "$OUT"/*.md 2>/dev/null | tail -n 80
 exit $status
