@@ -735,6 +735,8 @@ def main(argv=None):
     args = parse_args(argv)
     device = args.device
     if device.type == "cuda":
+        if device.index is None:  # "cuda" means the current device; pin it so every call agrees
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = False
     _WAIT_BUDGET["left_s"] = args.max_total_wait

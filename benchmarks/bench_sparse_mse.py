@@ -132,8 +132,9 @@ def _git(*args: str) -> str | None:
 def machine_info(device: torch.device) -> dict:
     import triton  # noqa: F401  (version only)
 
-    commit = _git("rev-parse", "HEAD")
-    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    # A copy of the working tree (a lent GPU machine) may carry a stale .git: let the caller say.
+    commit = os.environ.get("DIFFKERNELS_COMMIT") or _git("rev-parse", "HEAD")
+    dirty = "" if os.environ.get("DIFFKERNELS_COMMIT") else _git("status", "--porcelain", "--untracked-files=no")
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python " + shlex.join([os.path.relpath(sys.argv[0], os.getcwd())] + sys.argv[1:]),
@@ -827,6 +828,8 @@ def main(argv=None):
     args = parse_args(argv)
     device = args.device
     if device.type == "cuda":
+        if device.index is None:  # "cuda" means the current device; pin it so every call agrees
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = False
     _WAIT_BUDGET["left_s"] = args.max_total_wait

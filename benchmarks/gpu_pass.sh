@@ -23,7 +23,7 @@ step() {  # step NAME COMMAND...: run, log to OUTDIR/NAME.log, remember failures
 
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+  echo "commit: ${DIFFKERNELS_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
   python -c "import sys, torch; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda)"
   python -c "import triton; print('triton', triton.__version__)" 2>/dev/null || echo "triton: not installed"
