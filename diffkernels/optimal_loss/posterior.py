@@ -1,0 +1,297 @@
+"""The optimal denoiser E[x0 | x] over a whole dataset, streamed over the data (METHODS.md section 3).
+
+For a query x and data rows y_n the posterior weights are w_n = softmax_n(-||x - alpha y_n||^2 / (2 sigma^2)),
+the denoiser is D(x) = sum_n w_n y_n and the posterior variance is tr Cov = sum_n w_n ||y_n - D(x)||^2.
+
+How it stays accurate from sigma = 2e-3 to 1e3 times the data scale (the precision hazard of
+METHODS.md section 3): every product runs in float64 (logits ~ 1/sigma^2 need ~1e-12 relative accuracy
+in the squared distances; float32, TF32 or bf16 products lose the O(1) logit differences that decide
+the softmax at small sigma). The data is streamed in chunks that are converted to float64 on the fly, so
+memory stays O(M * D + M * chunk) and the data itself may be float32, bfloat16 or float16, on the device,
+in host memory or in a memory-mapped file. Each partial result keeps its sums relative to a per-query
+reference point inside the posterior mass (the chunk's nearest data row), so small variances of
+near-duplicate data are differences of small numbers, never of two large ones.
+
+On GPUs with fast float64 (H100/H200/A100: float64 tensor cores) the two float64 GEMMs per chunk run
+at tens of TFLOP/s; on consumer GPUs float64 is slow and this is not the op to run there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+Scalar = Union[float, Tensor]
+
+# Elements of one (queries x chunk) float64 logit tile: bounds the memory beyond the outputs.
+TILE_ELEMENTS_CUDA = 1 << 25  # 256 MiB of float64
+TILE_ELEMENTS_CPU = 1 << 22  # 32 MiB: stays near the CPU's caches
+
+
+@dataclass
+class PosteriorPartial:
+    """Unnormalised softmax statistics of a set of queries over some of the data rows.
+
+    All float64. Per query m (M rows), relative to a reference point ``center[m]`` (a data row):
+    ``log_max`` the largest logit seen (``-inf`` if no row was seen), ``sum_w`` = sum_n e^(logit - log_max),
+    ``sum_wy`` = sum_n e^(...) (y_n - center), ``sum_wyy`` = sum_n e^(...) ||y_n - center||^2.
+    Partials over disjoint sets of rows merge exactly (:func:`merge_partials`) whatever their centers,
+    so tiles, chunks, files and ranks can be combined in any order.
+    """
+
+    center: Tensor
+    log_max: Tensor
+    sum_w: Tensor
+    sum_wy: Tensor
+    sum_wyy: Tensor
+
+    def merge(self, other: "PosteriorPartial") -> "PosteriorPartial":
+        return merge_partials(self, other)
+
+    def finalize(self) -> "PosteriorStats":
+        """Normalise: the posterior mean, log-sum-exp of the logits and posterior variance (all float64)."""
+        l = self.sum_w
+        offset = self.sum_wy / l[:, None]  # D(x) - center
+        variance = (self.sum_wyy / l - offset.square().sum(dim=1)).clamp_min(0.0)
+        return PosteriorStats(mean=self.center + offset, logsumexp=self.log_max + l.log(), variance=variance)
+
+    def to_tuple(self) -> tuple[Tensor, ...]:
+        return self.center, self.log_max, self.sum_w, self.sum_wy, self.sum_wyy
+
+
+@dataclass
+class PosteriorStats:
+    """mean (M, D): E[x0 | x]; logsumexp (M,): log sum_n e^logit_n; variance (M,): tr Cov[x0 | x]."""
+
+    mean: Tensor
+    logsumexp: Tensor
+    variance: Tensor
+
+
+def _shift(p: PosteriorPartial, new_center: Tensor) -> tuple[Tensor, Tensor]:
+    """(sum_wy, sum_wyy) of ``p`` relative to ``new_center`` instead of ``p.center`` (exact identity)."""
+    delta = p.center - new_center
+    sum_wy = p.sum_wy + p.sum_w[:, None] * delta
+    sum_wyy = p.sum_wyy + 2.0 * (p.sum_wy * delta).sum(dim=1) + p.sum_w * delta.square().sum(dim=1)
+    return sum_wy, sum_wyy
+
+
+def merge_partials(*parts: PosteriorPartial) -> PosteriorPartial:
+    """Combine partials over disjoint data rows into one, exactly (up to float64 rounding).
+
+    The merged center is, per query, the center of the partial with the largest logit: the one
+    closest to the posterior mass, so that the shifted sums stay small.
+    """
+    if not parts:
+        raise ValueError("merge_partials needs at least one partial")
+    out = parts[0]
+    for p in parts[1:]:
+        a_wins = out.log_max >= p.log_max
+        log_max = torch.maximum(out.log_max, p.log_max)
+        center = torch.where(a_wins[:, None], out.center, p.center)
+        total_w = torch.zeros_like(out.sum_w)
+        total_wy = torch.zeros_like(out.sum_wy)
+        total_wyy = torch.zeros_like(out.sum_wyy)
+        for q in (out, p):
+            # e^(q.log_max - log_max); 0 for a partial that saw no rows (both -inf gives NaN otherwise).
+            scale = torch.where(q.log_max == float("-inf"), 0.0, (q.log_max - log_max).exp())
+            wy, wyy = _shift(q, center)
+            total_w = total_w + scale * q.sum_w
+            total_wy = total_wy + scale[:, None] * wy
+            total_wyy = total_wyy + scale * wyy
+        out = PosteriorPartial(center, log_max, total_w, total_wy, total_wyy)
+    return out
+
+
+def empty_partial(M: int, D: int, device) -> PosteriorPartial:
+    """The partial of no rows: merging it changes nothing."""
+    f64 = dict(dtype=torch.float64, device=device)
+    return PosteriorPartial(torch.zeros(M, D, **f64), torch.full((M,), float("-inf"), **f64),
+                            torch.zeros(M, **f64), torch.zeros(M, D, **f64), torch.zeros(M, **f64))
+
+
+# --- argument handling ------------------------------------------------------------------------
+
+
+def _per_query(value, name: str, M: int, device, positive: bool = True) -> Tensor:
+    """A scalar or (M,) tensor as a float64 (M,) tensor on ``device``, checked."""
+    if isinstance(value, Tensor):
+        if value.dim() == 0:
+            value = value.reshape(1).expand(M)
+        if value.shape != (M,):
+            raise ValueError(f"{name} must be a scalar or have shape (M,) = ({M},), got {tuple(value.shape)}")
+        if not value.dtype.is_floating_point:
+            raise TypeError(f"{name} must be floating point, got {value.dtype}")
+        out = value.to(device=device, dtype=torch.float64)
+    else:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+        out = torch.full((M,), float(value), dtype=torch.float64, device=device)
+        if positive and not float(value) > 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
+        return out
+    if positive and out.device.type == "cpu" and not bool((out > 0).all()):  # no host sync on the GPU
+        raise ValueError(f"{name} must be > 0 everywhere")
+    return out
+
+
+def _check_inputs(queries: Tensor, data: Tensor) -> None:
+    for x, name, shape in ((queries, "queries", "(M, D)"), (data, "data", "(N, D)")):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+        if x.dim() != 2:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
+    if queries.shape[1] != data.shape[1]:
+        raise ValueError(f"queries and data must have the same number of columns D, got {queries.shape[1]} and {data.shape[1]}")
+    if queries.shape[1] == 0:
+        raise ValueError("queries and data have no columns (D = 0)")
+
+
+def default_chunk_size(M: int, device: torch.device) -> int:
+    tile = TILE_ELEMENTS_CUDA if device.type == "cuda" else TILE_ELEMENTS_CPU
+    return max(256, tile // max(M, 1))
+
+
+# --- the streaming kernel ---------------------------------------------------------------------
+
+
+def posterior_partial(
+    queries: Tensor,
+    data: Tensor,
+    sigma: Scalar,
+    *,
+    alpha: Scalar = 1.0,
+    exclude_index: Optional[Tensor] = None,
+    index_offset: int = 0,
+    logit_bias: Optional[Scalar] = None,
+    chunk_size: Optional[int] = None,
+) -> PosteriorPartial:
+    """Softmax statistics of ``queries`` (M, D) over the rows of ``data`` (N, D), as a mergeable partial.
+
+    Logits: -||x_m - alpha_m y_n||^2 / (2 sigma_m^2) (+ ``logit_bias``, a scalar or (M,) added to every
+    row of this data, e.g. -log C for cDOL's source row). ``exclude_index`` (M,) int64 drops data row
+    ``exclude_index[m]`` for query m; rows are numbered from ``index_offset`` (the position of ``data``
+    in the whole dataset when it is one chunk of it; -1 excludes nothing). ``data`` may live on another
+    device than ``queries`` (e.g. host memory): it is moved chunk by chunk.
+    """
+    _check_inputs(queries, data)
+    M, D = queries.shape
+    N = data.shape[0]
+    device = queries.device
+    sig = _per_query(sigma, "sigma", M, device)
+    alp = _per_query(alpha, "alpha", M, device)
+    bias = None if logit_bias is None else _per_query(logit_bias, "logit_bias", M, device, positive=False)
+    if exclude_index is not None:
+        if not isinstance(exclude_index, Tensor) or exclude_index.dtype not in (torch.int32, torch.int64):
+            raise TypeError("exclude_index must be an int32/int64 tensor of shape (M,)")
+        if exclude_index.shape != (M,):
+            raise ValueError(f"exclude_index must have shape (M,) = ({M},), got {tuple(exclude_index.shape)}")
+        exclude_index = exclude_index.to(device=device, dtype=torch.int64)
+    chunk = int(chunk_size) if chunk_size else default_chunk_size(M, device)
+    if chunk < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+    x = queries.to(torch.float64)
+    xsq = x.square().sum(dim=1)
+    inv_two_var = 0.5 / sig.square()
+    out = empty_partial(M, D, device)
+    for start in range(0, N, chunk):
+        y = data[start:start + chunk].to(device=device, dtype=torch.float64, non_blocking=True)
+        n = y.shape[0]
+        excl = None
+        if exclude_index is not None:
+            local = exclude_index - (index_offset + start)
+            hit = (local >= 0) & (local < n)
+            # Per query at most one excluded column; queries without one rewrite column 0 unchanged (no host sync).
+            excl = hit, local.clamp(0, n - 1)
+        part = _chunk_partial(x, xsq, y, alp, inv_two_var, excl, bias)
+        out = merge_partials(out, part)
+    return out
+
+
+def _chunk_partial(x, xsq, y, alpha, inv_two_var, excl, bias) -> PosteriorPartial:
+    """One data chunk y (n, D) in float64: two GEMMs, x y^T for the logits and w y for the sums."""
+    ysq = y.square().sum(dim=1)
+    # ||x - a y||^2 expanded: in float64 its error ~1e-16 (||x||^2 + a^2 ||y||^2) stays far below sigma^2.
+    dist = torch.addmm(xsq[:, None] + alpha.square()[:, None] * ysq[None, :], x * alpha[:, None], y.T, alpha=-2.0)
+    logits = dist.clamp_min_(0.0).mul_(-inv_two_var[:, None])
+    if bias is not None:
+        logits.add_(bias[:, None])
+    if excl is not None:
+        hit, col = excl
+        current = logits.gather(1, col[:, None])
+        logits.scatter_(1, col[:, None], torch.where(hit[:, None], float("-inf"), current))
+    log_max, nearest = logits.max(dim=1)
+    seen = log_max > float("-inf")
+    w = logits.sub_(torch.where(seen, log_max, 0.0)[:, None]).exp_()  # the tile is reused as the weights
+    center = y[nearest]
+    # The center row (weight exactly 1) adds exactly 0 to both offset sums: take it out of the GEMMs,
+    # so their rounding (~1e-16 ||c||^2 per unit weight) scales with the weight of the *other* rows,
+    # which is what the variance is made of.
+    w.scatter_(1, nearest[:, None], 0.0)
+    rest_w = w.sum(dim=1)
+    wy = w @ y
+    sum_wy = wy - rest_w[:, None] * center
+    # sum w ||y - c||^2 = sum w ||y||^2 - 2 <c, sum w y> + ||c||^2 sum w, in float64.
+    sum_wyy = (w @ ysq - 2.0 * (center * wy).sum(dim=1) + rest_w * center.square().sum(dim=1)).clamp_min(0.0)
+    return PosteriorPartial(center, log_max, rest_w + seen.to(torch.float64), sum_wy, sum_wyy)
+
+
+def posterior_mean(
+    queries: Tensor,
+    data: Tensor,
+    sigma: Scalar,
+    *,
+    alpha: Scalar = 1.0,
+    exclude_index: Optional[Tensor] = None,
+    return_stats: bool = False,
+    chunk_size: Optional[int] = None,
+):
+    """The optimal denoiser D(x) = E[x0 | x] for each row of ``queries`` over the rows of ``data``.
+
+    Weights softmax_n(-||x - alpha y_n||^2 / (2 sigma^2)); ``sigma``, ``alpha``: scalars or (M,) tensors;
+    ``exclude_index`` (M,) drops one data row per query. Streams over the data (memory O(M D + tile)).
+    Returns the mean (M, D) in float32 (float64 for float64 queries); with ``return_stats`` also the
+    log-sum-exp of the logits (M,) and the posterior variance tr Cov[x0 | x] (M,), same dtype.
+    A query whose rows are all excluded gets NaN.
+    """
+    stats = posterior_partial(queries, data, sigma, alpha=alpha, exclude_index=exclude_index,
+                              chunk_size=chunk_size).finalize()
+    dtype = torch.promote_types(queries.dtype, torch.float32)
+    if not return_stats:
+        return stats.mean.to(dtype)
+    return stats.mean.to(dtype), stats.logsumexp.to(dtype), stats.variance.to(dtype)
+
+
+def knn(queries: Tensor, data: Tensor, k: int, *, chunk_size: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    """Exact k nearest data rows of each query: (squared distances (M, k) ascending, indices (M, k) int64).
+
+    Streams over the data with float64 distances (error ~1e-16 of the squared norms), so ties and
+    near-duplicates are ordered correctly; memory O(M k + tile). ``k`` from 1 to min(32, N).
+    Distances come back in float32 (float64 for float64 queries).
+    """
+    _check_inputs(queries, data)
+    M, N = queries.shape[0], data.shape[0]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(32, N):
+        raise ValueError(f"k must be an int in [1, min(32, N) = {min(32, N)}], got {k!r}")
+    device = queries.device
+    chunk = max(int(chunk_size) if chunk_size else default_chunk_size(M, device), k)
+    x = queries.to(torch.float64)
+    xsq = x.square().sum(dim=1)
+    best_d = torch.full((M, 0), float("inf"), dtype=torch.float64, device=device)
+    best_i = torch.zeros((M, 0), dtype=torch.int64, device=device)
+    for start in range(0, N, chunk):
+        y = data[start:start + chunk].to(device=device, dtype=torch.float64, non_blocking=True)
+        d = torch.addmm(xsq[:, None] + y.square().sum(dim=1)[None, :], x, y.T, alpha=-2.0).clamp_min_(0.0)
+        d, i = torch.topk(d, min(k, y.shape[0]), dim=1, largest=False, sorted=False)
+        best_d = torch.cat([best_d, d], dim=1)
+        best_i = torch.cat([best_i, i + start], dim=1)
+        if best_d.shape[1] > k or start + chunk >= N:
+            best_d, pos = torch.topk(best_d, min(k, best_d.shape[1]), dim=1, largest=False, sorted=True)
+            best_i = best_i.gather(1, pos)
+    return best_d.to(torch.promote_types(queries.dtype, torch.float32)), best_i
