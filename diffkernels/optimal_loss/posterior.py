@@ -257,15 +257,15 @@ def posterior_mean(
     Weights softmax_n(-||x - alpha y_n||^2 / (2 sigma^2)); ``sigma``, ``alpha``: scalars or (M,) tensors;
     ``exclude_index`` (M,) drops one data row per query. Streams over the data (memory O(M D + tile)).
     Returns the mean (M, D) in float32 (float64 for float64 queries); with ``return_stats`` also the
-    log-sum-exp of the logits (M,) and the posterior variance tr Cov[x0 | x] (M,), same dtype.
-    A query whose rows are all excluded gets NaN.
+    log-sum-exp of the logits (M,) and the posterior variance tr Cov[x0 | x] (M,), both float64 (at
+    small sigma variances fall far below float32's range). A query whose rows are all excluded gets NaN.
     """
     stats = posterior_partial(queries, data, sigma, alpha=alpha, exclude_index=exclude_index,
                               chunk_size=chunk_size).finalize()
     dtype = torch.promote_types(queries.dtype, torch.float32)
     if not return_stats:
         return stats.mean.to(dtype)
-    return stats.mean.to(dtype), stats.logsumexp.to(dtype), stats.variance.to(dtype)
+    return stats.mean.to(dtype), stats.logsumexp, stats.variance
 
 
 def knn(queries: Tensor, data: Tensor, k: int, *, chunk_size: Optional[int] = None) -> tuple[Tensor, Tensor]:
