@@ -162,3 +162,13 @@ def test_knn_matches_brute_force(device, k, gen):
     same = (i.cpu() == ri)
     assert same[:, :1].all() or k == 1 and same.all()
     assert same[:, 1:][gaps].all()
+
+
+def test_many_query_blocks(gen):
+    from diffkernels.optimal_loss.posterior import default_block_sizes
+
+    M = default_block_sizes(10**9, torch.device("cpu"))[0] * 2 + 3  # three blocks, the last one short
+    data = torch.randn(40, 4, generator=gen, dtype=torch.float64)
+    queries = torch.randn(M, 4, generator=gen, dtype=torch.float64)
+    out = posterior_mean(queries, data, 0.3, return_stats=True, chunk_size=16)
+    assert_close_to_oracle(*out, queries, data, 0.3)

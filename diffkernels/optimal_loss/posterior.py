@@ -152,9 +152,18 @@ def _check_inputs(queries: Tensor, data: Tensor) -> None:
         raise ValueError("queries and data have no columns (D = 0)")
 
 
-def default_chunk_size(M: int, device: torch.device) -> int:
-    tile = TILE_ELEMENTS_CUDA if device.type == "cuda" else TILE_ELEMENTS_CPU
-    return max(256, tile // max(M, 1))
+def default_block_sizes(M: int, device: torch.device) -> tuple[int, int]:
+    """(queries per block, data rows per chunk): a block x chunk float64 tile of TILE_ELEMENTS.
+
+    Blocks of a few thousand queries keep the chunks long (thousands of rows), so the per-chunk merge
+    (a few passes over block x D) stays a small fraction of the two GEMMs (4 block x chunk x D flops).
+    """
+    if device.type == "cuda":
+        tile, block = TILE_ELEMENTS_CUDA, 4096
+    else:
+        tile, block = TILE_ELEMENTS_CPU, 512
+    block = max(1, min(M, block))
+    return block, max(256, tile // block)
 
 
 # --- the streaming kernel ---------------------------------------------------------------------
@@ -192,33 +201,55 @@ def posterior_partial(
         if exclude_index.shape != (M,):
             raise ValueError(f"exclude_index must have shape (M,) = ({M},), got {tuple(exclude_index.shape)}")
         exclude_index = exclude_index.to(device=device, dtype=torch.int64)
-    chunk = int(chunk_size) if chunk_size else default_chunk_size(M, device)
-    if chunk < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    block, chunk = default_block_sizes(M, device)
+    if chunk_size is not None:
+        if int(chunk_size) < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        chunk = int(chunk_size)
 
     x = queries.to(torch.float64)
-    xsq = x.square().sum(dim=1)
-    inv_two_var = 0.5 / sig.square()
-    out = empty_partial(M, D, device)
-    for start in range(0, N, chunk):
-        y = data[start:start + chunk].to(device=device, dtype=torch.float64, non_blocking=True)
-        n = y.shape[0]
+    blocks = []
+    for a in range(0, M, block):
+        b = slice(a, a + block)
+        xb = x[b]
+        blocks.append(dict(x=xb * alp[b, None], xsq=xb.square().sum(dim=1), alpha=alp[b],
+                           inv_two_var=0.5 / sig[b].square(), bias=None if bias is None else bias[b],
+                           exclude=None if exclude_index is None else exclude_index[b],
+                           out=empty_partial(xb.shape[0], D, device)))
+
+    def add_chunk(blk, y, start):
         excl = None
-        if exclude_index is not None:
-            local = exclude_index - (index_offset + start)
-            hit = (local >= 0) & (local < n)
-            # Per query at most one excluded column; queries without one rewrite column 0 unchanged (no host sync).
-            excl = hit, local.clamp(0, n - 1)
-        part = _chunk_partial(x, xsq, y, alp, inv_two_var, excl, bias)
-        out = merge_partials(out, part)
-    return out
+        if blk["exclude"] is not None:
+            local = blk["exclude"] - (index_offset + start)
+            hit = (local >= 0) & (local < y.shape[0])
+            # At most one excluded column per query; queries without one rewrite column 0 unchanged (no host sync).
+            excl = hit, local.clamp(0, y.shape[0] - 1)
+        part = _chunk_partial(blk["x"], blk["xsq"], y, blk["alpha"], blk["inv_two_var"], excl, blk["bias"])
+        blk["out"] = merge_partials(blk["out"], part)
+
+    def chunks():
+        for start in range(0, N, chunk):
+            yield start, data[start:start + chunk].to(device=device, dtype=torch.float64, non_blocking=True)
+
+    if data.device == device:  # data resident: query blocks outside, so each block streams long chunks
+        for blk in blocks:
+            for start, y in chunks():
+                add_chunk(blk, y, start)
+    else:  # data elsewhere (host memory): move each chunk once and use it for every block
+        for start, y in chunks():
+            for blk in blocks:
+                add_chunk(blk, y, start)
+    parts = [blk["out"] for blk in blocks]
+    if len(parts) == 1:
+        return parts[0]
+    return PosteriorPartial(*(torch.cat(fields) for fields in zip(*(p.to_tuple() for p in parts))))
 
 
-def _chunk_partial(x, xsq, y, alpha, inv_two_var, excl, bias) -> PosteriorPartial:
-    """One data chunk y (n, D) in float64: two GEMMs, x y^T for the logits and w y for the sums."""
+def _chunk_partial(ax, xsq, y, alpha, inv_two_var, excl, bias) -> PosteriorPartial:
+    """One data chunk y (n, D) in float64: two GEMMs, (alpha x) y^T for the logits and w y for the sums."""
     ysq = y.square().sum(dim=1)
     # ||x - a y||^2 expanded: in float64 its error ~1e-16 (||x||^2 + a^2 ||y||^2) stays far below sigma^2.
-    dist = torch.addmm(xsq[:, None] + alpha.square()[:, None] * ysq[None, :], x * alpha[:, None], y.T, alpha=-2.0)
+    dist = torch.addmm(xsq[:, None] + alpha.square()[:, None] * ysq[None, :], ax, y.T, alpha=-2.0)
     logits = dist.clamp_min_(0.0).mul_(-inv_two_var[:, None])
     if bias is not None:
         logits.add_(bias[:, None])
@@ -280,7 +311,7 @@ def knn(queries: Tensor, data: Tensor, k: int, *, chunk_size: Optional[int] = No
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(32, N):
         raise ValueError(f"k must be an int in [1, min(32, N) = {min(32, N)}], got {k!r}")
     device = queries.device
-    chunk = max(int(chunk_size) if chunk_size else default_chunk_size(M, device), k)
+    chunk = max(int(chunk_size) if chunk_size else default_block_sizes(M, device)[1], k)
     x = queries.to(torch.float64)
     xsq = x.square().sum(dim=1)
     best_d = torch.full((M, 0), float("inf"), dtype=torch.float64, device=device)
