@@ -147,6 +147,8 @@ def test_bad_input_names_the_argument():
         knn(q, d, 6)
     with pytest.raises(ValueError, match="k must be an int"):
         knn(q, d, 0)
+    with pytest.raises(ValueError, match="data has no rows"):
+        posterior_mean(q, torch.randn(0, 3), 1.0)
 
 
 @pytest.mark.parametrize("device", DEVICES)

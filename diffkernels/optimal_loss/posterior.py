@@ -215,7 +215,7 @@ def posterior_partial(
         blocks.append(dict(x=xb * alp[b, None], xsq=xb.square().sum(dim=1), alpha=alp[b],
                            inv_two_var=0.5 / sig[b].square(), bias=None if bias is None else bias[b],
                            exclude=None if exclude_index is None else exclude_index[b],
-                           out=empty_partial(xb.shape[0], D, device)))
+                           out=None if N else empty_partial(xb.shape[0], D, device)))
 
     def add_chunk(blk, y, start):
         excl = None
@@ -225,7 +225,7 @@ def posterior_partial(
             # At most one excluded column per query; queries without one rewrite column 0 unchanged (no host sync).
             excl = hit, local.clamp(0, y.shape[0] - 1)
         part = _chunk_partial(blk["x"], blk["xsq"], y, blk["alpha"], blk["inv_two_var"], excl, blk["bias"])
-        blk["out"] = merge_partials(blk["out"], part)
+        blk["out"] = part if blk["out"] is None else merge_partials(blk["out"], part)
 
     def chunks():
         for start in range(0, N, chunk):
@@ -291,6 +291,8 @@ def posterior_mean(
     log-sum-exp of the logits (M,) and the posterior variance tr Cov[x0 | x] (M,), both float64 (at
     small sigma variances fall far below float32's range). A query whose rows are all excluded gets NaN.
     """
+    if isinstance(data, Tensor) and data.dim() == 2 and data.shape[0] == 0:
+        raise ValueError("data has no rows (N = 0): the posterior over an empty dataset is undefined")
     stats = posterior_partial(queries, data, sigma, alpha=alpha, exclude_index=exclude_index,
                               chunk_size=chunk_size).finalize()
     dtype = torch.promote_types(queries.dtype, torch.float32)
