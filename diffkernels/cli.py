@@ -34,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--out", default="diffkernels_demo", help="directory for the outputs")
     p.set_defaults(func=_cmd_demo)
+
+    from .optimal_loss.cli import add_subcommands  # optimal-loss, memorization
+
+    add_subcommands(sub)
     return parser
 
 

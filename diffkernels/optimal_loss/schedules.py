@@ -1,0 +1,102 @@
+"""Training schedules derived from the optimal loss (METHODS.md section 3, the paper's form).
+
+- Loss weight: w(s) = a * min(1 / J*(s), w_max) + f(s) * 1[s < s*], with f a Gaussian bump in ln s,
+  f(s) = h exp(-(ln s - ln c)^2 / (2 width^2)), and s* the noise level where J* leaves ~0
+  (:func:`find_s_star`). 1/J* equalises the optimal loss across levels; the cap w_max keeps the
+  weight finite where J* -> 0, and the bump adds weight back at the small levels the cap flattens.
+- Adaptive noise sampling: p(s) proportional to w(s) (J_theta(s) - J*(s)), from the current per-level
+  training loss J_theta on the same grid: levels with the largest weighted *reducible* loss are
+  sampled most. :func:`sample_sigmas` draws s from such a tabulated density.
+
+Our defaults where the paper leaves numbers open: s* is the smallest grid level with
+J*(s) >= 1e-3 max J*; w_max = 1 / J*(s*); no bump (h = 0) unless asked; bump centre s*, width 0.5
+in ln s. All J* values are interpolated from the table as in :mod:`.conversions`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .conversions import _check_table, _positive, interpolate_log
+
+__all__ = ["find_s_star", "loss_weight", "adaptive_density", "sample_sigmas"]
+
+
+def find_s_star(sigmas, j_star, *, rel: float = 1e-3) -> float:
+    """The smallest tabulated s with J*(s) >= rel * max J*: where J* leaves ~0."""
+    s, j = _check_table(sigmas, j_star)
+    if not 0 < rel < 1:
+        raise ValueError(f"rel must be in (0, 1), got {rel}")
+    above = np.flatnonzero(j >= rel * j.max())
+    return float(s[above[0]])
+
+
+def loss_weight(s, sigmas, j_star, *, a: float = 1.0, w_max: Optional[float] = None, bump_height: float = 0.0,
+                bump_center: Optional[float] = None, bump_width: float = 0.5,
+                s_star: Optional[float] = None) -> np.ndarray:
+    """The paper's loss weight w(s) at the noise levels ``s`` (module docstring), from a J* table."""
+    s = _positive(s)
+    s_star = find_s_star(sigmas, j_star) if s_star is None else float(s_star)
+    if w_max is None:
+        w_max = 1.0 / float(interpolate_log(s_star, sigmas, j_star))
+    if not (a > 0 and w_max > 0 and bump_width > 0 and bump_height >= 0):
+        raise ValueError("need a > 0, w_max > 0, bump_width > 0 and bump_height >= 0")
+    j = interpolate_log(s, sigmas, j_star)
+    with np.errstate(divide="ignore"):
+        inv = np.where(j > 0, 1.0 / np.maximum(j, 1e-300), np.inf)
+    w = a * np.minimum(inv, w_max)
+    if bump_height > 0:
+        center = s_star if bump_center is None else float(bump_center)
+        bump = bump_height * np.exp(-((np.log(s) - np.log(center)) ** 2) / (2.0 * bump_width**2))
+        w = w + np.where(s < s_star, bump, 0.0)
+    return w
+
+
+def adaptive_density(sigmas, weight, j_theta, j_star, *, floor: float = 0.0) -> np.ndarray:
+    """p(s) ~ w(s) max(J_theta(s) - J*(s), 0) + floor on the grid, normalised so that its integral
+    over ln s (trapezoid) is 1; returned in the order of ``sigmas``. ``floor`` > 0 keeps every level reachable."""
+    s, j = _check_table(sigmas, j_star)
+    order = np.argsort(np.asarray(sigmas, dtype=np.float64).reshape(-1))
+    w = np.asarray(weight, dtype=np.float64).reshape(-1)[order]
+    jt = np.asarray(j_theta, dtype=np.float64).reshape(-1)[order]
+    if w.shape != s.shape or jt.shape != s.shape:
+        raise ValueError("weight, j_theta and j_star must match sigmas in length")
+    if floor < 0 or (w < 0).any():
+        raise ValueError("weights and floor must be >= 0")
+    p = w * np.maximum(jt - j, 0.0) + floor
+    area = float(np.sum(0.5 * (p[1:] + p[:-1]) * np.diff(np.log(s))))
+    if not area > 0:
+        raise ValueError("the density is zero everywhere: J_theta <= J* on the whole grid (use floor > 0)")
+    out = np.empty_like(p)
+    out[order] = p / area  # back in the caller's order of sigmas
+    return out
+
+
+def sample_sigmas(n: int, sigmas, density, *, generator: Optional[torch.Generator] = None,
+                  device=None) -> Tensor:
+    """Draw n noise levels from a density tabulated on ``sigmas``, piecewise linear in ln s (exact inverse CDF).
+
+    Returns float32 s on ``device``. Pick an interval by its trapezoid mass, then invert the linear
+    density on it: with end values a, b and uniform r, x = r (a + b) / (a + sqrt(a^2 + r (b^2 - a^2))).
+    """
+    s, p = _check_table(sigmas, density)
+    if (p < 0).any():
+        raise ValueError("density must be >= 0")
+    u = np.log(s)
+    mass = 0.5 * (p[1:] + p[:-1]) * np.diff(u)
+    if not mass.sum() > 0:
+        raise ValueError("density has no mass")
+    probs = torch.as_tensor(mass / mass.sum(), dtype=torch.float64)
+    k = torch.multinomial(probs, n, replacement=True, generator=generator)
+    r = torch.rand(n, generator=generator, dtype=torch.float64)
+    a = torch.as_tensor(p[:-1], dtype=torch.float64)[k]
+    b = torch.as_tensor(p[1:], dtype=torch.float64)[k]
+    den = a + torch.sqrt(a * a + r * (b * b - a * a))
+    x = torch.where(den > 0, r * (a + b) / den.clamp_min(1e-300), 0.0)  # den = 0 only for a = 0, r = 0
+    lo = torch.as_tensor(u[:-1], dtype=torch.float64)[k]
+    width = torch.as_tensor(np.diff(u), dtype=torch.float64)[k]
+    return torch.exp(lo + x * width).to(device=device, dtype=torch.float32)
