@@ -1,0 +1,100 @@
+"""Checkpoints of estimate_curve: kill a run after its first noise level, resume, get the same numbers."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from diffkernels.optimal_loss import estimate_curve
+from diffkernels.optimal_loss import estimators as E
+
+SIGMAS = [0.05, 0.2, 0.8, 3.0, 10.0]
+KW = dict(estimator="cdol", num_queries=128, subset_size=40, seed=5, progress=False)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _data():
+    return torch.randn(300, 4, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+
+
+# The child computes the same curve; every checkpoint write is followed by a pause, so that the
+# parent can kill it between levels (SIGKILL: no cleanup, as in a crash or a pre-empted job).
+CHILD = textwrap.dedent("""
+    import sys, time, torch
+    torch.set_num_threads(1)
+    from diffkernels.optimal_loss import estimators as E
+    write = E.atomic_write_json
+    def slow_write(path, obj):
+        write(path, obj)
+        time.sleep(30)
+    E.atomic_write_json = slow_write
+    data = torch.randn(300, 4, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    E.estimate_curve(data, {sigmas!r}, checkpoint=sys.argv[1], **{kw!r})
+""")
+
+
+def test_kill_and_resume_equals_uninterrupted(tmp_path):
+    ckpt = tmp_path / "curve.ckpt.json"
+    script = tmp_path / "child.py"
+    script.write_text(CHILD.format(sigmas=SIGMAS, kw=KW))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, str(script), str(ckpt)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not ckpt.exists():
+            assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
+            assert time.monotonic() < deadline, "the child wrote no checkpoint"
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+    saved = json.loads(ckpt.read_text())
+    assert 1 <= len(saved["levels"]) < len(SIGMAS)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no temporary file left
+
+    resumed = estimate_curve(_data(), SIGMAS, checkpoint=ckpt, **KW)
+    fresh = estimate_curve(_data(), SIGMAS, **KW)
+    np.testing.assert_array_equal(resumed.j_star, fresh.j_star)
+    np.testing.assert_array_equal(resumed.stderr, fresh.stderr)
+    assert len(json.loads(ckpt.read_text())["levels"]) == len(SIGMAS)
+
+
+def test_resume_loads_finished_levels(tmp_path, monkeypatch):
+    ckpt = tmp_path / "c.json"
+    first = estimate_curve(_data(), SIGMAS, checkpoint=ckpt, **KW)
+    calls = []
+    monkeypatch.setattr(E, "_level", lambda *a, **k: calls.append(1))
+    again = estimate_curve(_data(), SIGMAS, checkpoint=ckpt, **KW)  # nothing is recomputed
+    assert calls == []
+    np.testing.assert_array_equal(again.j_star, first.j_star)
+
+
+def test_mismatching_settings_are_an_error(tmp_path):
+    ckpt = tmp_path / "c.json"
+    estimate_curve(_data(), SIGMAS[:2], checkpoint=ckpt, **KW)
+    with pytest.raises(ValueError, match="num_queries: 128 != 64"):
+        estimate_curve(_data(), SIGMAS[:2], checkpoint=ckpt, **{**KW, "num_queries": 64})
+    with pytest.raises(ValueError, match="sigmas"):
+        estimate_curve(_data(), SIGMAS[:3], checkpoint=ckpt, **KW)
+    with pytest.raises(ValueError, match="data"):
+        estimate_curve(_data() + 1.0, SIGMAS[:2], checkpoint=ckpt, **KW)
+    (tmp_path / "junk.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not readable JSON"):
+        estimate_curve(_data(), SIGMAS[:2], checkpoint=tmp_path / "junk.json", **KW)
+    (tmp_path / "other.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a diffkernels"):
+        estimate_curve(_data(), SIGMAS[:2], checkpoint=tmp_path / "other.json", **KW)

@@ -1,0 +1,230 @@
+"""estimate_curve: each estimator against a brute-force float64 definition, the Gaussian closed form,
+the limits in C, reproducibility, streaming from numpy / memmaps, and argument errors.
+
+The brute-force definitions below are written from METHODS.md section 3, per query, with
+reference.posterior.posterior_stats or an explicit softmax; only the query draws (the documented RNG
+convention: estimators._block_draws) are shared with the implementation.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from diffkernels.optimal_loss import estimate_curve
+from diffkernels.optimal_loss import estimators as E
+from diffkernels.reference.posterior import posterior_stats
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tensors are tiny: one thread avoids OpenMP overhead on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _data(N, D, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(N, D, generator=g, dtype=torch.float64) * scale
+
+
+def _brute_level(data, sigma, level, estimator, M, L, C, seed):
+    """Per-query A - B values and (full) posterior variances, and the block of each query."""
+    N, D = data.shape
+    ab, var, block_of = [], [], []
+    for b in range(-(-M // E.QUERY_BLOCK)):
+        size = min(E.QUERY_BLOCK, M - b * E.QUERY_BLOCK)
+        src, subset, eps = E._block_draws(seed, level, b, size, N, D, L, "cpu")
+        x_src = data[src]
+        x = x_src + sigma * eps
+        if estimator == "full":
+            mean, _, v = posterior_stats(x, data, sigma)
+            var.append(v)
+        elif estimator == "snis":
+            mean, _, _ = posterior_stats(x, data[subset], sigma)
+        else:  # dol / cdol: the subset without the source row, plus the source row with weight 1/C
+            mean = torch.empty_like(x)
+            for m in range(size):
+                others = subset[subset != src[m]]
+                rows = torch.cat([data[others], data[src[m]][None]])
+                logits = -(x[m] - rows).square().sum(1) / (2 * sigma**2)
+                logits[-1] -= math.log(C)
+                w = torch.softmax(logits, 0)
+                mean[m] = w @ rows
+        ab.append(x_src.square().sum(1) - mean.square().sum(1))
+        block_of.append(torch.full((size,), b))
+    return torch.cat(ab), (torch.cat(var) if var else None), torch.cat(block_of)
+
+
+def _se(values):
+    return float(values.std(unbiased=True) / math.sqrt(values.numel()))
+
+
+def _clustered_se(values, block_of):
+    M = values.numel()
+    mean = values.mean()
+    sums = torch.zeros(int(block_of.max()) + 1, dtype=torch.float64).index_add_(0, block_of, values)
+    counts = torch.bincount(block_of).double()
+    G = counts.numel()
+    return float(math.sqrt(G / (G - 1) * float(((sums - counts * mean) ** 2).sum())) / M)
+
+
+@pytest.mark.parametrize("estimator", ["full", "snis", "dol", "cdol"])
+def test_matches_brute_force_definition(estimator):
+    data = _data(150, 5, seed=1)
+    sigmas = [0.05, 0.4, 3.0]
+    M, L, seed = 160, (None if estimator == "full" else 30), 7
+    C = 2.5 if estimator == "cdol" else None
+    res = estimate_curve(data, sigmas, estimator=estimator, num_queries=M, subset_size=L, C=C, seed=seed,
+                         batch_size=64, progress=False)
+    C_used = {"dol": 1.0, "cdol": 2.5}.get(estimator)
+    assert res.C == C_used
+    for k, s in enumerate(sigmas):
+        ab, var, block_of = _brute_level(data, s, k, estimator, M, L, C_used, seed)
+        scale = float(data.square().sum(1).mean())
+        assert res.j_star_ab[k] == pytest.approx(float(ab.mean()), rel=1e-9, abs=1e-12 * scale)
+        if estimator == "full":
+            assert res.j_star_var[k] == pytest.approx(float(var.mean()), rel=1e-9, abs=1e-14 * scale)
+            assert res.j_star[k] == res.j_star_var[k]
+            assert res.stderr_var[k] == pytest.approx(_se(var), rel=1e-6, abs=1e-14 * scale)
+            assert res.stderr_ab[k] == pytest.approx(_se(ab), rel=1e-6, abs=1e-12 * scale)
+        else:
+            assert res.j_star_var is None and res.j_star[k] == res.j_star_ab[k]
+            assert res.stderr[k] == pytest.approx(_clustered_se(ab, block_of), rel=1e-6, abs=1e-12 * scale)
+    assert res.j_star_per_element == pytest.approx(res.j_star / 5)
+
+
+def test_gaussian_population_closed_form():
+    """N(mu, diag(lambda)), N = 20000, D = 3: J*(s) = sum_j lambda_j s^2 / (lambda_j + s^2) within 2%
+    for s well above the nearest-neighbour spacing (~0.05 here)."""
+    lam = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    mu = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    data = mu + _data(20000, 3, seed=3) * lam.sqrt()
+    sigmas = np.array([0.5, 1.0, 3.0, 10.0])
+    res = estimate_curve(data, sigmas, estimator="full", num_queries=512, seed=0, progress=False)
+    exact = np.array([float((lam * s**2 / (lam + s**2)).sum()) for s in sigmas])
+    np.testing.assert_allclose(res.j_star, exact, rtol=0.02)
+    assert (res.stderr < 0.01 * exact).all()  # the variance form is precise
+    # The A - B form estimates the same thing, with a larger standard error.
+    assert (np.abs(res.j_star_ab - exact) < 0.02 * exact + 4 * res.stderr_ab).all()
+    assert (res.stderr_ab > res.stderr).all()
+
+
+def test_cdol_limits():
+    data = _data(800, 4, seed=2)
+    kw = dict(num_queries=256, subset_size=8, seed=3, progress=False)
+    sigmas = [0.1, 0.5, 2.0]
+    dol = estimate_curve(data, sigmas, estimator="dol", **kw)
+    cdol1 = estimate_curve(data, sigmas, estimator="cdol", C=1.0, **kw)
+    np.testing.assert_array_equal(cdol1.j_star, dol.j_star)
+    np.testing.assert_array_equal(cdol1.stderr, dol.stderr)
+    snis = estimate_curve(data, sigmas, estimator="snis", **kw)
+    # As C grows cDOL moves to SNIS over the same subsets: the source row fades out once log C exceeds
+    # its logit lead over the subset rows (~d^2 / 2s^2, hundreds at s = 0.1). In the limit only the
+    # ~L/N = 1% of queries whose source was drawn into the subset differ (SNIS keeps it there).
+    gaps = np.array([np.abs(estimate_curve(data, sigmas, estimator="cdol", C=C, **kw).j_star - snis.j_star)
+                     for C in (1.0, 100.0, 1e4, 1e300)])
+    assert (gaps[1:] <= gaps[:-1] + 1e-3 * gaps[0]).all()
+    assert (gaps[-1] < 0.05 * gaps[0]).all()
+    # Default C = 4N/L.
+    assert estimate_curve(data, [1.0], estimator="cdol", **kw).C == pytest.approx(4 * 800 / 8)
+
+
+def test_reproducible_and_batch_independent():
+    data = _data(300, 6, seed=4)
+    kw = dict(estimator="full", num_queries=200, seed=11, progress=False)
+    a = estimate_curve(data, [0.2, 1.0], batch_size=64, **kw)
+    b = estimate_curve(data, [0.2, 1.0], batch_size=64, **kw)
+    np.testing.assert_array_equal(a.j_star, b.j_star)
+    np.testing.assert_array_equal(a.stderr_ab, b.stderr_ab)
+    c = estimate_curve(data, [0.2, 1.0], batch_size=4096, **kw)  # same draws, other rounding only
+    np.testing.assert_allclose(c.j_star, a.j_star, rtol=1e-12)
+    np.testing.assert_allclose(c.j_star_ab, a.j_star_ab, rtol=1e-12)
+    d = estimate_curve(data, [0.2, 1.0], batch_size=64, **{**kw, "seed": 12})
+    assert not np.array_equal(d.j_star, a.j_star)
+    # Levels are independent streams: a level computed alone gives the same number.
+    e = estimate_curve(data, [0.2], batch_size=64, **kw)
+    assert e.j_star[0] == a.j_star[0]
+
+
+@pytest.mark.parametrize("estimator", ["full", "cdol"])
+def test_numpy_memmap_and_dtypes_stream(tmp_path, monkeypatch, estimator):
+    data = _data(257, 7, seed=5)
+    kw = dict(estimator=estimator, num_queries=100, subset_size=None if estimator == "full" else 40, seed=2,
+              progress=False)
+    ref = estimate_curve(data, [0.3, 2.0], **kw)
+    path = tmp_path / "data.npy"
+    np.save(path, data.numpy().reshape(257, 7, 1))  # (N, ...) is flattened
+    monkeypatch.setattr(E, "HOST_CHUNK_ELEMENTS", 7 * 50)  # several host chunks of 50 rows
+    mm = np.load(path, mmap_mode="r")
+    got = estimate_curve(mm, [0.3, 2.0], **kw)
+    np.testing.assert_allclose(got.j_star, ref.j_star, rtol=1e-12)
+    np.testing.assert_allclose(got.stderr, ref.stderr, rtol=1e-9)
+    # float32 data: the same math on the float32 values.
+    d32 = data.float()
+    r32 = estimate_curve(d32, [0.3, 2.0], **kw)
+    ref32 = estimate_curve(d32.double(), [0.3, 2.0], **kw)
+    np.testing.assert_allclose(r32.j_star, ref32.j_star, rtol=1e-12)
+
+
+def test_result_round_trip(tmp_path):
+    res = estimate_curve(_data(100, 3), [0.5, 1.0], num_queries=64, progress=False)
+    back = E.CurveResult.from_dict(res.to_dict())
+    np.testing.assert_array_equal(back.j_star, res.j_star)
+    assert back.estimator == "full" and back.dim == 3 and back.num_data == 100
+    res.to_csv(tmp_path / "r.csv")
+    lines = (tmp_path / "r.csv").read_text().splitlines()
+    assert lines[0].startswith("sigma,j_star,stderr") and len(lines) == 3
+
+
+def test_subset_sampler_uniform():
+    g = torch.Generator().manual_seed(0)
+    counts = torch.zeros(50)
+    for _ in range(2000):
+        idx = E._sample_subset(50, 5, g)  # the rejection path (4L < N)
+        assert idx.numel() == 5 and torch.unique(idx).numel() == 5 and bool((idx[1:] > idx[:-1]).all())
+        counts[idx] += 1
+    # Each element is in the subset with probability 5/50: 200 expected, sd ~13.4.
+    assert (counts - 200).abs().max() < 70
+    assert E._sample_subset(10, 10, g).tolist() == list(range(10))
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(estimator="nope"), ValueError, "estimator"),
+    (dict(estimator="snis", subset_size=21), ValueError, "larger than"),
+    (dict(estimator="snis"), ValueError, "needs subset_size"),
+    (dict(estimator="snis", subset_size=0), ValueError, "subset_size"),
+    (dict(estimator="full", subset_size=5), ValueError, "subset estimators"),
+    (dict(estimator="cdol", subset_size=5, C=0.0), ValueError, "C must be"),
+    (dict(estimator="cdol", subset_size=5, C=-1.0), ValueError, "C must be"),
+    (dict(estimator="cdol", subset_size=5, C=float("inf")), ValueError, "C must be"),
+    (dict(estimator="dol", subset_size=5, C=2.0), ValueError, "only to estimator 'cdol'"),
+    (dict(sigmas=[0.1, 0.0]), ValueError, "sigmas"),
+    (dict(sigmas=[-1.0]), ValueError, "sigmas"),
+    (dict(sigmas=[]), ValueError, "sigmas"),
+    (dict(sigmas=[float("nan")]), ValueError, "sigmas"),
+    (dict(num_queries=0), ValueError, "num_queries"),
+    (dict(num_queries=2.5), TypeError, "num_queries"),
+    (dict(batch_size=0), ValueError, "batch_size"),
+])
+def test_bad_arguments(kwargs, exc, match):
+    args = dict(sigmas=[0.5], num_queries=8, progress=False)
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        estimate_curve(_data(20, 3), args.pop("sigmas"), **args)
+
+
+def test_bad_data():
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        estimate_curve(torch.randn(10), [1.0], num_queries=4, progress=False)
+    with pytest.raises(ValueError, match="empty"):
+        estimate_curve(torch.randn(0, 3), [1.0], num_queries=4, progress=False)
+    bad = torch.randn(10, 3)
+    bad[6, 1] = float("nan")
+    with pytest.raises(ValueError, match="row 6"):
+        estimate_curve(bad, [1.0], num_queries=4, progress=False)
+    with pytest.raises(TypeError, match="numpy array"):
+        estimate_curve([[1.0, 2.0]], [1.0], num_queries=4, progress=False)
