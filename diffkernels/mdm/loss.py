@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .._validate import check_choice
-from ..ops.masked_ce import _masked_ce_hidden, _masked_ce_logits, default_chunk_size
+from ..ops.masked_ce import _masked_ce_hidden, _masked_ce_logits
 from .masking import MaskedTokens
 
 NORMALIZERS = ("row", "batch", "global")
@@ -32,7 +32,8 @@ def masked_cross_entropy(
 
     Give either ``logits`` (..., V), or ``hidden`` (..., H) with ``lm_head_weight`` (V, H) and an
     optional ``lm_head_bias`` (V,): then logits are computed only for tokens with a nonzero
-    coefficient, ``chunk_size`` tokens at a time (default: 256 MiB of float32 logits per chunk).
+    coefficient, ``chunk_size`` tokens at a time (default: 2 GiB of logits per chunk; see
+    ``diffkernels.ops.masked_ce``).
     ``targets`` (...) are the token ids to predict, ``coef`` (...) the weights (e.g. 1/p for masked
     tokens, 0 elsewhere, divided by the normaliser). Accumulates in float32 (float64 for float64
     inputs); the gradients are produced in the forward pass. One host sync per call (the number of
@@ -57,7 +58,7 @@ def masked_cross_entropy(
     flat_coef = coef.reshape(-1).to(torch.float32 if source.dtype != torch.float64 else torch.float64)
     if logits is not None:
         V = logits.shape[-1]
-        chunk = chunk_size or default_chunk_size(V)
+        chunk = chunk_size or 0  # 0: the op's default, which depends on the path and dtype
         loss, _, _ = _masked_ce_logits(logits.reshape(-1, V), flat_targets, flat_coef, chunk, _needs_grad(logits))
         return loss
     if lm_head_weight is None or lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != hidden.shape[-1]:
@@ -67,7 +68,7 @@ def masked_cross_entropy(
     V = lm_head_weight.shape[0]
     if lm_head_bias is not None and (lm_head_bias.shape != (V,) or lm_head_bias.dtype != hidden.dtype):
         raise ValueError(f"lm_head_bias must have shape ({V},) and hidden's dtype")
-    chunk = chunk_size or default_chunk_size(V)
+    chunk = chunk_size or 0
     need = _needs_grad(hidden, lm_head_weight, lm_head_bias)
     loss, *_ = _masked_ce_hidden(hidden.reshape(-1, hidden.shape[-1]), lm_head_weight, lm_head_bias,
                                  flat_targets, flat_coef, chunk, need)
@@ -154,9 +155,8 @@ def _per_token_ce(targets, coef, *, logits, hidden, lm_head_weight, lm_head_bias
     flat_c = coef.reshape(-1).to(torch.float64 if source.dtype == torch.float64 else torch.float32)
     if logits is not None:
         V = logits.shape[-1]
-        _, ce, _ = _masked_ce_logits(logits.reshape(-1, V), flat_t, flat_c, chunk_size or default_chunk_size(V), False)
+        _, ce, _ = _masked_ce_logits(logits.reshape(-1, V), flat_t, flat_c, chunk_size or 0, False)
     else:
-        V = lm_head_weight.shape[0]
         _, ce, *_ = _masked_ce_hidden(hidden.reshape(-1, hidden.shape[-1]), lm_head_weight, lm_head_bias, flat_t,
-                                      flat_c, chunk_size or default_chunk_size(V), False)
+                                      flat_c, chunk_size or 0, False)
     return ce.view(targets.shape)

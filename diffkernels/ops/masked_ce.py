@@ -1,48 +1,189 @@
 """``diffkernels::masked_ce_logits`` / ``masked_ce_hidden``: cross-entropy only where it is needed.
 
 Both compute ``loss = sum_i coef_i * CE(logits_i, target_i)`` over the tokens with ``coef_i != 0``
-(the masked tokens of a masked diffusion LM, already weighted and normalised by the caller).
-Tokens are compacted first (one host sync to size the chunk loop, documented), then processed
-in chunks: logits for a chunk of masked tokens only (from hidden states and the LM head, or
-gathered from given logits), a row-wise log-sum-exp in float32, and the gradient of that chunk
-written during the forward pass. The (tokens x vocabulary) logits are never materialised; peak
-extra memory is one chunk of logits plus the gradients themselves. Backward rescales the saved
-gradients in place by the upstream gradient (skipped when it is exactly 1), so such a graph can
-be differentiated once.
+(the masked tokens of a masked diffusion LM, already weighted and normalised by the caller), and
+the gradient during the forward pass. Backward rescales the saved gradients in place by the
+upstream gradient (skipped when it is exactly 1), so such a graph can be differentiated once.
+
+Hidden-state form. Tokens with a loss are compacted (one host sync sizes the chunk loop) and
+processed in balanced chunks of at most ``chunk_size`` tokens (0: the default, 2 GiB of logits
+in the input dtype, so at V <= 128256 and ~8k masked bf16 tokens a step is one chunk; the
+plain-PyTorch path counts the float32 copy of narrower logits too). Per chunk:
+
+1. gather the chunk's hidden rows h (m, H); logits = h @ W^T (+ b) in the input dtype (one GEMM
+   into a reused buffer, never a float32 copy);
+2. per row, log-sum-exp, CE and d = coef * (softmax - onehot) written over the logits in place:
+   one Triton kernel on the GPU (``diffkernels.triton.masked_ce``: reads the bf16 row twice,
+   writes it once, float32 arithmetic in registers), or in-place float32 torch ops on the
+   plain-PyTorch path (CPU; no temporaries beyond the float32 copy of a low-precision chunk);
+3. grad W += d^T h, grad h[rows] = d @ W (two GEMMs; grad b += column sums of d).
+
+grad W is accumulated in float32: with one chunk the GEMM (float32 accumulation inside) writes
+it once in the weight dtype; with several, the GEMM accumulates into a float32 buffer itself
+(``torch.addmm(acc, d^T, h, out_dtype=float32, out=acc)``, CUDA, where this torch has it; probed
+once) or, failing that, a per-chunk product is added to it. The (tokens x vocabulary) logits are
+never materialised; peak extra memory is one chunk of logits plus the gradients.
+
+Logits form. On the Triton path one kernel covers every row (rows with coef == 0 are never read;
+their gradient row is written as zeros): no compaction, no host sync, no chunks. The plain-PyTorch
+path compacts and chunks as above.
+
+float64 inputs always take the plain-PyTorch path (the kernel accumulates in float32).
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from .. import _backend
 from ._inplace import saved_tensors
 
-CHUNK_BYTES = 1 << 28  # float32 logits per chunk: 256 MiB
+CHUNK_BYTES = 1 << 31  # logits per chunk, in the input dtype: 2 GiB
 
 
-def default_chunk_size(vocab: int) -> int:
-    return max(1, CHUNK_BYTES // (4 * max(1, vocab)))
-
-
-def _chunk_ce_(logits: Tensor, targets: Tensor, coef: Tensor) -> Tensor:
-    """CE of each row of float32 ``logits``, which is overwritten with coef * (softmax - onehot)."""
-    lse = torch.logsumexp(logits, dim=1)
-    ce = lse - logits.gather(1, targets[:, None]).squeeze(1)
-    logits.sub_(lse[:, None]).exp_().mul_(coef[:, None])
-    logits.scatter_add_(1, targets[:, None], -coef[:, None])
-    return ce
+def default_chunk_size(vocab: int, element_size: int = 2) -> int:
+    """Tokens per chunk: CHUNK_BYTES of logits of ``element_size`` bytes (2: bf16/fp16)."""
+    return max(1, CHUNK_BYTES // (max(1, element_size) * max(1, vocab)))
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _chunk_tokens(chunk_size: int, V: int, dtype: torch.dtype, fused: bool) -> int:
+    """``chunk_size`` if positive, else the default: CHUNK_BYTES of chunk working set, i.e. the
+    logits in the input dtype (Triton path), plus their float32 copy on the plain-PyTorch path
+    when the input dtype is narrower."""
+    if chunk_size > 0:
+        return chunk_size
+    item = torch.empty((), dtype=dtype).element_size()
+    acc = _acc(dtype)
+    if not fused and acc != dtype:
+        item += torch.empty((), dtype=acc).element_size()
+    return default_chunk_size(V, item)
+
+
+def _use_triton(device: torch.device, dtype: torch.dtype) -> bool:
+    """The Triton kernel runs where Triton is the backend (default for CUDA tensors, or forced);
+    a forced ``cpp``/``cuda``/``torch`` backend, CPU tensors by default, and float64 take the
+    plain-PyTorch path (there is no C++/CUDA kernel for this op: its GEMMs are cuBLAS/BLAS)."""
+    if dtype == torch.float64:
+        return False
+    name = _backend.forced()
+    if name is None:
+        return _backend.default(device) == "triton"
+    if name == "triton":
+        _backend.select(device)  # a clear error when Triton cannot run on these tensors
+        return True
+    return False
+
+
 def _active(coef: Tensor) -> Tensor:
     # The one host sync: the number of tokens that carry a loss sizes the chunk loop.
     return torch.nonzero(coef != 0).squeeze(1)
+
+
+def _chunks(n: int, chunk_size: int) -> list[tuple[int, int]]:
+    """[start, end) bounds of ceil(n / chunk_size) chunks of (nearly) equal size."""
+    if n == 0:
+        return []
+    k = math.ceil(n / max(1, chunk_size))
+    size = math.ceil(n / k)
+    return [(s, min(n, s + size)) for s in range(0, n, size)]
+
+
+def _chunk_ce_(x: Tensor, targets: Tensor, coef: Tensor) -> Tensor:
+    """Plain-PyTorch path. CE of each row of float32/float64 ``x``, overwritten in place with
+    coef * (softmax - onehot). Five passes over x, no temporaries of its size."""
+    x_t = x.gather(1, targets[:, None]).squeeze(1)
+    m = x.amax(dim=1, keepdim=True)
+    m = torch.where(m == float("-inf"), 0.0, m)  # a row of -inf: s = 0, CE NaN (as log_softmax)
+    x.sub_(m).exp_()
+    s = x.sum(dim=1)
+    ce = m.squeeze(1) + s.log() - x_t
+    x.mul_((coef / s)[:, None])
+    x.scatter_add_(1, targets[:, None], -coef[:, None])
+    return ce
+
+
+def _ce_into_(x: Tensor, rows: Tensor, targets: Tensor, coef: Tensor, ce_all: Tensor, fused: bool,
+              need_grad: bool) -> None:
+    """Chunk logits ``x`` (m, V) of tokens ``rows``: CE into ``ce_all[rows]``; with ``need_grad``,
+    x is overwritten with coef * (softmax - onehot) in its own dtype."""
+    if fused:
+        from ..triton.masked_ce import masked_ce_rows
+
+        masked_ce_rows(x, targets, coef, ce_all, rows=rows, grad=x if need_grad else None)
+        return
+    acc = _acc(x.dtype)
+    xf = x.to(acc)  # the same tensor when x is already float32/float64
+    ce = _chunk_ce_(xf, targets.index_select(0, rows), coef.index_select(0, rows).to(acc))
+    ce_all.index_copy_(0, rows, ce)
+    if need_grad and xf is not x:
+        x.copy_(xf)
+
+
+@functools.lru_cache(maxsize=None)
+def _gemm_accumulates_in_fp32(device: str, dtype: torch.dtype) -> bool:
+    """Whether ``torch.addmm(acc_f32, a, b, out_dtype=float32, out=acc_f32)`` (and ``torch.mm``
+    with ``out_dtype``) work for ``dtype`` inputs here and really add in float32 (probed once:
+    1 + 2**-12 is exact in float32 and rounds to 1 in bf16/fp16)."""
+    if not device.startswith("cuda") or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    try:
+        eye = torch.eye(16, device=device, dtype=dtype)
+        acc = torch.mm(eye, eye, out_dtype=torch.float32)
+        torch.addmm(acc, eye * 2**-12, eye, out_dtype=torch.float32, out=acc)
+        expected = torch.eye(16, device=device) * (1 + 2**-12)
+        return acc.dtype == torch.float32 and bool(torch.equal(acc, expected))
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+class _WeightGrad:
+    """grad W = sum over chunks of d_c^T h_c, accumulated in float32 (float64 for float64)."""
+
+    def __init__(self, V: int, H: int, dtype: torch.dtype, device: torch.device, n_chunks: int):
+        self.dtype = dtype
+        self.first = True
+        acc = _acc(dtype)
+        if n_chunks == 0:
+            self.mode, self.out = "none", torch.zeros(V, H, dtype=dtype, device=device)
+        elif n_chunks == 1 or dtype == acc:
+            # The GEMM accumulates in float32 internally: write (and add into) the result directly.
+            self.mode, self.out = "direct", torch.empty(V, H, dtype=dtype, device=device)
+        elif _gemm_accumulates_in_fp32(str(device), dtype):
+            self.mode, self.out = "gemm_fp32", torch.empty(V, H, dtype=acc, device=device)
+        else:
+            self.mode, self.out = "add_fp32", torch.zeros(V, H, dtype=acc, device=device)
+
+    def add(self, d_t: Tensor, h: Tensor) -> None:
+        first, self.first = self.first, False
+        if self.mode == "direct":
+            if first:
+                torch.mm(d_t, h, out=self.out)
+            else:
+                self.out.addmm_(d_t, h)
+        elif self.mode == "gemm_fp32":
+            if first:
+                torch.mm(d_t, h, out_dtype=torch.float32, out=self.out)
+            else:
+                torch.addmm(self.out, d_t, h, out_dtype=torch.float32, out=self.out)
+        else:
+            self.out.add_(d_t @ h)  # the chunk's product in the input dtype, added in float32
+
+    def result(self) -> Tensor:
+        return self.out if self.out.dtype == self.dtype else self.out.to(self.dtype)
+
+
+def _loss(coef: Tensor, ce_all: Tensor, acc: torch.dtype) -> Tensor:
+    # ce_all is 0 where coef == 0; summed in float64.
+    return (coef.double() * ce_all.double()).sum().to(acc)
 
 
 @torch.library.custom_op("diffkernels::masked_ce_logits", mutates_args=())
@@ -51,20 +192,24 @@ def _masked_ce_logits(logits: Tensor, targets: Tensor, coef: Tensor, chunk_size:
     """(loss, per-token CE (N,) float32 with 0 where coef == 0, gradient w.r.t. logits or empty)."""
     N, V = logits.shape
     acc = _acc(logits.dtype)
+    if _use_triton(logits.device, logits.dtype) and logits.is_contiguous():
+        from ..triton.masked_ce import masked_ce_rows
+
+        ce_all = torch.empty(N, dtype=acc, device=logits.device)
+        grad = torch.empty_like(logits) if need_grad else logits.new_empty(0)  # every row is written
+        masked_ce_rows(logits, targets, coef, ce_all, grad=grad if need_grad else None)
+        return _loss(coef, ce_all, acc), ce_all, grad
     ce_all = torch.zeros(N, dtype=acc, device=logits.device)
     grad = torch.zeros_like(logits) if need_grad else logits.new_empty(0)
-    loss = torch.zeros((), dtype=torch.float64, device=logits.device)
     active = _active(coef)
-    for start in range(0, active.numel(), chunk_size):
-        rows = active[start:start + chunk_size]
+    for start, end in _chunks(active.numel(), _chunk_tokens(chunk_size, V, logits.dtype, False)):
+        rows = active[start:end]
         block = logits.index_select(0, rows).to(acc)
-        c = coef.index_select(0, rows).to(acc)
-        ce = _chunk_ce_(block, targets.index_select(0, rows), c)
+        ce = _chunk_ce_(block, targets.index_select(0, rows), coef.index_select(0, rows).to(acc))
         ce_all.index_copy_(0, rows, ce)
-        loss += (c.double() * ce.double()).sum()
         if need_grad:
             grad.index_copy_(0, rows, block.to(grad.dtype))
-    return loss.to(acc), ce_all, grad
+    return _loss(coef, ce_all, acc), ce_all, grad
 
 
 @_masked_ce_logits.register_fake
@@ -82,33 +227,41 @@ def _masked_ce_hidden(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ta
     N, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
-    acc = _acc(hidden.dtype)
+    dtype = hidden.dtype
+    acc = _acc(dtype)
+    fused = _use_triton(dev, dtype)
     ce_all = torch.zeros(N, dtype=acc, device=dev)
-    loss = torch.zeros((), dtype=torch.float64, device=dev)
+    active = _active(coef)
+    bounds = _chunks(active.numel(), _chunk_tokens(chunk_size, V, dtype, fused))
     if need_grad:
         grad_hidden = torch.zeros_like(hidden)
-        grad_weight = torch.zeros(V, H, dtype=acc, device=dev)  # accumulated over chunks
-        grad_bias = torch.zeros(V, dtype=acc, device=dev) if bias is not None else hidden.new_empty(0)
-    active = _active(coef)
-    for start in range(0, active.numel(), chunk_size):
-        rows = active[start:start + chunk_size]
-        h = hidden.index_select(0, rows)
-        block = (h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())).to(acc)
-        c = coef.index_select(0, rows).to(acc)
-        ce = _chunk_ce_(block, targets.index_select(0, rows), c)
-        ce_all.index_copy_(0, rows, ce)
-        loss += (c.double() * ce.double()).sum()
-        if need_grad:
-            d = block.to(weight.dtype)
-            grad_hidden.index_copy_(0, rows, (d @ weight).to(hidden.dtype))
-            grad_weight.add_(d.t() @ h)  # the chunk's product in the input dtype, accumulated in float32
+        grad_weight = _WeightGrad(V, H, weight.dtype, dev, len(bounds))
+        grad_bias = torch.zeros(V, dtype=acc, device=dev) if bias is not None else hidden.new_empty(0, dtype=torch.float32)
+    if bounds:
+        m_max = bounds[0][1] - bounds[0][0]
+        logits_buf = torch.empty(m_max, V, dtype=dtype, device=dev)  # reused by every chunk
+        h_buf = torch.empty(m_max, H, dtype=dtype, device=dev)
+    for start, end in bounds:
+        rows = active[start:end]
+        m = end - start
+        h = torch.index_select(hidden, 0, rows, out=h_buf[:m])
+        x = logits_buf[:m]
+        if bias is None:
+            torch.mm(h, weight.t(), out=x)
+        else:
+            torch.addmm(bias, h, weight.t(), out=x)
+        _ce_into_(x, rows, targets, coef, ce_all, fused, need_grad)
+        if need_grad:  # x now holds d = coef * (softmax - onehot) in the input dtype
             if bias is not None:
-                grad_bias.add_(block.sum(dim=0))
+                grad_bias.add_(x.sum(dim=0, dtype=acc))
+            grad_weight.add(x.t(), h)
+            grad_hidden.index_copy_(0, rows, torch.mm(x, weight, out=h_buf[:m]))  # h is no longer needed
+    loss = _loss(coef, ce_all, acc)
     if not need_grad:
-        return loss.to(acc), ce_all, hidden.new_empty(0), hidden.new_empty(0), hidden.new_empty(0)
+        return loss, ce_all, hidden.new_empty(0), hidden.new_empty(0), hidden.new_empty(0)
     if bias is not None:
         grad_bias = grad_bias.to(weight.dtype)
-    return loss.to(acc), ce_all, grad_hidden, grad_weight.to(weight.dtype), grad_bias
+    return loss, ce_all, grad_hidden, grad_weight.result(), grad_bias
 
 
 @_masked_ce_hidden.register_fake
