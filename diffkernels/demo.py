@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from . import _backend, backends, fold_seed, sparse_mse_loss
+from . import _backend, backends, fold_seed, posterior_mean, sparse_mse_loss
 
 # EDM constants (Karras et al. 2022, Table 1).
 SIGMA_DATA = 0.5
@@ -187,6 +187,59 @@ def memorization(samples: Tensor, train: Tensor, threshold: float = 1.0 / 3.0) -
     }
 
 
+# --- the optimal loss J*(sigma) (METHODS.md section 3) ---------------------------------------
+
+OPTIMAL_LEVELS = 24  # Gauss-Hermite nodes in log sigma: J* is computed exactly where the quadrature needs it
+
+
+def optimal_x0_loss(data: Tensor, sigmas: Tensor, queries: int, seed: int, device) -> Tensor:
+    """J*(sigma) / D per element for each sigma: the full estimator in its posterior-variance form.
+
+    Queries x = y_n + sigma * eps with n uniform; J* = mean over queries of tr Cov[x0 | x]
+    (diffkernels.posterior_mean, float64-accurate at every sigma).
+    """
+    flat = data.reshape(data.shape[0], -1).to(device)
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for sigma in sigmas.tolist():
+        src = torch.randint(0, flat.shape[0], (queries,), generator=gen)
+        x = flat[src.to(device)].double() + sigma * torch.randn(queries, flat.shape[1], generator=gen,
+                                                                dtype=torch.float64).to(device)
+        _, _, variance = posterior_mean(x, flat, sigma, return_stats=True)
+        out.append(variance.mean().item() / flat.shape[1])
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def edm_optimal_loss(data: Tensor, queries: int, seed: int, device) -> dict:
+    """The smallest possible value of the demo's training loss, E_sigma[lambda(sigma) J*(sigma) / D].
+
+    sigma = exp(P_mean + P_std z), z ~ N(0, 1): Gauss-Hermite quadrature in z, with J* evaluated
+    exactly at the quadrature nodes (which also serve as the J*(sigma) curve for the plot).
+    """
+    import numpy as np
+
+    z, w = np.polynomial.hermite_e.hermegauss(OPTIMAL_LEVELS)
+    sigmas = torch.tensor(np.exp(P_MEAN + P_STD * z), dtype=torch.float64)
+    j_star = optimal_x0_loss(data, sigmas, queries, seed, device)
+    weights = torch.tensor(w / w.sum(), dtype=torch.float64)
+    total = float((weights * edm_loss_weight(sigmas) * j_star).sum())
+    return {"sigmas": sigmas.tolist(), "j_star_per_element": j_star.tolist(), "optimal_loss": total}
+
+
+def loss_by_noise_level(sigmas: list, x0_mse: list, edges: Tensor) -> tuple[list, list]:
+    """Mean per-element x0 error of the training samples in each log-sigma bin (empty bins skipped)."""
+    s = torch.tensor(sigmas, dtype=torch.float64)
+    e = torch.tensor(x0_mse, dtype=torch.float64)
+    centers, means = [], []
+    bins = torch.bucketize(s.log(), edges.log())
+    for k in range(1, len(edges)):
+        hit = bins == k
+        if int(hit.sum()) >= 5:
+            centers.append(float((edges[k - 1] * edges[k]).sqrt()))
+            means.append(float(e[hit].mean()))
+    return centers, means
+
+
 # --- figures ----------------------------------------------------------------------------------
 
 
@@ -232,13 +285,34 @@ def save_loss_curve(losses: list, smoothed: list, path: Path, title: str) -> Non
     plt.close(fig)
 
 
+def save_gap_plot(optimal: dict, bin_sigma: list, bin_mse: list, path: Path, title: str) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    ax.plot(optimal["sigmas"], optimal["j_star_per_element"], "k-", lw=1.5, label="optimal J*(σ)/D (the data's floor)")
+    ax.plot(bin_sigma, bin_mse, "o-", color="C1", ms=4, label="model: x0 error per element (2nd half of training)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    # Below the data's nearest-neighbour spacing J* falls off like exp(-d^2 / 8 sigma^2): clip the axis there.
+    ax.set_xlim(SIGMA_MIN, SIGMA_MAX)
+    if bin_mse:
+        shown = [j for sig, j in zip(optimal["sigmas"], optimal["j_star_per_element"]) if sig <= SIGMA_MAX]
+        ax.set_ylim(min(bin_mse) / 100, 3 * max(bin_mse + shown))
+    ax.set_xlabel("noise level σ")
+    ax.set_ylabel("per-element x0 loss")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 # --- training ---------------------------------------------------------------------------------
 
 
 def run_demo(steps: int = 400, mask_ratio: float = 0.9, seed: int = 0, out="diffkernels_demo",
              device: Optional[str] = None, *, batch_size: int = 128, lr: float = 5e-3, channels: int = 32,
              blocks: int = 2, ema_decay: float = 0.999, n_samples: int = 64, sample_steps: int = 18,
-             log_every: int = 50, progress: bool = True) -> dict:
+             log_every: int = 50, progress: bool = True, optimal_queries: int = 512) -> dict:
     """Train a tiny EDM denoiser on the digits with ``sparse_mse_loss``, sample, and write figures.
 
     Loss (METHODS.md section 1 with EDM). For clean images y, sigma ~ exp(N(P_mean, P_std^2)) and
@@ -262,11 +336,17 @@ def run_demo(steps: int = 400, mask_ratio: float = 0.9, seed: int = 0, out="diff
     seeded with ``seed`` for batches, noise levels and noise (the same data on CPU and CUDA), and
     ``fold_seed(seed, step)`` for the mask of each step.
 
+    The optimal loss (METHODS.md section 3): J*(sigma) of the digits themselves, from
+    ``posterior_mean`` with ``optimal_queries`` queries per noise level, gives the smallest value the
+    training loss can reach, E_sigma[lambda(sigma) J*(sigma) / D]; the summary reports the final loss's
+    gap to it, and ``gap.png`` plots the model's per-element x0 error per noise level (second half of
+    training, per-sample losses divided by lambda) against J*(sigma) / D.
+
     Writes ``samples.png`` (``n_samples`` deterministic Heun samples, 2 * sample_steps - 1
-    network evaluations), ``loss.png`` and ``summary.json`` into ``out``. Returns a dict with
+    network evaluations), ``loss.png``, ``gap.png`` and ``summary.json`` into ``out``. Returns a dict with
     ``initial_loss`` / ``final_loss`` (mean training loss over the first / last ``loss_window``
     steps, ``loss_window = clamp(steps // 8, 1, 50)``), ``losses`` (per step), ``out_dir``,
-    ``memorized_fraction`` and ``mean_d1`` (Gu et al. 2023, generated samples vs the 1797 training
+    ``optimal_loss`` and ``loss_gap``, ``memorized_fraction`` and ``mean_d1`` (Gu et al. 2023, generated samples vs the 1797 training
     images on the 0..255 scale), ``backend``, timings and the config.
     """
     t_start = time.perf_counter()
@@ -298,6 +378,7 @@ def run_demo(steps: int = 400, mask_ratio: float = 0.9, seed: int = 0, out="diff
     losses: list[float] = []
     smoothed: list[float] = []
     pending: list[Tensor] = []  # losses not yet copied to the host (one sync every few steps on CUDA)
+    per_sample_log: list[Tensor] = []  # (sigma, x0 error per element) of the second half, for gap.png
     ema_loss = None
 
     def flush() -> None:
@@ -322,7 +403,12 @@ def run_demo(steps: int = 400, mask_ratio: float = 0.9, seed: int = 0, out="diff
 
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / warmup)
-        loss = sparse_mse_loss(model(x, sigma), y, mask_ratio, fold_seed(seed, step), weight=edm_loss_weight(sigma))
+        lam = edm_loss_weight(sigma)
+        per_sample = sparse_mse_loss(model(x, sigma), y, mask_ratio, fold_seed(seed, step), weight=lam,
+                                     reduction="none")
+        loss = per_sample.mean()
+        if step >= steps // 2:
+            per_sample_log.append(torch.stack([sigma, per_sample.detach() / lam]))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -352,13 +438,20 @@ def run_demo(steps: int = 400, mask_ratio: float = 0.9, seed: int = 0, out="diff
     samples = edm_heun_sample(ema, n_samples, steps=sample_steps, seed=seed, device=device).cpu()
     sample_seconds = time.perf_counter() - t_sample
     mem = memorization(samples, data)
+    optimal = edm_optimal_loss(data, optimal_queries, seed, device)
+    logged = torch.cat(per_sample_log, dim=1).cpu().double()
+    edges = torch.logspace(math.log10(SIGMA_MIN), math.log10(SIGMA_MAX), 17, dtype=torch.float64)
+    bin_sigma, bin_mse = loss_by_noise_level(logged[0].tolist(), logged[1].tolist(), edges)
 
     samples_png = out_dir / "samples.png"
     loss_png = out_dir / "loss.png"
+    gap_png = out_dir / "gap.png"
     summary_json = out_dir / "summary.json"
     save_grid(samples, samples_png, f"{n_samples} EDM Heun samples ({2 * sample_steps - 1} NFE) after {steps} steps, "
                                     f"mask_ratio={mask_ratio}")
     save_loss_curve(losses, smoothed, loss_png, f"sparse EDM loss, mask_ratio={mask_ratio}, backend={backend}")
+    save_gap_plot(optimal, bin_sigma, bin_mse, gap_png,
+                  f"loss gap after {steps} steps: final {final_loss:.4f} vs optimal {optimal['optimal_loss']:.4f}")
     total_seconds = time.perf_counter() - t_start
 
     config = {
@@ -377,6 +470,10 @@ def run_demo(steps: int = 400, mask_ratio: float = 0.9, seed: int = 0, out="diff
         "losses": losses,
         "smoothed_losses": smoothed,
         "out_dir": str(out_dir),
+        "optimal_loss": optimal["optimal_loss"],
+        "loss_gap": final_loss - optimal["optimal_loss"],
+        "optimal_curve": {"sigmas": optimal["sigmas"], "j_star_per_element": optimal["j_star_per_element"]},
+        "loss_by_sigma": {"sigmas": bin_sigma, "x0_error_per_element": bin_mse},
         "memorized_fraction": mem["memorized_fraction"],
         "mean_d1": mem["mean_d1"],
         "backend": backend,
@@ -384,19 +481,21 @@ def run_demo(steps: int = 400, mask_ratio: float = 0.9, seed: int = 0, out="diff
         "train_seconds": train_seconds,
         "sample_seconds": sample_seconds,
         "total_seconds": total_seconds,
-        "files": {"samples": str(samples_png), "loss": str(loss_png), "summary": str(summary_json)},
+        "files": {"samples": str(samples_png), "loss": str(loss_png), "gap": str(gap_png), "summary": str(summary_json)},
         "config": config,
     }
     with open(summary_json, "w") as f:
         json.dump({**result, "d1": mem["d1"], "d1_over_d2": mem["ratio"]}, f, indent=1)
 
     print(f"\nsummary: loss {initial_loss:.4f} -> {final_loss:.4f} (mean over the first / last {window} steps)")
+    print(f"  optimal loss of the digits under this schedule {optimal['optimal_loss']:.4f} "
+          f"(E_sigma[lambda J*(sigma)/D], METHODS.md section 3): gap {final_loss - optimal['optimal_loss']:.4f}")
     print(f"  mask ratio {mask_ratio}: each step supervised ~{100 * (1 - mask_ratio):.0f}% of the pixels")
     print(f"  backend {backend} on {device}; {steps} steps in {train_seconds:.1f} s, "
           f"{n_samples} samples in {sample_seconds:.1f} s, {total_seconds:.1f} s in all")
     print(f"  memorised fraction {mem['memorized_fraction']:.3f} (Gu et al.: d1/d2 < 1/3), "
           f"mean d1 {mem['mean_d1']:.1f} (distance to the nearest training image, 0..255 scale)")
     print("wrote:")
-    for path in (samples_png, loss_png, summary_json):
+    for path in (samples_png, loss_png, gap_png, summary_json):
         print(f"  {os.fspath(path)}")
     return result

@@ -16,7 +16,7 @@ pytest.importorskip("matplotlib")
 
 from diffkernels.demo import run_demo  # noqa: E402
 
-FILES = ("samples.png", "loss.png", "summary.json")
+FILES = ("samples.png", "loss.png", "gap.png", "summary.json")
 
 
 def _run(tmp_path, name, **kwargs):
