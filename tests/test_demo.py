@@ -21,6 +21,7 @@ FILES = ("samples.png", "loss.png", "gap.png", "summary.json")
 
 def _run(tmp_path, name, **kwargs):
     kwargs.setdefault("progress", False)
+    kwargs.setdefault("optimal_queries", 64)
     return run_demo(out=tmp_path / name, device="cpu", **kwargs)
 
 
