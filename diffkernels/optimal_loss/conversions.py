@@ -11,13 +11,14 @@ of them. The optimal loss of another prediction target is J*(s) times a factor (
     EDM F (network output)     (s^2 + sd^2) / (s sd)^2 = 1 / c_out(s)^2 = EDM's lambda(s)
 
 The total optimal loss of a training schedule, E_{s ~ p(s)}[weight(s) * J*(s)], comes from
-:func:`schedule_loss`. Quadrature: J* is tabulated on a grid of s; it is interpolated linearly in
-u = ln s between grid points, extended as a constant above the grid (J* saturates at tr Cov) and
+:func:`schedule_loss`. Quadrature: J* is tabulated on a grid of s; between grid points it is interpolated
+in u = ln s, geometrically (ln J* linear in u, exact for power laws) where both neighbours are > 0
+and linearly otherwise (J* = 0 at tiny s), extended as a constant above the grid (J* saturates at tr Cov) and
 as J*(s_min) (s / s_min)^2 below it (the small-s law of a smooth density; for finite data J*
 falls faster, so this tail is an upper bound and tiny anyway). The expectation is written as an
 integral over u against the schedule's density in u and evaluated with the trapezoid rule on
 ``num_points`` equally spaced u over a range that leaves out less than ~1e-12 of the probability.
-With 64 grid points over six decades the interpolation error is ~1e-3 relative (see tests).
+With 64 grid points over six decades the error is ~2e-3 relative, with 2000 points ~1e-6 (tests).
 """
 
 from __future__ import annotations
@@ -121,8 +122,16 @@ def interpolate_log(s, sigmas, j_star) -> np.ndarray:
     """J*(s) from a table: linear in ln s inside the grid, constant above, ~s^2 below (module docstring)."""
     grid, j = _check_table(sigmas, j_star)
     s = _positive(s)
-    u = np.log(s)
-    out = np.interp(u, np.log(grid), j)
+    u, ug = np.log(s), np.log(grid)
+    linear = np.interp(u, ug, j)
+    # Where both neighbours are > 0, interpolate ln J* instead: exact for power laws (J* ~ s^2 at
+    # small s, constant at large s), a 64-level grid then gives ~2e-3 instead of ~1e-2 error in a schedule total.
+    positive = j > 0
+    k = np.clip(np.searchsorted(ug, u) - 1, 0, len(ug) - 2)
+    both = positive[k] & positive[k + 1]
+    with np.errstate(divide="ignore"):
+        geometric = np.exp(np.interp(u, ug, np.log(np.where(positive, j, 1.0))))
+    out = np.where(both, geometric, linear)
     below = s < grid[0]
     return np.where(below, j[0] * (s / grid[0]) ** 2, out)
 
