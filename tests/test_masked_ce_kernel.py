@@ -40,7 +40,7 @@ def reference(x, targets, coef):
     active = coef != 0
     ce = torch.where(active, -logp.gather(1, targets[:, None]).squeeze(1), 0.0)
     g = logp.exp() * coef.double()[:, None]
-    g[torch.arange(x.shape[0]), targets] -= coef.double()
+    g[torch.arange(x.shape[0], device=x.device), targets] -= coef.double()
     g[~active] = 0
     return ce, g
 
