@@ -37,14 +37,13 @@ def _masked_ce_kernel(
     g_row = g_ptr + pid * stride_g
     c = tl.load(coef_ptr + tok).to(tl.float32)
     cols0 = tl.arange(0, BLOCK)
-    n_blocks = tl.cdiv(V, BLOCK)
     if c == 0.0:
         # No loss here: the logits are never read (they may be anything, NaN included).
         tl.store(ce_ptr + tok, 0.0)
         if WANT_GRAD:
             zero = tl.zeros([BLOCK], dtype=g_ptr.dtype.element_ty)
-            for b in range(0, n_blocks):
-                cols = b * BLOCK + cols0
+            for start in range(0, V, BLOCK):
+                cols = start + cols0
                 tl.store(g_row + cols, zero, mask=cols < V)
     else:
         t = tl.load(targets_ptr + tok).to(tl.int64)
@@ -55,8 +54,8 @@ def _masked_ce_kernel(
         # Pass 1: online log-sum-exp. m = running maximum, s = sum of exp(x - m).
         m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)
         s = tl.sum(tl.zeros([BLOCK], dtype=tl.float32), axis=0)
-        for b in range(0, n_blocks):
-            cols = b * BLOCK + cols0
+        for start in range(0, V, BLOCK):
+            cols = start + cols0
             x = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
             m_new = tl.maximum(m, tl.max(x, axis=0))
             shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: keep s = 0, no NaN
@@ -67,8 +66,9 @@ def _masked_ce_kernel(
 
         if WANT_GRAD:
             # Pass 2, back to front: g = c * (softmax - onehot(t)), stored in the gradient's dtype.
-            for i in range(0, n_blocks):
-                cols = (n_blocks - 1 - i) * BLOCK + cols0
+            last = ((V - 1) // BLOCK) * BLOCK  # start of the last block
+            for start in range(0, V, BLOCK):
+                cols = (last - start) + cols0
                 inside = cols < V
                 x = tl.load(x_row + cols, mask=inside, other=0.0).to(tl.float32)
                 g = tl.exp(x - lse) * c
