@@ -130,18 +130,23 @@ def _ce_into_(x: Tensor, rows: Tensor, targets: Tensor, coef: Tensor, ce_all: Te
 
 @functools.lru_cache(maxsize=None)
 def _gemm_accumulates_in_fp32(device: str, dtype: torch.dtype) -> bool:
-    """Whether ``torch.addmm(acc_f32, a, b, out_dtype=float32, out=acc_f32)`` (and ``torch.mm``
-    with ``out_dtype``) work for ``dtype`` inputs here and really add in float32 (probed once:
-    1 + 2**-12 is exact in float32 and rounds to 1 in bf16/fp16)."""
+    """Whether ``torch.mm(a, b, out_dtype=float32, out=acc)`` and ``torch.addmm(acc, a, b,
+    out_dtype=float32, out=acc)`` work here for ``dtype`` inputs (a transposed, as ``d^T`` is) and
+    really add in float32. Probed once per device and dtype with small integers: the products are
+    exact, the sums exceed bf16/fp16's precision, and the second GEMM adds 2**-10 times the first."""
     if not device.startswith("cuda") or dtype not in (torch.bfloat16, torch.float16):
         return False
     try:
-        eye = torch.eye(16, device=device, dtype=dtype)
-        acc = torch.mm(eye, eye, out_dtype=torch.float32)
-        torch.addmm(acc, eye * 2**-12, eye, out_dtype=torch.float32, out=acc)
-        expected = torch.eye(16, device=device) * (1 + 2**-12)
-        return acc.dtype == torch.float32 and bool(torch.equal(acc, expected))
-    except (RuntimeError, TypeError, NotImplementedError):
+        gen = torch.Generator().manual_seed(0)
+        A = torch.randint(-16, 17, (32, 16), generator=gen).double()
+        B = torch.randint(-16, 17, (32, 16), generator=gen).double()
+        a, b = A.to(device=device, dtype=dtype), B.to(device=device, dtype=dtype)
+        acc = torch.empty(16, 16, device=device, dtype=torch.float32)
+        torch.mm(a.t(), b, out_dtype=torch.float32, out=acc)
+        torch.addmm(acc, a.t() * 2**-10, b, out_dtype=torch.float32, out=acc)
+        expected = (A.t() @ B) * (1 + 2**-10)  # |A^T B| < 2**13: exact in float32, not in bf16/fp16
+        return acc.dtype == torch.float32 and bool(torch.equal(acc.cpu().double(), expected))
+    except Exception:  # noqa: BLE001 -- missing overload, dtype checks of an older torch, ...: fall back
         return False
 
 
