@@ -20,6 +20,14 @@ RUNS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _data():
     # N = 211: uneven shards (106 + 105 rows).
     return torch.randn(211, 5, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
@@ -45,6 +53,14 @@ def _worker(rank, world, port, out_dir, ckpt):
             r = estimate_curve(shard, SIGMAS, seed=3, progress=False, distributed=True,
                                checkpoint=ckpt if name == "cdol" else None, **kw)
             results[name] = r.to_dict()
+        # A NaN in rank 1's shard raises on both ranks (no rank is left waiting in a collective).
+        bad = torch.as_tensor(shard).clone()
+        if rank == 1:
+            bad[3, 0] = float("nan")
+        try:
+            estimate_curve(bad, SIGMAS, num_queries=8, progress=False, distributed=True)
+        except ValueError as exc:
+            results["error"] = str(exc)
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -53,7 +69,6 @@ def _worker(rank, world, port, out_dir, ckpt):
 def test_two_gloo_ranks_match_single_process(tmp_path):
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
-    torch.set_num_threads(1)
     ckpt = str(tmp_path / "cdol.ckpt.json")
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), ckpt), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
@@ -65,6 +80,8 @@ def test_two_gloo_ranks_match_single_process(tmp_path):
             for key in ("j_star", "stderr", "j_star_ab", "stderr_ab"):
                 np.testing.assert_allclose(got[key], getattr(single, key), rtol=1e-12, atol=1e-300, err_msg=f"{name} {key}")
         assert ranks[0][name] == ranks[1][name]  # every rank holds the same result
+    for got in ranks:
+        assert "rank 1" in got.get("error", "") and "row 3" in got["error"]
     # Rank 0 wrote the checkpoint after every level.
     saved = json.loads(open(ckpt).read())
     assert sorted(saved["levels"]) == ["0", "1", "2"] and saved["settings"]["num_data"] == 211

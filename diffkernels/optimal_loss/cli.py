@@ -144,7 +144,8 @@ def add_subcommands(sub) -> None:
     p.add_argument("--subset", type=int, default=None, help="subset size L for snis/dol/cdol")
     p.add_argument("--C", type=float, default=None, help="cDOL's constant (default 4N/L)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=1024, help="queries per pass over the data")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="queries per pass over the data (default: 4096 on CUDA, 1024 on CPU)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--out", default="optimal_loss", help="output prefix (default: optimal_loss)")
     p.add_argument("--plot", action="store_true", help="also write OUT.png: J*(s) per element, log axes")

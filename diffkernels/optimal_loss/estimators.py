@@ -476,6 +476,31 @@ def _load_checkpoint(path: Path, settings: dict) -> dict:
 # --- the public function -----------------------------------------------------------------------
 
 
+def _on_all_ranks(fn, group, only_rank0: bool = False):
+    """Run ``fn`` (on rank 0 only if ``only_rank0``) and share its result or its error with every rank,
+    so that an error on one rank raises everywhere instead of leaving the others in a collective."""
+    if group is None:
+        return fn()
+    import torch.distributed as dist
+
+    rank = dist.get_rank(group)
+    outcome = (None, None)
+    if rank == 0 or not only_rank0:
+        try:
+            outcome = (fn(), None)
+        except (ValueError, TypeError) as exc:
+            outcome = (None, f"{type(exc).__name__}: {exc}")
+    every = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, outcome, group=group)
+    errors = [f"rank {r}: {err}" for r, (_, err) in enumerate(every) if err]
+    if errors:
+        raise ValueError("; ".join(errors))
+    return every[0][0]
+
+
+
+
+@torch.no_grad()
 def estimate_curve(
     data,
     sigmas: Union[Sequence[float], np.ndarray, Tensor, float],
@@ -485,7 +510,7 @@ def estimate_curve(
     subset_size: Optional[int] = None,
     C: Optional[float] = None,
     seed: int = 0,
-    batch_size: int = 1024,
+    batch_size: Optional[int] = None,
     progress: bool = True,
     checkpoint=None,
     device=None,
@@ -503,7 +528,8 @@ def estimate_curve(
         C: cDOL's constant (> 0); default 4N/L. Only for ``"cdol"``.
         seed: the seed of every draw (module docstring: per level and block derived seeds).
         batch_size: queries per pass over the data for ``"full"`` (rounded down to a multiple of
-            ``QUERY_BLOCK``, at least one block); memory ~ batch_size * D float64 plus a tile.
+            ``QUERY_BLOCK``, at least one block; default 4096 on CUDA, 1024 on CPU); memory
+            ~ 6 * batch_size * D float64 plus the kernel's tile.
         progress: show a tqdm bar (rank 0 only).
         checkpoint: path of a JSON checkpoint written after every noise level and resumed from.
         device: where the math runs (default: the data's device for a tensor, else CUDA if
@@ -516,7 +542,6 @@ def estimate_curve(
     data = _as_2d(data)
     s = _check_sigmas(sigmas)
     M = _check_int(num_queries, "num_queries", 1)
-    batch_size = _check_int(batch_size, "batch_size", 1)
     seed = _check_int(seed, "seed", 0)
     if device is None:
         if isinstance(data, Tensor) and data.device.type != "cpu":
@@ -526,6 +551,9 @@ def estimate_curve(
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
+    if batch_size is None:
+        batch_size = 4096 if device.type == "cuda" else 1024
+    batch_size = _check_int(batch_size, "batch_size", 1)
 
     group = None
     if distributed is not False and distributed is not None:
@@ -535,7 +563,7 @@ def estimate_curve(
             raise RuntimeError("distributed=True needs an initialised torch.distributed process group")
         group = dist.group.WORLD if distributed is True else distributed
     local = _LocalRows(data, device)
-    local.check_finite()
+    _on_all_ranks(local.check_finite, group)  # a bad shard stops every rank, not just its own
     ds = _Dataset(local, group)
     N = ds.N
 
@@ -572,9 +600,7 @@ def estimate_curve(
         if group is None:
             done = _load_checkpoint(path, settings)
         else:  # rank 0 reads, everyone gets the same levels (the file need not be on a shared disk)
-            holder = [_load_checkpoint(path, settings) if rank == 0 else None]
-            torch.distributed.broadcast_object_list(holder, src=0, group=group)
-            done = holder[0]
+            done = _on_all_ranks(lambda: _load_checkpoint(path, settings), group, only_rank0=True)
 
     batch_blocks = max(1, batch_size // QUERY_BLOCK)
     num_blocks = -(-M // QUERY_BLOCK)
