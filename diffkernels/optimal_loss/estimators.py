@@ -199,9 +199,11 @@ class _LocalRows:
     """The rows this process holds: a tensor on any device or a numpy array / memmap on the host."""
 
     def __init__(self, data, device: torch.device):
+        self.is_numpy = isinstance(data, np.ndarray)
+        if not self.is_numpy and not data.dtype.is_floating_point:
+            data = data.float()  # integer tensors: once here, not per pass
         self.data = data
         self.device = device
-        self.is_numpy = isinstance(data, np.ndarray)
         self.n, self.D = data.shape
 
     def _to_tensor(self, a) -> Tensor:
@@ -213,8 +215,7 @@ class _LocalRows:
     def chunks(self):
         """(offset, rows) pieces covering all rows; a tensor is one piece (posterior_partial tiles it)."""
         if not self.is_numpy:
-            data = self.data if self.data.dtype.is_floating_point else self.data.float()
-            yield 0, data
+            yield 0, self.data
             return
         step = max(1, HOST_CHUNK_ELEMENTS // self.D)
         for start in range(0, self.n, step):
@@ -229,7 +230,7 @@ class _LocalRows:
         return out.to(device=self.device, dtype=_F64)
 
     def fingerprint(self) -> str:
-        """A cheap identity of the data for checkpoints: shape, dtype and a hash of a few rows."""
+        """A cheap identity of the data for checkpoints: the shape and a hash of a few rows."""
         h = hashlib.sha1(f"{self.n}x{self.D}".encode())
         for i in sorted({0, 1, 2, self.n // 2, self.n - 1}):
             if i < self.n:
@@ -287,9 +288,10 @@ class _Dataset:
         """Partial over all rows, or over the rows ``subset`` (sorted global indices, CPU) without,
         for query m, the row ``exclude[m]`` (global index, CPU; -1: none)."""
         if subset is None:
-            parts = [posterior_partial(queries, rows, sigma, index_offset=start)
-                     for start, rows in self.local.chunks()]
-            part = merge_partials(*parts)
+            part = None
+            for start, rows in self.local.chunks():  # merged as they come: memory of one partial
+                new = posterior_partial(queries, rows, sigma, index_offset=start)
+                part = new if part is None else merge_partials(part, new)
         else:
             lo = int(torch.searchsorted(subset, self.offset))
             hi = int(torch.searchsorted(subset, self.offset + self.local.n))
