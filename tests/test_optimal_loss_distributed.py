@@ -50,7 +50,7 @@ def _worker(rank, world, port, out_dir, ckpt):
             shard = shard.numpy()  # a rank may hold its shard as a numpy array (e.g. a memmap)
         results = {}
         for name, kw in RUNS.items():
-            r = estimate_curve(shard, SIGMAS, seed=3, progress=False, distributed=True,
+            r = estimate_curve(shard, SIGMAS, seed=3, progress=False, distributed=True, device="cpu",
                                checkpoint=ckpt if name == "cdol" else None, **kw)
             results[name] = r.to_dict()
         # A NaN in rank 1's shard raises on both ranks (no rank is left waiting in a collective).
@@ -58,7 +58,7 @@ def _worker(rank, world, port, out_dir, ckpt):
         if rank == 1:
             bad[3, 0] = float("nan")
         try:
-            estimate_curve(bad, SIGMAS, num_queries=8, progress=False, distributed=True)
+            estimate_curve(bad, SIGMAS, num_queries=8, progress=False, distributed=True, device="cpu")
         except ValueError as exc:
             results["error"] = str(exc)
         torch.save(results, f"{out_dir}/rank{rank}.pt")
@@ -73,7 +73,7 @@ def test_two_gloo_ranks_match_single_process(tmp_path):
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), ckpt), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     for name, kw in RUNS.items():
-        single = estimate_curve(_data(), SIGMAS, seed=3, progress=False, **kw)
+        single = estimate_curve(_data(), SIGMAS, seed=3, progress=False, device="cpu", **kw)
         for got in ranks:
             got = got[name]
             assert got["num_data"] == 211

@@ -31,13 +31,17 @@ def _data(N, D, seed=0, scale=1.0):
     return torch.randn(N, D, generator=g, dtype=torch.float64) * scale
 
 
-def _brute_level(data, sigma, level, estimator, M, L, C, seed):
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _brute_level(data, sigma, level, estimator, M, L, C, seed, device="cpu"):
     """Per-query A - B values and (full) posterior variances, and the block of each query."""
     N, D = data.shape
     ab, var, block_of = [], [], []
     for b in range(-(-M // E.QUERY_BLOCK)):
         size = min(E.QUERY_BLOCK, M - b * E.QUERY_BLOCK)
-        src, subset, eps = E._block_draws(seed, level, b, size, N, D, L, "cpu")
+        src, subset, eps = E._block_draws(seed, level, b, size, N, D, L, device)
+        eps = eps.cpu()  # the same noise as the run on `device`; the definition is evaluated on the CPU
         x_src = data[src]
         x = x_src + sigma * eps
         if estimator == "full":
@@ -72,18 +76,19 @@ def _clustered_se(values, block_of):
     return float(math.sqrt(G / (G - 1) * float(((sums - counts * mean) ** 2).sum())) / M)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("estimator", ["full", "snis", "dol", "cdol"])
-def test_matches_brute_force_definition(estimator):
+def test_matches_brute_force_definition(estimator, device):
     data = _data(150, 5, seed=1)
     sigmas = [0.05, 0.4, 3.0]
     M, L, seed = 160, (None if estimator == "full" else 30), 7
     C = 2.5 if estimator == "cdol" else None
-    res = estimate_curve(data, sigmas, estimator=estimator, num_queries=M, subset_size=L, C=C, seed=seed,
-                         batch_size=64, progress=False)
+    res = estimate_curve(data.to(device), sigmas, estimator=estimator, num_queries=M, subset_size=L, C=C,
+                         seed=seed, batch_size=64, progress=False, device=device)
     C_used = {"dol": 1.0, "cdol": 2.5}.get(estimator)
     assert res.C == C_used
     for k, s in enumerate(sigmas):
-        ab, var, block_of = _brute_level(data, s, k, estimator, M, L, C_used, seed)
+        ab, var, block_of = _brute_level(data, s, k, estimator, M, L, C_used, seed, device)
         scale = float(data.square().sum(1).mean())
         assert res.j_star_ab[k] == pytest.approx(float(ab.mean()), rel=1e-9, abs=1e-12 * scale)
         if estimator == "full":

@@ -354,13 +354,19 @@ def _block_draws(seed: int, level: int, block: int, size: int, N: int, D: int, L
 # --- one noise level ---------------------------------------------------------------------------
 
 
-def _block_stats(values: Tensor, block_of: Tensor, num_blocks: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Per block: (count, sum, sum of squared deviations from the block mean), float64, no host sync."""
-    count = torch.zeros(num_blocks, dtype=_F64, device=values.device).index_add_(0, block_of, torch.ones_like(values))
-    total = torch.zeros_like(count).index_add_(0, block_of, values)
-    mean = total / count.clamp_min(1.0)
-    m2 = torch.zeros_like(count).index_add_(0, block_of, (values - mean[block_of]).square())
-    return count, total, m2
+def _block_stats(values: Tensor, sizes: list[int]) -> Tensor:
+    """(3, blocks): count, sum and sum of squared deviations from the block mean of consecutive blocks
+    of ``values`` with the given sizes (all QUERY_BLOCK but maybe the last). Float64, no host sync,
+    and plain row reductions rather than atomics (index_add_), so CUDA results are bit-reproducible."""
+    k = len(sizes)
+    padded = values.new_zeros(k * QUERY_BLOCK)
+    padded[:values.numel()] = values
+    padded = padded.view(k, QUERY_BLOCK)
+    count = torch.tensor(sizes, dtype=_F64).to(values.device)
+    inside = (torch.arange(QUERY_BLOCK, device=values.device)[None, :] < count[:, None]).to(_F64)
+    total = padded.sum(dim=1)
+    m2 = ((padded - (total / count)[:, None]).square() * inside).sum(dim=1)
+    return torch.stack([count, total, m2])
 
 
 def _summarise(count: np.ndarray, total: np.ndarray, m2: np.ndarray, clustered: bool) -> tuple[float, float]:
@@ -386,8 +392,9 @@ def _level(ds: _Dataset, sigma: float, level: int, *, estimator: str, M: int, L:
     """J*(sigma) for one noise level: the per-level dict stored in checkpoints."""
     num_blocks = -(-M // QUERY_BLOCK)
     subset_estimator = estimator != "full"
-    stats_ab = [torch.zeros(num_blocks, dtype=_F64, device=device) for _ in range(3)]
-    stats_var = [torch.zeros(num_blocks, dtype=_F64, device=device) for _ in range(3)]
+    # Rows: count, sum, sum of squared deviations; one column per block, each filled once.
+    stats_ab = torch.zeros(3, num_blocks, dtype=_F64, device=device)
+    stats_var = torch.zeros(3, num_blocks, dtype=_F64, device=device)
     # Subset estimators: one block at a time (each has its own subset). Full: several per data pass.
     step = 1 if subset_estimator else batch_blocks
     for first in range(0, num_blocks, step):
@@ -396,8 +403,7 @@ def _level(ds: _Dataset, sigma: float, level: int, *, estimator: str, M: int, L:
                  for b in blocks]
         source = torch.cat([d[0] for d in draws])
         eps = torch.cat([d[2] for d in draws])
-        block_of = torch.cat([torch.full((d[0].numel(),), b, dtype=torch.int64) for b, d in zip(blocks, draws)])
-        block_of = block_of.to(device)
+        sizes = [d[0].numel() for d in draws]
         x_src = ds.rows(source)
         queries = x_src + sigma * eps
         if subset_estimator:
@@ -412,20 +418,18 @@ def _level(ds: _Dataset, sigma: float, level: int, *, estimator: str, M: int, L:
         post = part.finalize()
         # A - B per query: ||x_src||^2 - ||D||^2 as a product of sum and difference (no cancellation).
         ab = ((x_src - post.mean) * (x_src + post.mean)).sum(dim=1)
-        for acc, new in zip(stats_ab, _block_stats(ab, block_of, num_blocks)):
-            acc.add_(new)
+        cols = slice(blocks.start, blocks.stop)
+        stats_ab[:, cols] = _block_stats(ab, sizes)
         if not subset_estimator:
-            for acc, new in zip(stats_var, _block_stats(post.variance, block_of, num_blocks)):
-                acc.add_(new)
+            stats_var[:, cols] = _block_stats(post.variance, sizes)
         if bar is not None:
             bar.update(len(blocks))
     # The one host transfer of the level.
-    ab = [t.cpu().numpy() for t in stats_ab]
+    ab = stats_ab.cpu().numpy()
     out = {"sigma": sigma}
     out["j_ab"], out["se_ab"] = _summarise(*ab, clustered=subset_estimator)
     if not subset_estimator:
-        var = [t.cpu().numpy() for t in stats_var]
-        out["j_var"], out["se_var"] = _summarise(*var, clustered=False)
+        out["j_var"], out["se_var"] = _summarise(*stats_var.cpu().numpy(), clustered=False)
     return out
 
 
