@@ -9,9 +9,10 @@ import torch
 from torch import Tensor
 
 from .._validate import check_choice, check_seed
-from ..ops.mdm_mask import _mask_tokens, row_table
+from ..ops.mdm_mask import _row_table, mask_tokens_op
 
 MODES = ("standard", "mirror")
+_F32_SMALLEST = 2.0**-149  # the smallest positive (subnormal) float32
 
 
 @dataclass
@@ -26,7 +27,8 @@ class MaskedTokens:
         mode; 1/2 for each copy of a mirrored row (the loss is 1/2 (l1 + l2)); 1 and 0 for rows
         whose second copy is switched off by ``mirror_max_t``.
     eligible_count (B,) int64: eligible tokens per input row (the paper's P).
-    p (R,) float32: each row's masking probability. source_row (R,) int64: its input row.
+    p (R,) float32: each row's masking probability (in standard mode, the float32 tensor p that
+        was passed in, not a copy). source_row (R,) int64: its input row.
 
     Per-sequence loss (METHODS.md): l_b = sum_rows(row_weight * sum_l weights * CE) / eligible_count.
     """
@@ -41,6 +43,7 @@ class MaskedTokens:
 
 
 def _check_p(p, B: int, device) -> Tensor:
+    """p as a contiguous (B,) float32 tensor."""
     if isinstance(p, bool):
         raise TypeError("p must be a float or a (B,) floating tensor, got bool")
     if isinstance(p, (int, float)):
@@ -53,9 +56,11 @@ def _check_p(p, B: int, device) -> Tensor:
         raise ValueError(f"p must have shape (B,) = ({B},), got {tuple(p.shape)}")
     if p.device != device:
         raise ValueError(f"p must be on input_ids' device {device}, got {p.device}")
-    p = p.to(torch.float32)
-    _check_on_device(((p > 0) & (p <= 1)).all(), "p must lie in (0, 1]")
-    return p.contiguous()
+    p = p.to(torch.float32).contiguous()
+    # p in (0, 1] <=> clamping to [smallest positive float32, 1] leaves it unchanged (NaN never
+    # equals itself): one op fewer than (p > 0) & (p <= 1) on the GPU, where each is a launch.
+    _check_on_device((p.clamp(_F32_SMALLEST, 1.0) == p).all(), "p must lie in (0, 1]")
+    return p
 
 
 def _check_on_device(condition: Tensor, message: str) -> None:
@@ -66,6 +71,16 @@ def _check_on_device(condition: Tensor, message: str) -> None:
             raise ValueError(message)
     else:
         torch._assert_async(condition, f"diffkernels.mdm.mask_tokens: {message}")
+
+
+def _rare_ids(rare, dtype: torch.dtype, device) -> Tensor:
+    if isinstance(rare, Tensor):
+        rare_ids = rare
+    else:  # built here, so it may be copied to the GPU without the blocking copy's stream sync
+        rare_ids = torch.as_tensor(rare)
+    if rare_ids.dtype.is_floating_point or rare_ids.dtype == torch.bool:
+        raise TypeError("rare must be a collection of integer token ids")
+    return rare_ids.to(device=device, dtype=dtype, non_blocking=rare_ids is not rare)
 
 
 def mask_tokens(
@@ -110,53 +125,51 @@ def mask_tokens(
     info = torch.iinfo(input_ids.dtype)
     if not info.min <= mask_id <= info.max:
         raise ValueError(f"mask_id {mask_id} does not fit in input_ids' dtype {input_ids.dtype}")
-    p = _check_p(p, B, device)
     if eligible is not None:
         if not isinstance(eligible, Tensor) or eligible.dtype != torch.bool:
             raise TypeError("eligible must be a bool tensor shaped like input_ids")
         if eligible.shape != input_ids.shape or eligible.device != device:
             raise ValueError(f"eligible must have input_ids' shape {tuple(input_ids.shape)} and device {device}, "
                              f"got {tuple(eligible.shape)} on {eligible.device}")
-        eligible = eligible.contiguous()
     if isinstance(rare_delta, bool) or not isinstance(rare_delta, (int, float)) or not (0.0 <= rare_delta <= 1.0):
         raise ValueError(f"rare_delta must be a float in [0, 1], got {rare_delta!r}")
-    rare_flags = None
-    if rare is not None:
-        rare_ids = torch.as_tensor(rare, device=device)
-        if rare_ids.dtype.is_floating_point or rare_ids.dtype == torch.bool:
-            raise TypeError("rare must be a collection of integer token ids")
-        rare_flags = torch.isin(input_ids, rare_ids.to(input_ids.dtype)).contiguous()
     mirror = mode == "mirror"
     if not mirror and (union_weights or mirror_max_t is not None):
         raise ValueError("union_weights and mirror_max_t apply to mode='mirror' only")
-    mirror_rows = None
-    if mirror:
-        mirror_rows = torch.ones(B, dtype=torch.bool, device=device)
-        if mirror_max_t is not None:
-            if not (0.0 < float(mirror_max_t) <= 1.0):
-                raise ValueError(f"mirror_max_t must lie in (0, 1], got {mirror_max_t}")
-            mirror_rows = p < float(mirror_max_t)
+    if mirror_max_t is not None and not (0.0 < float(mirror_max_t) <= 1.0):
+        raise ValueError(f"mirror_max_t must lie in (0, 1], got {mirror_max_t}")
+    p = _check_p(p, B, device)
     ids = input_ids.contiguous()
-    if device.type == "cpu":
-        collides = ids == mask_id if eligible is None else (ids == mask_id) & eligible
+    eligible = eligible.contiguous() if eligible is not None else None
+    rare_flags = torch.isin(ids, _rare_ids(rare, ids.dtype, device)) if rare is not None else None
+    # Which rows get a second copy: all (True), none (False: standard mode) or, with mirror_max_t,
+    # those in a (B,) bool tensor.
+    copy2 = p < float(mirror_max_t) if mirror and mirror_max_t is not None else mirror
+    if input_ids.is_cpu:
+        collides = ids == mask_id
+        if eligible is not None:
+            collides &= eligible
         _check_on_device(~collides.any(), f"mask_id {mask_id} already occurs among the eligible tokens of input_ids")
 
-    table = row_table(p, float(rare_delta), mirror_rows, union_weights)
-    noisy, masked, weights = _mask_tokens(ids, table, seed, mask_id, eligible, rare_flags, mirror)
+    # The q columns are read for rare tokens only; without any, q = p spares their ops.
+    table = _row_table(p, float(rare_delta) if rare_flags is not None else 0.0, copy2, union_weights)
+    noisy, masked, weights = mask_tokens_op(ids, table, seed, mask_id, eligible, rare_flags, mirror)
     copies = 2 if mirror else 1
-    if mirror:
-        half = torch.where(mirror_rows, 0.5, 1.0).to(torch.float32)
-        row_weight = torch.cat([half, torch.where(mirror_rows, 0.5, 0.0).to(torch.float32)])
-    else:
+    if not mirror:
         row_weight = torch.ones(B, dtype=torch.float32, device=device)
+    elif copy2 is True:
+        row_weight = torch.full((2 * B,), 0.5, dtype=torch.float32, device=device)
+    else:
+        second = torch.where(copy2, 0.5, 0.0).to(torch.float32)
+        row_weight = torch.cat([1 - second, second])
     eligible_count = eligible.sum(dim=1) if eligible is not None else torch.full((B,), L, dtype=torch.int64, device=device)
-    source = torch.arange(B, device=device).repeat(copies)
+    source = torch.arange(B, device=device)
     return MaskedTokens(
         noisy_ids=noisy.view(copies * B, L),
         masked=masked.view(copies * B, L),
         weights=weights.view(copies * B, L),
         row_weight=row_weight,
         eligible_count=eligible_count,
-        p=p.repeat(copies),
-        source_row=source,
+        p=torch.cat([p, p]) if mirror else p,  # cat, not repeat: a fraction of the host time
+        source_row=torch.cat([source, source]) if mirror else source,
     )

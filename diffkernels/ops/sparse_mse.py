@@ -6,6 +6,11 @@ when an input needs a gradient, the gradient itself (already scaled for an upstr
 1, so the usual ``loss.backward()`` costs no second pass and no host sync. backward="recompute"
 regenerates the mask in backward instead, for graphs differentiated more than once. The
 keep-mask is regenerated from (seed, index) inside every kernel and never stored.
+
+The custom op is what torch.compile, export and fake tensors see. Plain eager calls skip its
+Python dispatcher (about 100 us a call, more than the kernels at small shapes) through an
+autograd.Function that runs the same ``_forward`` / ``_backward``; both issue as few tensor ops
+as they can, since on a GPU each is a kernel launch.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._validate import check_choice, check_float_tensor, check_mask_ratio, check_seed
+from .._validate import check_choice, check_float_tensor, check_mask_ratio, check_seed, eager_fast_path
 from . import _kernels
 from ._inplace import saved_tensors
 
@@ -38,21 +43,115 @@ def _loss_shape(pred: Tensor, reduction: str) -> tuple[int, ...]:
     return (pred.shape[0],) if reduction == "none" else ()
 
 
-def _grad_scale(weight: Optional[Tensor], B: int, n: int, mask_ratio: float, normalize: str, reduction: str,
-                dtype: torch.dtype, device) -> Tensor:
-    """Per-row c_b with d loss / d pred = c_b * keep * (pred - target) for an upstream gradient of 1.
-
-    For normalize="kept" the 1/Z_b factor is only known after the pass, so it is left out here
-    and applied with the upstream gradient (the per-row ``row_factor``).
-    """
-    w = weight.double() if weight is not None else torch.ones(B, dtype=torch.float64, device=device)
-    reduce_factor = 1.0 / B if (reduction == "mean" and B) else 1.0
-    z = _known_normaliser(n, mask_ratio, normalize) or 1.0
-    return ((2.0 * reduce_factor / z) * w).to(_acc_dtype(dtype))
-
-
 def _known_normaliser(n: int, mask_ratio: float, normalize: str) -> Optional[float]:
-    return {"expected": n * (1.0 - mask_ratio), "all": float(n)}.get(normalize)
+    """Z_b when it is the same for every row (None for "kept": Z_b = max(1, K_b))."""
+    if normalize == "expected":
+        return n * (1.0 - mask_ratio)
+    return float(n) if normalize == "all" else None
+
+
+def _loss_scale(B: int, n: int, mask_ratio: float, normalize: str, reduction: str) -> float:
+    """d loss / d sq_sum[b] apart from w_b and, for normalize="kept", 1/Z_b: the reduction's factor
+    (1/B for "mean", NaN for an empty batch like torch.mean of nothing) over the known normaliser."""
+    reduce_factor = (1.0 / B if B else math.nan) if reduction == "mean" else 1.0
+    return reduce_factor / (_known_normaliser(n, mask_ratio, normalize) or 1.0)
+
+
+def _grad_scale(weight: Optional[Tensor], B: int, c: float, acc: torch.dtype, device) -> Tensor:
+    """Per-row c * w_b in the accumulation dtype: the primitives' ``grad_scale``."""
+    if weight is None:
+        return torch.full((B,), c, dtype=acc, device=device)
+    return weight.to(acc) * c
+
+
+def _mul_cast(x: Tensor, c: float, dtype: torch.dtype) -> Tensor:
+    """x * c computed in x's dtype and stored as ``dtype``: one kernel on the GPU (cast on store).
+    Not differentiable (out=): for the forward pass only."""
+    if x.dtype == dtype:
+        return x * c
+    return torch.mul(x, c, out=torch.empty(x.shape, dtype=dtype, device=x.device))
+
+
+def _forward(kernels, pred: Tensor, target: Tensor, weight: Optional[Tensor], mask_ratio: float, seed: int,
+             channels: int, normalize: str, reduction: str, fused_grad: bool):
+    """The op on the backend ``kernels``, shared by the custom op and the eager fast path.
+
+    Returns (loss, grad, kept, sq_sum). ``grad`` (only with ``fused_grad``, else None) is
+    d loss / d pred for an upstream gradient of 1, except the 1/Z_b of normalize="kept", which
+    backward applies with the upstream gradient. ``kept`` (normalize="kept" only) holds the
+    Z_b = max(1, K_b), ``sq_sum`` (only with a weight) the per-row float64 sums, both for backward.
+    Few tensor ops: at small shapes each costs about as much as the kernel.
+    """
+    B = pred.shape[0]
+    n = pred.numel() // B if B else 0
+    scale = _loss_scale(B, n, mask_ratio, normalize, reduction)
+    grad_scale = _grad_scale(weight, B, 2.0 * scale, _acc_dtype(pred.dtype), pred.device) if fused_grad else None
+    sq_sum, kept, grad = kernels.sparse_mse_fwd(pred, target, mask_ratio, seed, channels, grad_scale)
+    kept = kept.clamp(min=1) if normalize == "kept" else None
+    per_sample = sq_sum if kept is None else sq_sum / kept  # float64, like the per-row sums
+    if weight is not None:
+        per_sample = per_sample * weight  # promotes to float64
+    if reduction != "none":
+        per_sample = per_sample.sum()
+    loss = _mul_cast(per_sample, scale, _loss_dtype(pred.dtype))
+    return loss, (grad if fused_grad else None), kept, (sq_sum if weight is not None else None)
+
+
+def _save(ctx, pred, target, weight, options, fused_grad, grad, kept, sq_sum) -> None:
+    """What backward needs; ``options`` = (mask_ratio, seed, channels, normalize, reduction)."""
+    ctx.options = options
+    ctx.fused_grad = fused_grad
+    ctx.rows = (pred.shape[0], pred.numel() // pred.shape[0] if pred.shape[0] else 0)
+    if fused_grad:  # the gradient is already computed: pred and target are not needed
+        pred = target = None
+    ctx.save_for_backward(pred, target, grad, weight, kept, sq_sum)
+
+
+SECOND_BACKWARD = (
+    "diffkernels.sparse_mse_loss: this graph was already differentiated once. With backward='fused' (the "
+    "default) the gradient is computed in the forward pass and rescaled in place by the first backward, so a "
+    "graph can be differentiated only once. For retain_graph=True, gradcheck or Jacobians, call "
+    "sparse_mse_loss(..., backward='recompute')."
+)
+
+
+def _backward(ctx, grad_loss: Tensor, kernels) -> tuple:
+    """Gradients for the 9 inputs, shared by the custom op and the eager fast path.
+
+    The eager fast path passes the forward's ``kernels`` to call directly; the custom op passes None
+    and goes through the helper custom ops, which torch.compile traces.
+    """
+    pred, target, grad, weight, kept, sq_sum = saved_tensors(ctx, SECOND_BACKWARD)
+    mask_ratio, seed, channels, normalize, reduction = ctx.options
+    B, n = ctx.rows
+    scale = _loss_scale(B, n, mask_ratio, normalize, reduction)
+    per_row = grad_loss if reduction == "none" else grad_loss.expand(B)  # upstream gradient of each row's loss
+    grad_pred = grad_target = grad_weight = None
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+        factor = per_row if kept is None else per_row / kept  # (B,), in the loss dtype = accumulation dtype
+        if ctx.fused_grad:
+            factor = factor.contiguous()  # as the primitives take it
+            if kernels is not None:
+                kernels.scale_rows_(grad, factor)
+                torch.autograd.graph.increment_version(grad)  # so that a second backward is detected
+            else:
+                torch.ops.diffkernels.scale_rows_(grad, factor)
+        else:
+            grad_scale = factor * (2.0 * scale) if weight is None else (
+                _grad_scale(weight, B, 2.0 * scale, factor.dtype, factor.device) * factor)
+            if kernels is not None:
+                grad = kernels.sparse_mse_fwd(pred, target, mask_ratio, seed, channels, grad_scale)[2]
+            else:
+                grad = torch.ops.diffkernels.sparse_mse_grad(pred, target, grad_scale, mask_ratio, seed, channels)
+        grad_pred = grad if ctx.needs_input_grad[0] else None
+        grad_target = -grad if ctx.needs_input_grad[1] else None
+    if ctx.needs_input_grad[2]:
+        per_sample = sq_sum * per_row if kept is None else sq_sum * per_row / kept  # float64
+        grad_weight = (per_sample * scale).to(weight.dtype)
+    return grad_pred, grad_target, grad_weight, None, None, None, None, None, None
+
+
+# --- the custom ops: what torch.compile, export and fake tensors see -------------------------
 
 
 @torch.library.custom_op("diffkernels::sparse_mse", mutates_args=())
@@ -67,43 +166,22 @@ def _sparse_mse(
     reduction: str,
     fused_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (loss, gradient buffer, per-row backward factor, per-sample unweighted loss).
-
-    With ``fused_grad`` the gradient for an upstream gradient of 1 is written in the same pass;
-    otherwise the buffer is empty.
-    """
-    B = pred.shape[0]
-    n = pred.numel() // B if B else 0
-    acc = _acc_dtype(pred.dtype)
-    grad_scale = _grad_scale(weight, B, n, mask_ratio, normalize, reduction, pred.dtype, pred.device) if fused_grad else None
-    sq_sum, kept, grad = _kernels.for_device(pred.device).sparse_mse_fwd(
-        pred, target, mask_ratio, seed, channels, grad_scale
-    )
-    z_known = _known_normaliser(n, mask_ratio, normalize)
-    if z_known is not None:
-        z = torch.full((B,), z_known, dtype=torch.float64, device=pred.device)
-        row_factor = torch.ones(B, dtype=acc, device=pred.device)
-    else:
-        z = kept.clamp(min=1).double()
-        row_factor = (1.0 / z).to(acc)
-    unweighted = sq_sum / z
-    per_sample = unweighted * weight.double() if weight is not None else unweighted
-    if reduction == "none":
-        loss = per_sample
-    elif reduction == "sum":
-        loss = per_sample.sum()
-    else:
-        loss = per_sample.mean()  # NaN for an empty batch, like torch.mean of nothing
-    return loss.to(_loss_dtype(pred.dtype)), grad, row_factor, unweighted
+    """``_forward`` with its absent outputs as empty tensors: (loss, grad, kept, sq_sum)."""
+    loss, grad, kept, sq_sum = _forward(_kernels.for_device(pred.device), pred, target, weight, mask_ratio, seed,
+                                        channels, normalize, reduction, fused_grad)
+    return (loss, pred.new_empty(0) if grad is None else grad,
+            pred.new_empty(0, dtype=torch.int64) if kept is None else kept,
+            pred.new_empty(0, dtype=torch.float64) if sq_sum is None else sq_sum)
 
 
 @_sparse_mse.register_fake
 def _(pred, target, weight, mask_ratio, seed, channels, normalize, reduction, fused_grad):
     B = pred.shape[0]
-    acc = _acc_dtype(pred.dtype)
     loss = pred.new_empty(_loss_shape(pred, reduction), dtype=_loss_dtype(pred.dtype))
     grad = torch.empty_like(pred) if fused_grad else pred.new_empty(0)
-    return loss, grad, pred.new_empty(B, dtype=acc), pred.new_empty(B, dtype=torch.float64)
+    kept = pred.new_empty(B if normalize == "kept" else 0, dtype=torch.int64)
+    sq_sum = pred.new_empty(B if weight is not None else 0, dtype=torch.float64)
+    return loss, grad, kept, sq_sum
 
 
 @torch.library.custom_op("diffkernels::scale_rows_", mutates_args=("grad",))
@@ -132,54 +210,38 @@ def _(pred, target, grad_scale, mask_ratio, seed, channels):
 
 def _setup_context(ctx, inputs, output):
     pred, target, weight, mask_ratio, seed, channels, normalize, reduction, fused_grad = inputs
-    loss, grad, row_factor, unweighted = output
-    ctx.mark_non_differentiable(grad, row_factor, unweighted)
+    _, grad, kept, sq_sum = output
+    ctx.mark_non_differentiable(grad, kept, sq_sum)
     ctx.set_materialize_grads(False)  # no zero gradients for the auxiliary outputs
-    ctx.fused_grad = fused_grad
-    ctx.has_weight = weight is not None
-    ctx.options = (mask_ratio, seed, channels, normalize, reduction)
-    if fused_grad:
-        ctx.save_for_backward(grad, row_factor, unweighted, weight)
-    else:  # regenerate in backward: keep the inputs instead of a gradient buffer
-        ctx.save_for_backward(pred, target, row_factor, unweighted, weight)
+    _save(ctx, pred, target, weight, (mask_ratio, seed, channels, normalize, reduction), fused_grad,
+          grad if fused_grad else None, kept if normalize == "kept" else None, sq_sum if weight is not None else None)
 
 
-SECOND_BACKWARD = (
-    "diffkernels.sparse_mse_loss: this graph was already differentiated once. With backward='fused' (the "
-    "default) the gradient is computed in the forward pass and rescaled in place by the first backward, so a "
-    "graph can be differentiated only once. For retain_graph=True, gradcheck or Jacobians, call "
-    "sparse_mse_loss(..., backward='recompute')."
-)
-
-
-def _backward(ctx, grad_loss, _grad_buffer, _row_factor, _unweighted):
-    mask_ratio, seed, channels, normalize, reduction = ctx.options
-    if ctx.fused_grad:
-        grad, row_factor, unweighted, weight = saved_tensors(ctx, SECOND_BACKWARD)
-    else:
-        pred, target, row_factor, unweighted, weight = saved_tensors(ctx, SECOND_BACKWARD)
-    B = unweighted.shape[0]
+def _custom_op_backward(ctx, grad_loss, _grad, _kept, _sq_sum):
     if grad_loss is None:
         return (None,) * 9
-    per_row = grad_loss.expand(B) if reduction != "none" else grad_loss
-    factor = per_row.to(row_factor.dtype) * row_factor  # upstream gradient (and 1/Z_b for "kept")
-    grad_pred = grad_target = grad_weight = None
-    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-        if ctx.fused_grad:
-            torch.ops.diffkernels.scale_rows_(grad, factor)
-        else:
-            n = pred.numel() // B if B else 0
-            scale = _grad_scale(weight, B, n, mask_ratio, normalize, reduction, pred.dtype, pred.device) * factor
-            grad = torch.ops.diffkernels.sparse_mse_grad(pred, target, scale, mask_ratio, seed, channels)
-        grad_pred = grad if ctx.needs_input_grad[0] else None
-        grad_target = -grad if ctx.needs_input_grad[1] else None
-    if ctx.has_weight and ctx.needs_input_grad[2]:
-        reduce_factor = 1.0 / B if (reduction == "mean" and B) else 1.0
-        grad_weight = (per_row.double() * unweighted * reduce_factor).to(weight.dtype)
-    return grad_pred, grad_target, grad_weight, None, None, None, None, None, None
+    return _backward(ctx, grad_loss, None)
 
 
-_sparse_mse.register_autograd(_backward, setup_context=_setup_context)
+_sparse_mse.register_autograd(_custom_op_backward, setup_context=_setup_context)
+
+
+class _SparseMSEFunction(torch.autograd.Function):
+    """The eager fast path: the same forward and backward as the custom op, without torch.library's
+    Python dispatcher (which costs more than the kernels at small shapes)."""
+
+    @staticmethod
+    def forward(ctx, pred, target, weight, mask_ratio, seed, channels, normalize, reduction, fused_grad):
+        ctx.kernels = _kernels.for_device(pred.device)  # backward runs on the forward's backend
+        loss, grad, kept, sq_sum = _forward(ctx.kernels, pred, target, weight, mask_ratio, seed, channels, normalize,
+                                            reduction, fused_grad)
+        _save(ctx, pred, target, weight, (mask_ratio, seed, channels, normalize, reduction), fused_grad, grad, kept,
+              sq_sum)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        return _backward(ctx, grad_loss, ctx.kernels)
 
 
 # --- public functions -------------------------------------------------------------------------
@@ -248,7 +310,7 @@ def sparse_mse_loss(
     check_choice(reduction, "reduction", REDUCTIONS)
     channels = _channels(pred.shape, granularity)
     B = pred.shape[0]
-    if B and pred[0].numel() == 0:
+    if B and math.prod(pred.shape[1:]) == 0:
         raise ValueError(f"pred has no elements per sample (shape {tuple(pred.shape)})")
     if weight is not None:
         check_float_tensor(weight, "weight")
@@ -258,11 +320,15 @@ def sparse_mse_loss(
             raise ValueError(f"weight must be on pred's device {pred.device}, got {weight.device}")
         weight = weight.contiguous()
     check_choice(backward, "backward", BACKWARD_MODES)
-    fused_grad = backward == "fused" and torch.is_grad_enabled() and (pred.requires_grad or target.requires_grad)
-    loss, _, _, _ = _sparse_mse(
-        pred.contiguous(), target.contiguous(), weight, mask_ratio, seed, channels, normalize, reduction, fused_grad
-    )
-    return loss
+    grad_enabled = torch.is_grad_enabled()
+    fused_grad = backward == "fused" and grad_enabled and (pred.requires_grad or target.requires_grad)
+    args = (pred.contiguous(), target.contiguous(), weight, mask_ratio, seed, channels, normalize, reduction,
+            fused_grad)
+    if not eager_fast_path(pred, target, weight):
+        return _sparse_mse(*args)[0]
+    if grad_enabled and (pred.requires_grad or target.requires_grad or (weight is not None and weight.requires_grad)):
+        return _SparseMSEFunction.apply(*args)
+    return _forward(_kernels.for_device(pred.device), *args)[0]
 
 
 def sparse_mask(shape, mask_ratio: float, seed: int, *, granularity: str = "element", device=None) -> Tensor:
