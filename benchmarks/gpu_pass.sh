@@ -7,7 +7,8 @@
 # 4. writes everything (logs, JSON + Markdown tables, versions, commit, date) to OUTDIR.
 # Every step runs even if an earlier one fails; the exit code says whether all passed.
 # GPU_PASS_SKIP="tests sanitizer" skips steps by name (to spend a short lease on what changed);
-# GPU_PASS_BENCH_ARGS passes extra arguments to every bench_*.py.
+# GPU_PASS_BENCH_ARGS passes extra arguments to every bench_*.py; GPU_PASS_TESTS replaces the test
+# selection (default: the whole suite); GPU_PASS_STEP_TIMEOUT caps each step (seconds, 0 = none).
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/gpu_pass.sh OUTDIR}
 mkdir -p "$OUT"
@@ -18,7 +19,7 @@ step() {  # step NAME COMMAND...: run, log to OUTDIR/NAME.log, remember failures
   case " ${GPU_PASS_SKIP:-} " in *" $name "*) echo "== $name: skipped (GPU_PASS_SKIP)"; return;; esac
   echo "== $name: $*"
   local t0=$SECONDS
-  if "$@" >"$OUT/$name.log" 2>&1; then echo "   ok ($((SECONDS - t0)) s)"; else echo "   FAILED ($((SECONDS - t0)) s), see $OUT/$name.log"; tail -n 30 "$OUT/$name.log"; status=1; fi
+  if timeout "${GPU_PASS_STEP_TIMEOUT:-0}" "$@" >"$OUT/$name.log" 2>&1; then echo "   ok ($((SECONDS - t0)) s)"; else echo "   FAILED ($((SECONDS - t0)) s), see $OUT/$name.log"; tail -n 30 "$OUT/$name.log"; status=1; fi
 }
 
 {
@@ -35,7 +36,8 @@ step install python -m pip install --no-deps --no-build-isolation -e .
 # The scripts below run from other directories too: make the checkout importable whatever pip did.
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 step backends python -m diffkernels backends
-step tests python -m pytest tests -q -rs --durations=15 --junitxml="$OUT/tests.xml"
+# shellcheck disable=SC2086  # GPU_PASS_TESTS is a list of paths / pytest options
+step tests python -m pytest ${GPU_PASS_TESTS:-tests} -q -rs --durations=15 --junitxml="$OUT/tests.xml"
 if command -v compute-sanitizer >/dev/null; then
   step sanitizer compute-sanitizer --tool memcheck --error-exitcode 1 python benchmarks/sanitize_kernels.py
 else
