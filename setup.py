@@ -5,11 +5,17 @@
 - `pip install --no-build-isolation .` with torch installed also builds `diffkernels._C`
   ahead of time against that torch (portable flags). If torch is later upgraded, the stale
   library fails to load and the JIT build takes over.
+- Where torch is a CUDA build and nvcc is found (torch.utils.cpp_extension.CUDA_HOME), the
+  CUDA kernels (csrc/*_cuda.cu) are compiled into the same library (CUDAExtension; target
+  architectures: TORCH_CUDA_ARCH_LIST, else the visible GPUs'). If that build fails, the
+  CPU-only library is built instead, with a warning; `diffkernels.backends()` then says why
+  "cuda" is unavailable. DIFFKERNELS_NO_CUDA=1 skips the CUDA sources.
 - DIFFKERNELS_NO_NATIVE=1 skips native code entirely.
 """
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from setuptools import setup
@@ -31,21 +37,74 @@ class BuildPyWithSources(build_py):
                 shutil.copy2(src, target / src.name)
 
 
+CPP_SOURCES = ["csrc/sparse_mse.cpp", "csrc/mdm_mask.cpp"]
+CUDA_SOURCES = ["csrc/sparse_mse_cuda.cu", "csrc/mdm_mask_cuda.cu"]
+CXX_FLAGS = ["-O3", "-fopenmp", "-std=c++17", "-ffp-contract=off"]
+NVCC_FLAGS = ["-O3", "-std=c++17", "-lineinfo"]  # the same as diffkernels/_native.py
+
+
+def _flag(name):
+    return os.environ.get(name, "0") not in ("", "0", "false", "False")
+
+
+def _cuda_wanted(torch, cpp_extension):
+    if _flag("DIFFKERNELS_NO_CUDA") or not torch.version.cuda or getattr(torch.version, "hip", None):
+        return False
+    home = cpp_extension.CUDA_HOME
+    return bool(home) and os.path.exists(os.path.join(home, "bin", "nvcc")) and all(
+        (HERE / f).is_file() for f in CUDA_SOURCES)
+
+
 def native_extensions():
-    if os.environ.get("DIFFKERNELS_NO_NATIVE", "0") not in ("", "0"):
+    if _flag("DIFFKERNELS_NO_NATIVE"):
         return [], {}
     try:
-        from torch.utils.cpp_extension import BuildExtension, CppExtension
+        import torch
+        from torch.utils import cpp_extension
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
     except ImportError:  # isolated build: JIT on first use instead
         return [], {}
-    ext = CppExtension(
-        "diffkernels._C",
-        sources=["csrc/sparse_mse.cpp", "csrc/mdm_mask.cpp"],
-        extra_compile_args=["-O3", "-fopenmp", "-std=c++17", "-ffp-contract=off"],
-        extra_link_args=["-fopenmp"],
-        py_limited_api=False,
-    )
-    return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
+    ext = None
+    if _cuda_wanted(torch, cpp_extension):
+        try:
+            ext = CUDAExtension(
+                "diffkernels._C",
+                sources=CPP_SOURCES + CUDA_SOURCES,
+                extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
+                extra_link_args=["-fopenmp"],
+                py_limited_api=False,
+            )
+        except Exception as exc:  # noqa: BLE001 -- e.g. CUDA libraries not found: CPU kernels only
+            print(f"WARNING: diffkernels: not building the CUDA kernels ({type(exc).__name__}: {exc})", file=sys.stderr)
+    if ext is None:
+        ext = CppExtension(
+            "diffkernels._C",
+            sources=CPP_SOURCES,
+            extra_compile_args=CXX_FLAGS,
+            extra_link_args=["-fopenmp"],
+            py_limited_api=False,
+        )
+
+    base = BuildExtension.with_options(no_python_abi_suffix=False)
+
+    class BuildWithCpuFallback(base):
+        """A failed CUDA build must not cost the CPU kernels: retry without the .cu sources."""
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as exc:  # noqa: BLE001 -- any compiler or linker failure
+                cpp_only = [s for s in ext.sources if not s.endswith(".cu")]
+                if len(cpp_only) == len(ext.sources):
+                    raise
+                print(f"WARNING: diffkernels: the CUDA kernels failed to build ({type(exc).__name__}: {exc}); "
+                      "building the C++ CPU kernels alone", file=sys.stderr)
+                ext.sources = cpp_only
+                ext.libraries = [lib for lib in ext.libraries if "cuda" not in lib and lib != "cudart"]
+                ext.library_dirs = [d for d in ext.library_dirs if "cuda" not in d.lower()]
+                super().build_extension(ext)
+
+    return [ext], {"build_ext": BuildWithCpuFallback}
 
 
 ext_modules, cmdclass = native_extensions()

@@ -1,7 +1,9 @@
 """Which implementation runs an op: ``triton`` | ``cuda`` | ``cpp`` | ``torch``.
 
 Defaults: CUDA tensors -> Triton, CPU tensors -> the C++ kernels, anything else (or a backend
-that is missing) -> the plain-PyTorch reference. ``DIFFKERNELS_BACKEND`` or
+that is missing) -> the plain-PyTorch reference. ``cuda`` (the CUDA kernels of csrc/, compiled
+with nvcc into the native library where torch is a CUDA build and nvcc is found) runs on CUDA
+tensors when forced; it is not yet the default for them. ``DIFFKERNELS_BACKEND`` or
 ``diffkernels.use_backend(name)`` forces one; a forced backend that cannot run on the given
 tensors is an error, never a silent fallback.
 """
@@ -50,7 +52,14 @@ def _unavailable(name: str, device: torch.device) -> str | None:
             return f"the C++ kernels take CPU tensors, got {device.type}"
         return None if _native.load() else _native.status()
     if name == "cuda":
-        return "the CUDA kernels of csrc/ are not built in this version"
+        why = _native.cuda_unavailable()  # build-level reasons first: they say what to fix
+        if why:
+            return why
+        if device.type != "cuda":
+            return f"the CUDA kernels take CUDA tensors, got {device.type}"
+        if not torch.cuda.is_available():
+            return "no CUDA device is visible"
+        return None
     raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
 
 
@@ -103,7 +112,7 @@ def backends() -> dict:
     triton_note = " (interpreter, TRITON_INTERPRET=1)" if interpreting() else ""
     report = {
         "triton": _unavailable("triton", triton_device) or "available" + triton_note,
-        "cuda": _unavailable("cuda", gpu) or "available",
+        "cuda": _unavailable("cuda", gpu) or _native.cuda_status(),
         "cpp": _native.status(),
         "torch": "available (plain-PyTorch reference)",
     }

@@ -42,6 +42,27 @@ class _Cpp:
         return _native.ops().mask_tokens(ids, table, seed, mask_id, eligible, rare, mirror)
 
 
+class _Cuda:
+    """The CUDA kernels of csrc/*_cuda.cu: the same native ops as _Cpp, dispatched on CUDA tensors."""
+
+    @staticmethod
+    def sparse_mse_fwd(pred, target, mask_ratio, seed, channels, grad_scale):
+        return _native.ops().sparse_mse_fwd(pred, target, mask_ratio, seed, channels, grad_scale)
+
+    @staticmethod
+    def sparse_mask(seed, B, C, R, mask_ratio, device):
+        # No tensor argument to dispatch on: the CUDA-only op takes the device.
+        return _native.ops().sparse_mask_cuda(seed, B, C, R, mask_ratio, torch.device(device))
+
+    @staticmethod
+    def scale_rows_(grad, factor):
+        _native.ops().scale_rows_(grad, factor)
+
+    @staticmethod
+    def mask_tokens(ids, table, seed, mask_id, eligible, rare, mirror):
+        return _native.ops().mask_tokens(ids, table, seed, mask_id, eligible, rare, mirror)
+
+
 class _Triton:
     @staticmethod
     def sparse_mse_fwd(*args):
@@ -68,7 +89,7 @@ class _Triton:
         return mdm_mask.mask_tokens(*args)
 
 
-_BY_NAME = {"triton": _Triton, "cpp": _Cpp, "torch": _Torch}
+_BY_NAME = {"triton": _Triton, "cuda": _Cuda, "cpp": _Cpp, "torch": _Torch}
 
 
 def for_device(device: torch.device):
