@@ -80,7 +80,7 @@ def fused_backend(device: torch.device) -> str:
     if device.type == "cpu" and name != "cpp":
         raise RuntimeError(f"the C++ kernels are not available ({diffkernels.backends()['cpp']}); "
                            "benchmarking the reference backend would be meaningless")
-    if device.type == "cuda" and name != "triton":
+    if device.type == "cuda" and name not in ("cuda", "triton"):
         raise RuntimeError(f"no compiled CUDA backend (default is {name!r})")
     return name
 

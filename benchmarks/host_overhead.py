@@ -160,6 +160,8 @@ def main() -> None:
         parser.error("--cpu-time measures host work only; on a GPU time with the wall clock")
     clock = time.process_time if args.cpu_time else time.perf_counter
     if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     shape = lambda s: tuple(int(x) for x in s.split(","))  # noqa: E731
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "

@@ -82,9 +82,16 @@ def select(device: torch.device) -> str:
 
 
 def default(device: torch.device) -> str:
-    """The backend used for ``device`` when none is forced."""
-    if device.type == "cuda" and _unavailable("triton", device) is None:
-        return "triton"
+    """The backend used for ``device`` when none is forced.
+
+    CUDA tensors: the CUDA C++ kernels of csrc/ where they are built (measured on an H100, see
+    benchmarks/results/h100/cuda_vs_triton_h100.md: sparse_mse 2x faster kernels and 4x less launch
+    overhead than Triton; mask_tokens faster per eager call), else the Triton kernels.
+    """
+    if device.type == "cuda":
+        for name in ("cuda", "triton"):
+            if _unavailable(name, device) is None:
+                return name
     if device.type == "cpu" and _unavailable("cpp", device) is None:
         return "cpp"
     return "torch"

@@ -75,8 +75,8 @@ def _use_triton(device: torch.device, dtype: torch.dtype) -> bool:
     if dtype == torch.float64:
         return False
     name = _backend.forced()
-    if name is None:
-        return _backend.default(device) == "triton"
+    if name is None:  # Triton is this op's only GPU kernel, whatever the default of the others
+        return device.type == "cuda" and _backend._unavailable("triton", device) is None
     if name == "triton":
         _backend.select(device)  # a clear error when Triton cannot run on these tensors
         return True
