@@ -41,11 +41,13 @@ import train_masked_diffusion_lm as mdm
 
 REPO = Path(__file__).resolve().parent.parent
 ETAS = (0.0, 0.5, 0.95, 0.98)
-MDM_METHODS = {  # name -> (t sampler, mirror)
-    "standard": ("uniform", False),
-    "P-POTS": ("ppots", False),
-    "MIRROR": ("uniform", True),
-    "P-POTS+MIRROR": ("ppots", True),
+MDM_METHODS = {  # name -> (t sampler, mirror, batch-size factor)
+    "standard": ("uniform", False, 1),
+    "P-POTS": ("ppots", False, 1),
+    "MIRROR": ("uniform", True, 1),
+    "P-POTS+MIRROR": ("ppots", True, 1),
+    # MIRROR runs two copies per sequence; with half the sequences it does the same work per step as standard
+    "MIRROR, ½ batch": ("uniform", True, 2),
 }
 
 BUDGETS = {
@@ -87,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", default=None, help="cache directory for the quality classifier")
     p.add_argument("--device", default=None)
     p.add_argument("--progress", action="store_true", help="progress bars for every run")
+    p.add_argument("--from-json", default=None,
+                   help="rebuild the figures and RESULTS.md from a results_<budget>.json without training")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                    help="tiny-configuration overrides for tests: KEY=ARGS, e.g. image='--steps 5'")
     return p
@@ -159,8 +163,9 @@ def run_mdm(args, budget, extra, work: Path) -> dict:
         t0 = time.perf_counter()
         shared = mdm.pretrain(a0, mdm.AdditionTask(a0.digits), device)  # one shared phase per seed
         shared_s = time.perf_counter() - t0
-        for name, (sampler, mirror) in MDM_METHODS.items():
-            argv = base + ["--seed", str(seed), "--t-sampler", sampler, "--out", str(work / f"mdm/{name}_seed{seed}")]
+        for name, (sampler, mirror, shrink) in MDM_METHODS.items():
+            argv = base + ["--seed", str(seed), "--t-sampler", sampler, "--batch-size", str(a0.batch_size // shrink),
+                           "--out", str(work / "mdm" / f"{name.replace(',', '').replace(' ', '_')}_seed{seed}")]
             r = mdm.train(mdm.build_parser().parse_args(argv + (["--mirror"] if mirror else [])), shared=shared)
             runs.append({"method": name, "seed": seed, "accuracy": r["accuracy"],
                          "accuracy_shared": r["accuracy_shared_checkpoint"],
@@ -224,13 +229,14 @@ def plot_sparse(res: dict, out: Path) -> list:
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 3.6))
     for e in ETAS:
         curves = np.array([r["losses"] for r in runs if r["eta"] == e])
+        stride = runs[0].get("loss_stride", 1)  # > 1 when replotting thinned curves from the JSON
         k = max(1, curves.shape[1] // 25)
         mean = np.convolve(curves.mean(0), np.ones(k) / k, mode="valid")
-        ax.plot(np.arange(k - 1, curves.shape[1]), mean, label=f"eta={e}")
+        ax.plot(np.arange(k - 1, curves.shape[1]) * stride, mean, label=f"eta={e}")
         gaps = np.array([r["gap_curve"] for r in runs if r["eta"] == e])
         ax2.plot(runs[0]["gap_sigmas"], gaps.mean(0), "o-", ms=3, label=f"eta={e}")
     ax.set(yscale="log", xlabel="step", ylabel="training loss (EDM-weighted, sparse)",
-           title=f"loss curves (mean over seeds, running mean of {k})")
+           title="loss curves (mean over seeds, running mean)")
     ax2.set(xscale="log", yscale="log", xlabel="noise level s", ylabel="E||D_theta - D*||^2 / D",
             title="gap to the optimal denoiser (mean over seeds)")
     ax.legend(fontsize=7)
@@ -240,8 +246,11 @@ def plot_sparse(res: dict, out: Path) -> list:
     fig.savefig(files[-1], dpi=100)
     plt.close(fig)
 
-    # seed-0 sample grids side by side
+    # seed-0 sample grids side by side (only when the per-run outputs are still there)
     import matplotlib.image as mpimg
+
+    if not all(Path(r.get("samples", "")).is_file() for r in runs):
+        return files
 
     first = min(r["seed"] for r in runs)
     fig, axes = plt.subplots(1, len(ETAS), figsize=(4 * len(ETAS), 4.3))
@@ -265,35 +274,42 @@ def plot_mdm(res: dict, out: Path) -> list:
     plt = pyplot()
     runs = res["runs"]
     names = list(MDM_METHODS)
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
+    seeds = sorted({r["seed"] for r in runs})
+    get = {(r["method"], r["seed"]): r for r in runs}
     x = np.arange(len(names))
-    for ax, where, title in ((axes[0], "var_shared", "loss variance at the shared checkpoint"),
-                             (axes[1], "var_final", "loss variance at the end")):
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    for ax, where, title in ((axes[0], "var_shared", "loss variance, shared checkpoint"),
+                             (axes[3], "var_final", "loss variance, end of training")):
         bottom = np.zeros(len(names))
         for comp, color in (("A", "C0"), ("B", "C1"), ("C", "C2")):
             vals = np.array([mean_std([r[where]["loss"][comp] for r in runs if r["method"] == n])[0] for n in names])
-            ax.bar(x, np.maximum(vals, 0), bottom=bottom, color=color, label=f"{comp}")
+            ax.bar(x, np.maximum(vals, 0), bottom=bottom, color=color, label=f"{comp} (mean over seeds)")
             bottom += np.maximum(vals, 0)
         ax.set_xticks(x, names, fontsize=7)
         ax.set(title=title, ylabel="variance of the per-sequence loss")
         ax.legend(fontsize=7)
+    # Paired view: each seed's variance relative to the standard estimator on the same checkpoint.
+    ax = axes[1]
+    for key, marker, color, label in (("loss", "o", "C0", "loss variance"), ("grad", "s", "C3", "gradient variance")):
+        ratios = np.array([[get[(n, sd)]["var_shared"][key]["total"] / get[("standard", sd)]["var_shared"][key]["total"]
+                            for sd in seeds] for n in names])
+        off = -0.1 if key == "loss" else 0.1
+        for i in range(len(names)):
+            ax.plot([i + off] * len(seeds), ratios[i], marker, color=color, alpha=0.4, ms=4)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            geo = np.exp(np.nanmean(np.log(np.where(ratios > 0, ratios, np.nan)), axis=1))
+        ax.plot(x + off, geo, marker, color=color, ms=8, mfc="none", mew=2, label=f"{label} (geometric mean)")
+    ax.axhline(1.0, color="0.6", ls=":")
+    ax.set_xticks(x, names, fontsize=7)
+    ax.set(yscale="log", title="variance / standard's (per seed)")
+    ax.legend(fontsize=7)
     ax = axes[2]
-    for where, marker, label in (("var_shared", "o", "shared checkpoint"), ("var_final", "s", "end")):
-        m = [mean_std([r[where]["grad"]["total"] for r in runs if r["method"] == n]) for n in names]
-        ax.errorbar(x, [v[0] for v in m], yerr=[v[1] for v in m], fmt=marker, capsize=3, label=label)
+    for sd in seeds:
+        ax.plot(x, [get[(n, sd)]["accuracy"] for n in names], "o-", ms=4, lw=0.8, alpha=0.7, label=f"seed {sd}")
+        ax.plot([-0.35], [get[("standard", sd)]["accuracy_shared"]], "x", color="0.5")
     ax.set_xticks(x, names, fontsize=7)
-    ax.set(yscale="log", title="gradient variance (trace)")
-    ax.legend(fontsize=7)
-    ax = axes[3]
-    for i, n in enumerate(names):
-        acc = [r["accuracy"] for r in runs if r["method"] == n]
-        ax.plot([i] * len(acc), acc, "o", color="C0", alpha=0.7)
-        ax.plot([i - 0.2, i + 0.2], [np.mean(acc)] * 2, color="k")
-    shared = mean_std([r["accuracy_shared"] for r in runs])[0]
-    ax.axhline(shared, color="0.6", ls=":", label="shared checkpoint (mean)")
-    ax.set_xticks(x, names, fontsize=7)
-    ax.set(title="exact-match accuracy (each run; bar = mean)")
-    ax.legend(fontsize=7)
+    ax.set(title="exact match (x: shared checkpoint)", ylim=(-0.02, 1.02))
+    ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     files = [out / "mdm_variance_accuracy.png"]
     fig.savefig(files[0], dpi=100)
@@ -457,7 +473,8 @@ def report_mdm(res: dict, rel) -> list:
               f"gradient) are measured at the shared checkpoint: the same model for every method of a seed, so only "
               f"the estimator differs; ratios to standard are geometric means over seeds (range in brackets). "
               f"Accuracy of the shared checkpoint: {acc_shared[0]:.3f} ± {acc_shared[1]:.3f} (per seed: "
-              f"{shared_seeds}).", ""]
+              f"{shared_seeds}). The variance columns of \"MIRROR, ½ batch\" repeat MIRROR's (same estimator, same "
+              f"checkpoint, same draws); it differs in training only.", ""]
     L += ["Variance components at the end of training (each method's own model):", "",
           "| method | A | B | C | total | gradient A | gradient B | gradient C | gradient total |",
           "|---|---|---|---|---|---|---|---|---|"]
@@ -490,7 +507,16 @@ def report_mdm(res: dict, rel) -> list:
           f"- *The worst P-POTS+MIRROR run beats the best standard run*: worst {min(both):.3f} vs best "
           f"{max(std):.3f}: {verdict(min(both) > max(std))}.",
           f"- *Run-to-run spread shrinks*: std {np.std(std, ddof=1) if len(std) > 1 else 0:.3f} (standard) vs "
-          f"{np.std(both, ddof=1) if len(both) > 1 else 0:.3f} (both).", "",
+          f"{np.std(both, ddof=1) if len(both) > 1 else 0:.3f} (both)."]
+    if "MIRROR, ½ batch" in acc:
+        half = acc["MIRROR, ½ batch"]
+        L += [f"- *Equal compute*: MIRROR doubles the sequences processed per step. With half the batch (the same "
+              f"forward/backward work as standard) its accuracy is {np.mean(half):.3f} vs {np.mean(std):.3f}: "
+              f"{compare([-a for a in half], [-a for a in std])}. Its per-sequence variance is the MIRROR row's, but a "
+              f"batch mean over half as many sequences has twice that variance: {2 * m(tot['MIRROR']):.3g} vs "
+              f"{m(tot['standard']):.3g} (loss), {2 * m(gv['MIRROR']):.3g} vs {m(gv['standard']):.3g} (gradient) "
+              f"per unit of compute."]
+    L += ["",
           f"![mdm]({rel('mdm_variance_accuracy.png')})", ""]
     if (Path(rel.out) / "mdm_ppots_density.png").exists():
         L += [f"![ppots]({rel('mdm_ppots_density.png')})", ""]
@@ -538,7 +564,7 @@ def report_optimal(res: dict, rel) -> list:
     return L
 
 
-def write_report(args, results: dict, docs: Path, figs: Path, times: dict) -> Path:
+def write_report(args, results: dict, docs: Path, figs: Path, times: dict, load_end: float) -> Path:
     class Rel:
         out = figs
 
@@ -546,7 +572,6 @@ def write_report(args, results: dict, docs: Path, figs: Path, times: dict) -> Pa
             return os.path.relpath(figs / name, docs)
 
     rel = Rel()
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
     L = ["# Reproduction results", "",
          f"Generated by `python python_examples/reproduce.py --budget {args.budget}` (seeds "
          f"{', '.join(map(str, args.seeds))}; masked diffusion: seeds {', '.join(map(str, args.mdm_seeds))}). "
@@ -560,7 +585,7 @@ def write_report(args, results: dict, docs: Path, figs: Path, times: dict) -> Pa
              "not about the papers." if args.budget == "small" else
              "Longer CPU runs on tiny models; still far below the papers' scale."), "",
          f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores (shared with other "
-         f"jobs; load average at the end {load[0]:.1f}), torch {torch.__version__}, {args.threads} torch thread(s), "
+         f"jobs; load average at the end {'n/a' if load_end != load_end else f'{load_end:.1f}'}), torch {torch.__version__}, {args.threads} torch thread(s), "
          f"device {tid.default_device(args.device)}. Wall time: "
          + ", ".join(f"{k} {v['wall_s'] / 60:.1f} min (CPU {v['cpu_s'] / 60:.1f} min)" for k, v in times.items())
          + ".", "",
@@ -580,15 +605,13 @@ def write_report(args, results: dict, docs: Path, figs: Path, times: dict) -> Pa
 
 def _compact(results: dict) -> dict:
     """The JSON next to the figures: every number, per-step losses thinned to 100 points."""
-    def thin(v):
-        return v if len(v) <= 100 else v[:: max(1, len(v) // 100)]
-
     out = json.loads(json.dumps(results))
     for grid in out.values():
         for r in grid.get("runs", []):
             if "losses" in r:
-                r["losses"] = thin(r["losses"])
-            r.pop("samples", None)
+                stride = r.get("loss_stride", 1) * max(1, len(r["losses"]) // 100)
+                r["losses"] = r["losses"][:: max(1, len(r["losses"]) // 100)]
+                r["loss_stride"] = stride
     return out
 
 
@@ -606,19 +629,31 @@ def main(argv=None) -> dict:
     docs = Path(args.docs)
     figs = docs / "results"
     figs.mkdir(parents=True, exist_ok=True)
+    grids = (("sparse", run_sparse, plot_sparse), ("mdm", run_mdm, plot_mdm), ("optimal", run_optimal, plot_optimal))
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        args.budget, args.seeds, args.mdm_seeds = saved["budget"], saved["seeds"], saved["mdm_seeds"]
+        results = {g: saved[g] for g, _, _ in grids if g in saved}
+        for g, _, plot in grids:
+            if g in results:
+                plot(results[g], figs)
+        path = write_report(args, results, docs, figs, saved["times"], saved.get("load_end", float("nan")))
+        print(f"rebuilt {path} and the figures under {figs} from {args.from_json}")
+        return {"results": results, "times": saved["times"], "report": str(path)}
     results, times = {}, {}
     total = Clock()
-    for grid, fn, plot in (("sparse", run_sparse, plot_sparse), ("mdm", run_mdm, plot_mdm),
-                           ("optimal", run_optimal, plot_optimal)):
+    for grid, fn, plot in grids:
         if grid in args.only:
             print(f"=== {grid} ({args.budget}) ===", flush=True)
             results[grid] = fn(args, budget, extra, work)
             times[grid] = results[grid]["time"]
             plot(results[grid], figs)
     times["total"] = total.read()
+    load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     with open(figs / f"results_{args.budget}.json", "w") as f:
-        json.dump({"budget": args.budget, "seeds": args.seeds, "mdm_seeds": args.mdm_seeds, "times": times, **_compact(results)}, f, indent=1)
-    path = write_report(args, results, docs, figs, times)
+        json.dump({"budget": args.budget, "seeds": args.seeds, "mdm_seeds": args.mdm_seeds, "times": times,
+                   "load_end": load_end, **_compact(results)}, f, indent=1)
+    path = write_report(args, results, docs, figs, times, load_end)
     print(f"wrote {path} and figures under {figs} in {times['total']['wall_s'] / 60:.1f} min")
     return {"results": results, "times": times, "report": str(path)}
 

@@ -276,12 +276,24 @@ def train(args: argparse.Namespace, *, weight_fn: Optional[Callable[[Tensor], Te
     summary["config"]["out"] = str(out)
     with open(files["summary"], "w") as f:
         json.dump(summary, f, indent=1)
+    if verbose and not tag:  # standalone runs print the per-level table; grids (tagged) keep one line per run
+        late = interp_bins(binned, sigmas)
+        print(f"{'s':>8} {'train loss (last quarter)':>26} {'EMA model loss':>15} {'J*(s)/D':>10} {'gap':>10}")
+        for s, tl, ml, j, g in zip(sigmas, late, gap["model_loss"], gap["j_star"], gap["gap"]):
+            print(f"{s:8.3g} {tl:26.4g} {ml:15.4g} {j:10.4g} {g:10.4g}")
     if verbose:
         q = f", quality FD {quality['fd']:.2f} (real-data floor {quality['fd_real_floor']:.2f})" if quality else ""
         print(f"{label}{title}: final loss {summary['final_loss']:.4f}, EDM-weighted gap {gap['edm_weighted_gap']:.4f} "
               f"(optimum {gap['edm_weighted_j_star']:.4f}), memorised {mem['memorized_fraction']:.3f}, "
               f"mean d1 {mem['mean_d1']:.1f}{q}; {summary['seconds']['total']:.0f} s -> {out}")
     return summary
+
+
+def interp_bins(binned: BinnedLoss, sigmas) -> list:
+    """The last window's binned training loss at the given levels (nearest bin in ln s; NaN if empty)."""
+    means = binned.means()[-1]
+    idx = np.clip(np.searchsorted(binned.edges, sigmas) - 1, 0, len(means) - 1)
+    return [float(means[i]) for i in idx]
 
 
 def plot_gap(binned: BinnedLoss, gap: dict, path: Path, title: str) -> None:
