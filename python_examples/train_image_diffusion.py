@@ -58,7 +58,8 @@ FM_P_MEAN, FM_P_STD = 0.0, 1.0  # logit-normal t for flow matching (Esser et al.
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="digits", help="'digits' (scikit-learn's bundled 8x8 digits) or a .npy image array")
+    p.add_argument("--data", default="digits", help="'digits' (scikit-learn's bundled 8x8 digits) or a .npy array of "
+                   "square images: (N, H, H), (N, H, H, C) or (N, C, H, H)")
     p.add_argument("--n-train", type=int, default=None,
                    help="train on a random subset of this many images (small data shows memorisation sooner)")
     p.add_argument("--objective", choices=("edm", "fm"), default="edm", help="EDM or flow matching")
