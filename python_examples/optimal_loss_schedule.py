@@ -41,7 +41,7 @@ import torch
 
 from _common import interp_log, jstar_curve, load_images, pyplot, set_threads
 import train_image_diffusion as tid
-from diffkernels.demo import P_MEAN, P_STD, SIGMA_DATA, edm_loss_weight
+from diffkernels.demo import P_MEAN, P_STD, edm_loss_weight
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,8 +26,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
-import sys
 import time
 from pathlib import Path
 

@@ -6,7 +6,6 @@ Bad input (unreadable file, wrong rank, NaN/Inf rows, empty data, bad options) p
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
