@@ -30,32 +30,42 @@ Results: a Markdown table on stdout and ``<out>/cuda_vs_triton_<device>[_quick].
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
 import os
 import platform
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 import traceback
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout: diffkernels, benchmarks._common
+# benchmarks._common imports torch, never diffkernels or triton: TRITON_INTERPRET can still be set below.
+from benchmarks._common import (  # noqa: E402
+    Timer,
+    base_parser,
+    command_line,
+    copy_times,
+    device_kind,
+    err_s,
+    git_commit,
+    gpu_info,
+    now_iso,
+    pin_device,
+    triton_version,
+    write_results,
+)
+
 MB = 1e6
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = base_parser(__doc__, quick_help="fewer shapes and runs (a smoke test)", out_default=None,
+                    device_help="cuda (default when available) or cpu", first_paragraph=False)
     p.add_argument("unused", nargs="*", help=argparse.SUPPRESS)
-    p.add_argument("--device", default=None, help="cuda (default when available) or cpu")
-    p.add_argument("--quick", action="store_true", help="fewer shapes and runs (a smoke test)")
     p.add_argument("--runs", type=int, default=None, help="timed runs per measurement (default 100; quick: 20, cpu: 3)")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 10; cpu: 1)")
     p.add_argument("--l2-mb", type=float, default=50.0, help="L2 size used when the device does not report it")
-    p.add_argument("--out", default=None, help="directory for the .md and .json results")
     args, unknown = p.parse_known_args(argv)
     if unknown or args.unused:  # e.g. GPU_PASS_BENCH_ARGS meant for the other benchmarks
         print(f"bench_cuda_vs_triton: ignoring arguments {unknown + args.unused}", file=sys.stderr)
@@ -69,7 +79,6 @@ if ARGS is not None and not (ARGS.device or "").startswith("cuda"):
     if ARGS.device == "cpu" or not _torch_probe.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel is defined
 
-sys.path.insert(0, str(REPO))  # run from a checkout too
 import torch  # noqa: E402
 
 import diffkernels  # noqa: E402
@@ -85,78 +94,16 @@ SEED = 0x5EED_0000_C0DA
 
 
 def _err(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]
+    return err_s(exc, 300, first_line=True)
 
 
-# --- timing -------------------------------------------------------------------------------------
-
-
-class Timer:
-    def __init__(self, device: torch.device, runs: int, warmup: int):
-        self.device, self.runs, self.warmup = device, runs, warmup
-        self.cuda = device.type == "cuda"
-
-    def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-
-    def per_call(self, fn, k: int) -> float:
-        """Median seconds of one eager call fn(i), i cycling over the k input copies."""
-        for r in range(self.warmup):
-            fn(r % k)
-        self.sync()
-        if not self.cuda:
-            times = []
-            for r in range(self.runs):
-                t0 = time.perf_counter()
-                fn(r % k)
-                times.append(time.perf_counter() - t0)
-            return statistics.median(times)
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(self.runs)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(self.runs)]
-        for r in range(self.runs):
-            starts[r].record()
-            fn(r % k)
-            ends[r].record()
-        self.sync()
-        return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) / 1e3
-
-    def per_call_graph(self, fn, k: int) -> float:
-        """Median seconds per call of a CUDA graph that calls fn(0), ..., fn(k - 1), replayed."""
-        if not self.cuda:
-            raise RuntimeError("CUDA graphs need a CUDA device")
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):  # warm-up outside the capture (compiles, caches, allocator)
-            for i in range(k):
-                fn(i)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        self.sync()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for i in range(k):
-                fn(i)
-        for _ in range(max(1, self.warmup // 2)):
-            graph.replay()
-        self.sync()
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(self.runs)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(self.runs)]
-        for r in range(self.runs):
-            starts[r].record()
-            graph.replay()
-            ends[r].record()
-        self.sync()
-        t = statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) / 1e3 / k
-        del graph
-        return t
+# --- timing: benchmarks._common.Timer (eager calls with CUDA events, CUDA graphs) ----------------
 
 
 def copy_bandwidth(device: torch.device, quick: bool, timer: Timer) -> dict:
     """Bytes read + written per second by a large device-to-device (or host) copy."""
     nbytes = (256 if quick else 1024) * 2**20 if device.type == "cuda" else 64 * 2**20
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
-    dst = torch.empty_like(src)
-    t = Timer(device, max(5, min(timer.runs, 20)), 3).per_call(lambda i: dst.copy_(src), 1)
+    t = statistics.median(copy_times(device, nbytes, max(5, min(timer.runs, 20)), warmup=3))
     return {"bytes_per_s": 2 * nbytes / t, "buffer_MiB": nbytes / 2**20, "time_s": t}
 
 
@@ -293,19 +240,11 @@ def bench_mask_tokens(ctx, shape, mode) -> dict:
 # --- report -------------------------------------------------------------------------------------
 
 
-def _git(*args):
-    try:
-        out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def machine_info(device: torch.device) -> dict:
     info = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python " + shlex.join([os.path.relpath(sys.argv[0], os.getcwd())] + sys.argv[1:]),
-        "git_commit": os.environ.get("DIFFKERNELS_COMMIT") or _git("rev-parse", "HEAD"),
+        "date": now_iso(),
+        "command": command_line(),
+        "git_commit": git_commit(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
@@ -313,30 +252,17 @@ def machine_info(device: torch.device) -> dict:
         "env": {k: os.environ[k] for k in ("TRITON_INTERPRET", "DIFFKERNELS_BACKEND", "TORCH_CUDA_ARCH_LIST")
                 if k in os.environ},
     }
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except Exception as exc:  # noqa: BLE001
-        info["triton"] = f"unavailable ({_err(exc)})"
+    info["triton"] = triton_version(on_error="unavailable")
     try:
         info["backends"] = diffkernels.backends()
     except Exception as exc:  # noqa: BLE001
         info["backends"] = {"error": _err(exc)}
     if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(device=torch.cuda.get_device_name(device), sm_count=props.multi_processor_count,
-                    l2_bytes=getattr(props, "L2_cache_size", None), memory_bytes=props.total_memory)
+        g = gpu_info(device)
+        info.update(device=g["name"], sm_count=g["sm_count"], l2_bytes=g["l2_bytes"], memory_bytes=g["memory_bytes"])
     else:
         info.update(device=f"{platform.processor() or platform.machine()} CPU ({os.cpu_count()} cores)")
     return info
-
-
-def _slug(name: str) -> str:
-    for token in name.replace("-", " ").split():
-        if len(token) >= 3 and token[0].isalpha() and token[1:].isdigit():
-            return token.lower()
-    return "cuda" if "cuda" in name.lower() or "nvidia" in name.lower() else "cpu"
 
 
 def _ratio(ta, tb):
@@ -420,11 +346,7 @@ def to_markdown(meta, ceil, rows, backends, errors) -> str:
 def main(args) -> int:
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        torch.cuda.set_device(device)
+    device = pin_device(torch.device(args.device))
     cpu = device.type == "cpu"
     runs = args.runs or (3 if cpu else (20 if args.quick else 100))
     warmup = args.warmup if args.warmup is not None else (1 if cpu else 10)
@@ -493,14 +415,10 @@ def main(args) -> int:
     print(md)
     if args.out:
         try:
-            out = Path(args.out)
-            out.mkdir(parents=True, exist_ok=True)
-            kind = "cpu" if cpu else _slug(meta.get("device", "cuda"))
+            kind = "cpu" if cpu else device_kind(meta.get("device", "cuda"))
             stem = f"cuda_vs_triton_{kind}{'_quick' if args.quick else ''}"
-            (out / f"{stem}.md").write_text(md)
-            (out / f"{stem}.json").write_text(json.dumps(
-                {"meta": meta, "copy_bandwidth": ceil, "rows": rows, "errors": errors}, indent=1, default=str))
-            print(f"wrote {out / stem}.md and .json", file=sys.stderr)
+            write_results(args.out, stem, md, {"meta": meta, "copy_bandwidth": ceil, "rows": rows, "errors": errors},
+                          log_prefix="")
         except Exception as exc:  # noqa: BLE001
             print(f"could not write results: {_err(exc)}", file=sys.stderr)
             return 1

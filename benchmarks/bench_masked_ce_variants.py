@@ -38,14 +38,10 @@ Output: Markdown on stdout, and ``<out>/masked_ce_variants_<device>[_quick].{md,
 from __future__ import annotations
 
 import argparse
-import datetime
-import gc
 import hashlib
-import json
 import math
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import traceback
@@ -55,15 +51,33 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout: diffkernels, benchmarks._common
+from benchmarks._common import (  # noqa: E402  -- shared machine / timing / memory / output helpers
+    REPO,
+    MiB,
+    base_parser,
+    command_line,
+    err_s,
+    free,
+    git_commit,
+    gpu_info,
+    now_iso,
+    peak_extra_mib,
+    stats,
+    sync,
+    time_fn,
+    time_once,
+    triton_version,
+    write_json,
+)
+from benchmarks._common import grad_rel_diff as grad_rel  # noqa: E402
+from benchmarks._common import rel_diff as rel  # noqa: E402
 
 import diffkernels  # noqa: E402
 from diffkernels.mdm.loss import masked_cross_entropy  # noqa: E402
 from diffkernels.mdm.masking import mask_tokens  # noqa: E402
 from diffkernels.ops import masked_ce as new_ops  # noqa: E402
 
-MiB = 2**20
 SHAPES = {  # (B, L, H, V)
     "cuda": [(8, 2048, 4096, 32000), (8, 2048, 4096, 128256)],
     "cpu": [(4, 256, 256, 8192), (4, 256, 256, 32000)],
@@ -280,96 +294,16 @@ def head_source_check() -> str:
 # --- helpers ----------------------------------------------------------------------------------------
 
 
-def err_s(exc: BaseException) -> str:
-    return " ".join(f"{type(exc).__name__}: {exc}".split())[:400]
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_once(fn, device) -> float:
-    """Seconds of one call (CUDA events around it on GPU)."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    import time
-
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def stats(samples) -> dict:
-    s = sorted(samples)
-    q = statistics.quantiles(s, n=4) if len(s) >= 2 else [s[0]] * 3
-    return {"median_ms": statistics.median(s) * 1e3, "q1_ms": q[0] * 1e3, "q3_ms": q[2] * 1e3,
-            "min_ms": s[0] * 1e3, "n": len(s)}
-
-
-def time_fn(fn, device, reps: int, warmup: int = 3) -> dict:
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    return stats([time_once(fn, device) for _ in range(reps)])
-
-
-def free(device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def peak_extra_mib(fn, device):
-    if device.type != "cuda":
-        return None
-    free(device)
-    sync(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    fn()
-    sync(device)
-    return (torch.cuda.max_memory_allocated(device) - base) / MiB
-
-
-def rel(a: float, b: float) -> float:
-    return abs(a - b) / max(abs(b), 1e-30)
-
-
-def grad_rel(g, ref) -> float:
-    return float((g.float() - ref.float()).abs().max() / ref.float().abs().max().clamp(min=1e-30))
-
-
 def machine(device) -> dict:
-    def git(*a):
-        try:
-            out = subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, timeout=10)
-            return out.stdout.strip() if out.returncode == 0 else None
-        except (OSError, subprocess.SubprocessError):
-            return None
-
-    try:
-        import triton
-
-        triton_v = triton.__version__
-    except Exception:  # noqa: BLE001
-        triton_v = None
-    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": "python " + " ".join([os.path.relpath(sys.argv[0], os.getcwd())] + sys.argv[1:]),
-            "git_commit": os.environ.get("DIFFKERNELS_COMMIT") or git("rev-parse", "HEAD"),
-            "python": platform.python_version(), "torch": torch.__version__, "triton": triton_v,
+    info = {"date": now_iso(), "command": command_line(), "git_commit": git_commit(),
+            "python": platform.python_version(), "torch": torch.__version__, "triton": triton_version(),
             "head_commit": HEAD_COMMIT, "head_source_sha256": hashlib.sha256(HEAD_SOURCE.encode()).hexdigest(),
             "head_source_check": head_source_check(),
             "env": {k: os.environ[k] for k in ("TRITON_INTERPRET", "DIFFKERNELS_BACKEND") if k in os.environ}}
     if device.type == "cuda":
-        p = torch.cuda.get_device_properties(device)
-        info.update(device=torch.cuda.get_device_name(device), cuda=torch.version.cuda, sm_count=p.multi_processor_count,
-                    l2_MiB=getattr(p, "L2_cache_size", 0) / MiB, memory_GiB=p.total_memory / 2**30)
+        g = gpu_info(device)
+        info.update(device=g["name"], cuda=g["cuda"], sm_count=g["sm_count"], l2_MiB=(g["l2_bytes"] or 0) / MiB,
+                    memory_GiB=g["memory_bytes"] / 2**30)
     else:
         info.update(device=f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)")
     return info
@@ -805,9 +739,9 @@ def to_markdown(meta, rows) -> str:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU) / fewer samples")
+    ap = base_parser(__doc__, quick_help="tiny shapes (CPU) / fewer samples",
+                     device_default="cuda" if torch.cuda.is_available() else "cpu", first_paragraph=False,
+                     formatter_class=argparse.HelpFormatter)
     ap.add_argument("--dtype", default=None, choices=("bf16", "fp32", "fp16"), help="default: bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--vocab", type=int, nargs="*", default=None, help="override V")
     ap.add_argument("--reps", type=int, default=None, help="timed samples per variant (default 15; >= 10)")
@@ -816,7 +750,6 @@ def main(argv=None):
     ap.add_argument("--skip", nargs="*", default=[], choices=VARIANTS)
     ap.add_argument("--backend", default=None, choices=("triton", "torch"),
                     help="force the diffkernels backend of the new variants (CPU: triton needs TRITON_INTERPRET=1)")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -843,7 +776,7 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"masked_ce_variants_{key}" + ("_quick" if args.quick and device.type == "cuda" else "")
-    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+    write_json(out / f"{stem}.json", {"meta": meta, "rows": rows})  # first: it survives a rendering failure
     try:
         md = to_markdown(meta, rows)
     except Exception as exc:  # noqa: BLE001 -- the JSON is written; say what broke

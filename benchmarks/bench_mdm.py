@@ -29,7 +29,7 @@ Two parts (the masked-diffusion issue, section 5):
   timing, and against the float64 oracle (``diffkernels.reference.masked_ce``) where it fits.
 
 Timing, interleaving, load monitoring, peak-memory measurement, ceilings and the machine
-description are those of ``bench_sparse_mse.py`` (imported from it): CUDA events on GPU,
+description are the shared ones of ``benchmarks/_common.py`` (as in ``bench_sparse_mse.py``): CUDA events on GPU,
 ``time.perf_counter`` on CPU, median and inter-quartile range, ratios as the median of per-round
 ratios. A matmul ceiling (the forward GEMM of the row's own shapes) gives each loss row a compute
 floor: 3 GEMMs (logits, grad hidden, grad weight) over the masked tokens for the fused op.
@@ -47,8 +47,8 @@ import argparse
 import contextlib
 import gc
 import importlib.metadata
-import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -56,24 +56,31 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sparse_mse import (  # noqa: E402  -- the shared timing / memory / machine helpers
-    _WAIT_BUDGET,
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout: diffkernels, benchmarks._common
+from benchmarks._common import (  # noqa: E402  -- the shared timing / memory / machine helpers
     LOAD_LIMIT,
-    REPO,
+    WAIT_BUDGET,
     MiB,
-    _fmt_r,
-    _fmt_t,
-    _shape_s,
-    _sync,
-    ceilings,
-    machine_info,
+    bandwidth_ceilings,
+    base_parser,
+    cache_bytes,
+    default_device,
+    environment,
+    fmt_r,
+    fmt_t,
+    fused_backend,
+    gemm_times,
+    grad_rel_diff,
     measure_quietly,
     peak_extra_bytes,
+    pin_device,
     ratio_stats,
+    rel_diff,
+    shape_s,
     summarize,
-    time_calls,
+    sync,
     wait_for_idle,
+    write_results,
 )
 
 import diffkernels  # noqa: E402
@@ -227,7 +234,7 @@ def liger_status(device) -> tuple[bool, str]:
         w = torch.randn(32, 16, device=device, requires_grad=True)
         t = torch.randint(0, 32, (8,), device=device)
         fn(h, w, t, reduction="sum").backward()
-        _sync(device)
+        sync(device)
     except Exception as exc:  # noqa: BLE001 -- e.g. its Triton kernels need a GPU
         msg = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
         return False, f"liger-kernel {version} is installed but cannot run on {device.type}: {msg}"
@@ -309,24 +316,9 @@ def bench_mask_row(shape, mode, device, args, ceil, backend) -> dict:
 # --- one loss row ---------------------------------------------------------------------------------
 
 
-def _rel(a: float, b: float) -> float:
-    return abs(a - b) / max(abs(b), 1e-30)
-
-
-def _grad_rel(g, ref) -> float:
-    return float((g.float() - ref.float()).abs().max() / ref.float().abs().max().clamp(min=1e-30))
-
-
 def matmul_rate(n, H, V, dtype, device, reps) -> dict:
     """FLOP/s of the forward GEMM (n x H) @ (H x V), in the bench dtype: the loss rows' compute ceiling."""
-    gen = torch.Generator(device=device).manual_seed(1)
-    a = torch.randn(n, H, generator=gen, device=device).to(dtype)
-    b = torch.randn(V, H, generator=gen, device=device).to(dtype)
-    fn = lambda i: a @ b.t()  # noqa: E731
-    fn(0)
-    _sync(device)
-    ts = sorted(time_calls(fn, i, 1, device) for i in range(reps))
-    t = ts[len(ts) // 2]
+    t = statistics.median(gemm_times(device, n, H, V, dtype, reps, b_transposed=True, seed=1))
     return {"shape": [n, H, V], "median_ms": t * 1e3, "TFLOPs": 2 * n * H * V / t / 1e12,
             "note": f"a @ b.t(), a ({n}, {H}), b ({V}, {H}), {str(dtype).replace('torch.', '')}"}
 
@@ -383,11 +375,11 @@ def bench_loss_row(shape, dtype_name, device, args, backend, liger_ok) -> dict:
                         expected = float(liger_sum_expected(mt, targets, hidden, weight))
                 else:
                     expected = ref[0]
-            c = {"loss": float(loss.detach()), "rel_diff": _rel(float(loss.detach()), expected), "compared_to":
+            c = {"loss": float(loss.detach()), "rel_diff": rel_diff(float(loss.detach()), expected), "compared_to":
                  "fused, uniform weight" if name == "liger_sum" else "fused"}
             if name != "liger_sum":
-                c["grad_hidden_rel"] = _grad_rel(hidden.grad, ref[1])
-                c["grad_weight_rel"] = _grad_rel(weight.grad, ref[2])
+                c["grad_hidden_rel"] = grad_rel_diff(hidden.grad, ref[1])
+                c["grad_weight_rel"] = grad_rel_diff(weight.grad, ref[2])
             c["ok"] = c["rel_diff"] <= tol
         except Exception as exc:  # noqa: BLE001 -- report, do not abort the run
             row["errors"][name] = " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
@@ -402,7 +394,7 @@ def bench_loss_row(shape, dtype_name, device, args, backend, liger_ok) -> dict:
     if N * V <= ORACLE_MAX_LOGITS and not args.no_reference:
         with torch.no_grad():
             oracle = float(_ref_ce.masked_diffusion_loss(mt, targets, hidden=hidden.detach(), lm_head_weight=weight.detach()))
-        check["oracle_float64"] = {"loss": oracle, "fused_rel_diff": _rel(check["fused"]["loss"], oracle)}
+        check["oracle_float64"] = {"loss": oracle, "fused_rel_diff": rel_diff(check["fused"]["loss"], oracle)}
     row["check"] = check
     row["check_tolerance"] = tol
     gc.collect()
@@ -530,13 +522,13 @@ def to_markdown(meta, ceil, mask_rows, loss_rows) -> str:
         L.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for row in mask_rows:
             t, f = row["time"], row["frac_of_floor"]
-            L.append(f"| {_shape_s(row['shape'])} | {row['mode']} | **{_fmt_t(t['api'])}** | {_fmt_t(t['kernel'])} | "
-                     f"{_fmt_t(t['eager'])} | {_fmt_r(row['ratio']['api/eager'])} | {_fmt_r(row['ratio']['kernel/eager'])} | "
+            L.append(f"| {shape_s(row['shape'])} | {row['mode']} | **{fmt_t(t['api'])}** | {fmt_t(t['kernel'])} | "
+                     f"{fmt_t(t['eager'])} | {fmt_r(row['ratio']['api/eager'])} | {fmt_r(row['ratio']['kernel/eager'])} | "
                      f"{row['bytes'] / 1e6:.1f} | {row['floor_ms']:.4f} | {100 * f['api']:.0f}% | {100 * f['kernel']:.0f}% | "
                      f"{100 * f['eager']:.0f}% | {_ok(row['api_equals_kernel'])} | {load_s(row)} |")
         L.append("")
         L.append("`check`: the API's output equals the kernel's for the same seed; masked fractions (ours / eager / mean p): "
-                 + "; ".join(f"{_shape_s(r['shape'])} {r['mode']}: {r['masked_fraction']['ours']:.3f} / "
+                 + "; ".join(f"{shape_s(r['shape'])} {r['mode']}: {r['masked_fraction']['ours']:.3f} / "
                              f"{r['masked_fraction']['eager']:.3f} / {r['masked_fraction']['mean_p']:.3f}" for r in mask_rows))
         L.append("")
 
@@ -580,14 +572,14 @@ def to_markdown(meta, ceil, mask_rows, loss_rows) -> str:
         for row in loss_rows:
             s, t, rt = row["shape"], row["time"], row["ratio"]
             line = (f"| {s['B']}×{s['L']} | {s['H']} | {s['V']} | {row['masked_fraction']:.3f} | {row['fused_chunks']} | "
-                    f"**{_fmt_t(t.get('fused'))}** | "
-                    f"{_fmt_t(t.get('eager_full'))} | {_fmt_t(t.get('eager_gathered'))} |")
+                    f"**{fmt_t(t.get('fused'))}** | "
+                    f"{fmt_t(t.get('eager_full'))} | {fmt_t(t.get('eager_gathered'))} |")
             if has_liger:
-                line += f" {_fmt_t(t.get('liger'))} |"
+                line += f" {fmt_t(t.get('liger'))} |"
             if has_lsum:
-                line += f" {_fmt_t(t.get('liger_sum'))} |"
-            line += (f" {_fmt_r(rt.get('fused/eager_full'))} | {_fmt_r(rt.get('fused/eager_gathered'))} |"
-                     + (f" {_fmt_r(rt.get('fused/liger'))} |" if has_liger else "")
+                line += f" {fmt_t(t.get('liger_sum'))} |"
+            line += (f" {fmt_r(rt.get('fused/eager_full'))} | {fmt_r(rt.get('fused/eager_gathered'))} |"
+                     + (f" {fmt_r(rt.get('fused/liger'))} |" if has_liger else "")
                      + f" {row['matmul_floor_ms']['fused']:.2f} | {100 * row['fused_frac_of_matmul_floor']:.0f}% | {load_s(row)} |")
             L.append(line)
         if not has_liger:
@@ -632,7 +624,7 @@ def to_markdown(meta, ceil, mask_rows, loss_rows) -> str:
     if errs:
         L.append("")
         for r, k, v in errs:
-            where = _shape_s(r["shape"]) if isinstance(r["shape"], list) else "×".join(str(x) for x in r["shape"].values())
+            where = shape_s(r["shape"]) if isinstance(r["shape"], list) else "×".join(str(x) for x in r["shape"].values())
             L.append(f"- error in {k} at {where}: `{v}`")
     L.append("")
     L.append("## Targets (the issue, for a GPU)")
@@ -650,7 +642,7 @@ def to_markdown(meta, ceil, mask_rows, loss_rows) -> str:
         r = row["ratio"].get("fused/eager_full")
         L.append(f"| time fused/eager_full ≤ 0.7 at mean p = 0.5 | {tag} | {_target(None if r is None else r['median'], 0.7, judge=cuda)} |")
     for row in mask_rows:
-        L.append(f"| mask generation ≥ 80% of the bandwidth floor (kernel / api) | {_shape_s(row['shape'])} {row['mode']} | "
+        L.append(f"| mask generation ≥ 80% of the bandwidth floor (kernel / api) | {shape_s(row['shape'])} {row['mode']} | "
                  f"{_target(row['frac_of_floor']['kernel'], 0.8, le=False, judge=cuda)} / "
                  f"{_target(row['frac_of_floor']['api'], 0.8, le=False, judge=cuda)} |")
     L.append("")
@@ -661,10 +653,7 @@ def to_markdown(meta, ceil, mask_rows, loss_rows) -> str:
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="short timing budgets; on CPU one small loss shape")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="directory for .md and .json results")
-    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ap = base_parser(__doc__, quick_help="short timing budgets; on CPU one small loss shape")
     ap.add_argument("--dtype", default=None, help="fp32 or bf16 for hidden and W (default: bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--loss-shapes", default=None, help="e.g. '8x2048x4096x32000' (B x L x H x V, comma-separated)")
     ap.add_argument("--mask-shapes", default=None, help="e.g. '32x4096,256x1024' (B x L; default adds 1024x4096)")
@@ -692,7 +681,7 @@ def parse_args(argv=None):
     ap.add_argument("--suffix", default="", help="appended to the output file names")
     args = ap.parse_args(argv)
 
-    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.device = default_device(args.device)
     cpu = args.device.type == "cpu"
     args.dtype = args.dtype or ("fp32" if cpu else "bf16")
     if args.dtype not in DTYPES:
@@ -724,7 +713,7 @@ def parse_args(argv=None):
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    # measure_quietly (bench_sparse_mse) reads these fields; one namespace per part.
+    # measure_quietly (benchmarks/_common.py) reads these fields; one namespace per part.
     common = dict(max_reps=args.max_reps, min_sample=args.min_sample, warmup=args.warmup, retries=args.retries,
                   idle_wait=args.idle_wait)
     args.mask_cfg = argparse.Namespace(min_reps=args.min_reps_mask, **common)
@@ -734,15 +723,12 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = args.device
+    device = pin_device(args.device)
     if device.type == "cuda":
-        if device.index is None:  # "cuda" means the current device; pin it so every call agrees
-            device = torch.device("cuda", torch.cuda.current_device())
-        torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = False
-    _WAIT_BUDGET["left_s"] = args.max_total_wait
-    meta = machine_info(device)
-    backend = meta["fused_backend"]
+    WAIT_BUDGET["left_s"] = args.max_total_wait
+    meta = environment(device)
+    meta["fused_backend"] = backend = fused_backend(device)
     liger_ok, meta["liger"] = liger_status(device)
     meta["memory_method"] = MEMORY_METHOD["cuda" if device.type == "cuda" else "cpu"]
     meta["settings"] = {k: (str(v) if isinstance(v, (torch.device, argparse.Namespace)) else v) for k, v in vars(args).items()}
@@ -750,9 +736,8 @@ def main(argv=None):
     print(f"[bench] {meta['device']}; torch {meta['torch']}; mask backend {backend}; {meta['liger']}; "
           f"commit {meta['git_commit']}", file=sys.stderr)
 
-    ceil = ceilings(device, args.quick)
-    ceil.pop("fused_kernel_cached", None)  # sparse_mse's own kernel rate: not relevant here
-    ceil["_cache_bytes"] = (meta.get("gpu_l2_bytes") or 50 * MiB) if device.type == "cuda" else (meta["llc_bytes"] or 32 * MiB)
+    ceil = bandwidth_ceilings(device, args.quick)
+    ceil["_cache_bytes"] = cache_bytes(meta, device)
     print(f"[bench] copy {ceil['copy']['GBps']:.1f} GB/s; torch.rand {ceil['torch_rand']['ns_per_element']:.3f} ns/el",
           file=sys.stderr)
 
@@ -765,7 +750,7 @@ def main(argv=None):
                 row = bench_mask_row(shape, mode, device, args, ceil, backend)
                 mask_rows.append(row)
                 msg = " ".join(f"{k}={v['median_ms']:.4f}ms" for k, v in row["time"].items())
-                print(f"[bench] mask {_shape_s(shape)} {mode}: {msg} | kernel {100 * row['frac_of_floor']['kernel']:.0f}% "
+                print(f"[bench] mask {shape_s(shape)} {mode}: {msg} | kernel {100 * row['frac_of_floor']['kernel']:.0f}% "
                       f"of floor | load={row['foreign_cores']} | {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     if not args.skip_loss:
         for shape in args.loss_shapes:
@@ -782,15 +767,10 @@ def main(argv=None):
 
     md = to_markdown(meta, ceil, mask_rows, loss_rows)
     print(md)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = f"mdm_{meta['device_kind']}" + ("_quick" if args.quick else "") + args.suffix
-    (out / f"{stem}.md").write_text(md)
     ceil.pop("_cache_bytes", None)
-    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "ceilings": ceil, "mask_rows": mask_rows,
-                                                  "loss_rows": loss_rows}, indent=1, default=str))
-    print(f"[bench] wrote {out / stem}.md and .json in {meta['total_s']:.0f} s", file=sys.stderr)
-
+    write_results(args.out, stem, md, {"meta": meta, "ceilings": ceil, "mask_rows": mask_rows, "loss_rows": loss_rows},
+                  suffix_msg=f" in {meta['total_s']:.0f} s")
 
 if __name__ == "__main__":
     main()

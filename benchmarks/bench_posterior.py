@@ -17,22 +17,27 @@ Results: a Markdown table on stdout and <out>/posterior_<device>.{md,json}.
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import os
 import platform
 import statistics
-import subprocess
 import sys
-import time
 import traceback
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout: diffkernels, benchmarks._common
+from benchmarks._common import (  # noqa: E402  -- shared machine / timing / ceiling / output helpers
+    base_parser,
+    command_line,
+    copy_times,
+    default_device,
+    device_kind,
+    gemm_ceilings,
+    git_commit,
+    now_iso,
+    timeit,
+    write_results,
+)
 
 import diffkernels  # noqa: E402
 from diffkernels.optimal_loss import knn, posterior_mean  # noqa: E402
@@ -41,53 +46,15 @@ SHAPES_GPU = [(1024, 50000, 3072), (256, 100000, 4096), (1797, 1797, 64)]
 SHAPES_CPU = [(256, 4096, 64), (1797, 1797, 64), (64, 4096, 3072)]
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timeit(fn, device, reps: int, warmup: int = 1) -> list[float]:
-    """Seconds per call: CUDA events on GPU, perf_counter on CPU."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    out = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            out.append(a.elapsed_time(b) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t0)
-    return out
-
-
 def ceilings(device, quick: bool) -> dict:
+    """Copy bandwidth (GB/s, median of 10 copies of 256 MiB on GPU, 16 MiB on CPU) and the
+    fp64 / fp32 / tf32 / bf16 GEMM rates (TFLOP/s; 8192^3 on GPU, 1024^3 on CPU fp64 / fp32 only)."""
     res = {}
     n = (1 << 28) if device.type == "cuda" else (1 << 24)
-    src = torch.randn(n // 4, device=device)
-    dst = torch.empty_like(src)
-    t = statistics.median(timeit(lambda: dst.copy_(src), device, 10))
-    res["copy_GBps"] = 2 * src.numel() * 4 / t / 1e9
+    t = statistics.median(copy_times(device, n, 10, warmup=1))
+    res["copy_GBps"] = 2 * n / t / 1e9
     size = 8192 if device.type == "cuda" else 1024
-    for name, dtype, tf32 in (("fp64", torch.float64, False), ("fp32", torch.float32, False),
-                              ("tf32", torch.float32, True), ("bf16", torch.bfloat16, False)):
-        if device.type == "cpu" and name in ("tf32", "bf16"):
-            continue
-        old = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        try:
-            a = torch.randn(size, size, device=device).to(dtype)
-            b = torch.randn(size, size, device=device).to(dtype)
-            t = statistics.median(timeit(lambda: a @ b, device, 3 if quick else 10))
-            res[f"{name}_TFLOPs"] = 2 * size**3 / t / 1e12
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = old
+    res.update(gemm_ceilings(device, size, 3 if quick else 10))
     return res
 
 
@@ -216,19 +183,14 @@ def fmt(v, spec=".3g"):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    ap = base_parser(__doc__, quick_help="smaller shapes and fewer repeats", device_help="cuda or cpu (default: cuda when available)",
+                     first_paragraph=False)
     ap.add_argument("--skip-curve", action="store_true")
     args = ap.parse_args()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(args.device)
     gen = torch.Generator(device=device).manual_seed(0)
-    kind = torch.cuda.get_device_name(device).split()[1].lower() if device.type == "cuda" else "cpu"
-    meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                commit=os.environ.get("DIFFKERNELS_COMMIT") or subprocess.run(
-                    ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip(),
-                command="python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+    kind = device_kind(device)
+    meta = dict(date=now_iso(), commit=git_commit(), command=command_line(),
                 torch=torch.__version__, python=platform.python_version(), diffkernels=diffkernels.__version__,
                 device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
                 threads=torch.get_num_threads())
@@ -283,13 +245,8 @@ def main() -> None:
                  f"{curve['curve_min']:.1f} min (extrapolated from one measured level)" if "error" not in curve else curve["error"])]
     md = "\n".join(L) + "\n"
     print(md)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = f"posterior_{kind}" + ("_quick" if args.quick else "")
-    (out / f"{stem}.md").write_text(md)
-    (out / f"{stem}.json").write_text(json.dumps(dict(meta=meta, ceilings=ceil, rows=rows, curve=curve), indent=1, default=str))
-    print(f"[bench_posterior] wrote {out / stem}.md and .json", file=sys.stderr)
-
+    write_results(args.out, stem, md, dict(meta=meta, ceilings=ceil, rows=rows, curve=curve), log_prefix="[bench_posterior]")
 
 if __name__ == "__main__":
     main()

@@ -31,34 +31,49 @@ Results: a Markdown table on stdout, and ``<out>/sparse_mse_<kind>[_quick].{md,j
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import gc
-import json
 import math
-import os
-import platform
-import shlex
-import statistics
-import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
-import diffkernels
-from diffkernels import _backend
-from diffkernels import reference as _reference
-from diffkernels.ops import _kernels
-from diffkernels.rng import seed_to_int64
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout: diffkernels, benchmarks._common
+from benchmarks._common import (  # noqa: E402  -- shared helpers (machine, timing, memory, ceilings, output)
+    LOAD_LIMIT,
+    WAIT_BUDGET,
+    LoadMonitor,
+    MiB,
+    bandwidth_ceilings,
+    base_parser,
+    cache_bytes,
+    default_device,
+    environment,
+    fmt_r,
+    fmt_t,
+    fused_backend,
+    measure,
+    measure_quietly,
+    peak_extra_bytes,
+    pin_device,
+    ratio_stats,
+    summarize,
+    shape_s,
+    sync,
+    time_calls,
+    wait_for_idle,
+    write_results,
+)
 
-REPO = Path(__file__).resolve().parent.parent
+import diffkernels  # noqa: E402
+from diffkernels import reference as _reference  # noqa: E402
+from diffkernels.ops import _kernels  # noqa: E402
+from diffkernels.rng import seed_to_int64  # noqa: E402
+
 SHAPES = [(128, 3, 32, 32), (64, 4, 64, 64), (16, 3, 256, 256)]
 ETAS = [0.0, 0.5, 0.98]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-MiB = 2**20
 BASE_SEED = 0x5EED_0000_1234
 
 
@@ -74,239 +89,14 @@ def baseline_loss(pred: torch.Tensor, target: torch.Tensor, eta: float) -> torch
     return per.mean()
 
 
-def fused_backend(device: torch.device) -> str:
-    """The backend the fused op runs on here by default; never the interpreter or the reference."""
-    name = _backend.default(device)
-    if device.type == "cpu" and name != "cpp":
-        raise RuntimeError(f"the C++ kernels are not available ({diffkernels.backends()['cpp']}); "
-                           "benchmarking the reference backend would be meaningless")
-    if device.type == "cuda" and name not in ("cuda", "triton"):
-        raise RuntimeError(f"no compiled CUDA backend (default is {name!r})")
-    return name
-
-
 # --- machine description ------------------------------------------------------------------------
 
 
-def _cpuinfo() -> dict:
-    info = {"model": platform.processor() or platform.machine(), "flags": []}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        for line in text.splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key == "model name" and info["model"] in ("", platform.machine(), platform.processor()):
-                info["model"] = value.strip()
-            elif key == "flags" and not info["flags"]:
-                flags = set(value.split())
-                info["flags"] = sorted(f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512_bf16") if f in flags)
-    except OSError:
-        pass
-    return info
-
-
-def _llc_bytes() -> int | None:
-    best = None
-    base = Path("/sys/devices/system/cpu/cpu0/cache")
-    for idx in sorted(base.glob("index*")) if base.exists() else []:
-        try:
-            if (idx / "type").read_text().strip() == "Instruction":
-                continue
-            size = (idx / "size").read_text().strip()
-            mult = {"K": 2**10, "M": 2**20}.get(size[-1], 1)
-            val = int(size.rstrip("KM")) * mult
-            best = max(best or 0, val)
-        except (OSError, ValueError):
-            pass
-    return best
-
-
-def _git(*args: str) -> str | None:
-    try:
-        out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def machine_info(device: torch.device) -> dict:
-    import triton  # noqa: F401  (version only)
-
-    # A copy of the working tree (a lent GPU machine) may carry a stale .git: let the caller say.
-    commit = os.environ.get("DIFFKERNELS_COMMIT") or _git("rev-parse", "HEAD")
-    dirty = "" if os.environ.get("DIFFKERNELS_COMMIT") else _git("status", "--porcelain", "--untracked-files=no")
-    info = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python " + shlex.join([os.path.relpath(sys.argv[0], os.getcwd())] + sys.argv[1:]),
-        "cwd": os.getcwd(),
-        "git_commit": commit,
-        "git_dirty": bool(dirty),
-        "git_dirty_files": dirty.splitlines() if dirty else [],
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "triton": getattr(sys.modules.get("triton"), "__version__", None),
-        "diffkernels": diffkernels.__version__,
-        "platform": platform.platform(),
-        "cpu": _cpuinfo(),
-        "cpu_count": os.cpu_count(),
-        "torch_num_threads": torch.get_num_threads(),
-        "llc_bytes": _llc_bytes(),
-        "fused_backend": fused_backend(device),
-        "backends": diffkernels.backends(),
-        "env": {k: os.environ[k] for k in ("TRITON_INTERPRET", "DIFFKERNELS_BACKEND", "OMP_NUM_THREADS") if k in os.environ},
-    }
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(
-            device=torch.cuda.get_device_name(device),
-            device_kind=_cuda_kind(torch.cuda.get_device_name(device)),
-            cuda=torch.version.cuda,
-            gpu_memory_bytes=props.total_memory,
-            gpu_sm_count=props.multi_processor_count,
-            gpu_l2_bytes=getattr(props, "L2_cache_size", None),
-        )
-    else:
-        info.update(device=f"{info['cpu']['model']} ({info['cpu_count']} cores)", device_kind="cpu")
+    """The shared environment description plus the backend the fused op runs on."""
+    info = environment(device)
+    info["fused_backend"] = fused_backend(device)
     return info
-
-
-def _cuda_kind(name: str) -> str:
-    for token in name.replace("-", " ").split():
-        if len(token) >= 3 and token[0].isalpha() and token[1:].isdigit():
-            return token.lower()
-    return "cuda"
-
-
-# --- load monitoring (a shared, noisy VM) -------------------------------------------------------
-
-
-class LoadMonitor:
-    """CPU time used by *other* processes while a measurement ran, in cores (Linux /proc only)."""
-
-    HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-    @staticmethod
-    def _read():
-        try:
-            with open("/proc/stat") as f:
-                v = [int(x) for x in f.readline().split()[1:9]]
-            with open("/proc/self/stat") as f:
-                s = f.read()
-            fields = s[s.rfind(")") + 2:].split()
-            own = int(fields[11]) + int(fields[12])
-            busy = v[0] + v[1] + v[2] + v[5] + v[6]  # user nice system irq softirq
-            return time.perf_counter(), busy, v[7], own
-        except (OSError, ValueError, IndexError):
-            return None
-
-    def __enter__(self):
-        self.start = self._read()
-        self.foreign_cores = self.steal_cores = None
-        return self
-
-    def __exit__(self, *exc):
-        end = self._read()
-        if self.start and end and end[0] > self.start[0]:
-            dt = end[0] - self.start[0]
-            self.foreign_cores = max(0.0, (end[1] - self.start[1]) - (end[3] - self.start[3])) / self.HZ / dt
-            self.steal_cores = (end[2] - self.start[2]) / self.HZ / dt
-        return False
-
-
-_WAIT_BUDGET = {"left_s": float("inf")}  # total waiting allowed in one run (--max-total-wait)
-
-
-def wait_for_idle(max_wait_s: float, threshold: float = 0.25) -> float:
-    """Wait (up to max_wait_s) until other processes use less than `threshold` cores; returns the wait."""
-    max_wait_s = min(max_wait_s, _WAIT_BUDGET["left_s"])
-    t0 = time.perf_counter()
-    try:
-        return _wait_for_idle(t0, max_wait_s, threshold)
-    finally:
-        _WAIT_BUDGET["left_s"] -= time.perf_counter() - t0
-
-
-def _wait_for_idle(t0: float, max_wait_s: float, threshold: float) -> float:
-    while True:
-        with LoadMonitor() as mon:
-            time.sleep(0.5)
-        if mon.foreign_cores is None or mon.foreign_cores < threshold:
-            return time.perf_counter() - t0
-        if time.perf_counter() - t0 > max_wait_s:
-            return time.perf_counter() - t0
-        time.sleep(1.5)
-
-
-# --- timing -------------------------------------------------------------------------------------
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_calls(fn, i0: int, k: int, device) -> float:
-    """Seconds per call of fn(i) over k consecutive calls (CUDA events on GPU, perf_counter on CPU)."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for j in range(k):
-            fn(i0 + j)
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3 / k
-    t0 = time.perf_counter()
-    for j in range(k):
-        fn(i0 + j)
-    return (time.perf_counter() - t0) / k
-
-
-def quartiles(xs):
-    xs = sorted(xs)
-    if len(xs) == 1:
-        return xs[0], xs[0], xs[0]
-    q1, q2, q3 = statistics.quantiles(xs, n=4, method="inclusive")
-    return q1, q2, q3
-
-
-def summarize(samples_s):
-    q1, med, q3 = quartiles(samples_s)
-    return {"median_ms": med * 1e3, "q1_ms": q1 * 1e3, "q3_ms": q3 * 1e3, "iqr_ms": (q3 - q1) * 1e3,
-            "min_ms": min(samples_s) * 1e3, "n_samples": len(samples_s)}
-
-
-def measure(fns: dict, device, *, budget_s: float, min_reps: int, max_reps: int, min_sample_s: float,
-            warmup_s: float, min_warmup_calls: int = 3) -> dict:
-    """Interleaved timing: each round times every method once (k calls each), rotating the order."""
-    names = list(fns)
-    est, k = {}, {}
-    counter = 0
-    for name in names:  # warm-up: at least min_warmup_calls calls and warmup_s seconds
-        fn = fns[name]
-        times = []
-        t_end = time.perf_counter() + warmup_s
-        while len(times) < min_warmup_calls or (time.perf_counter() < t_end and len(times) < 200):
-            times.append(time_calls(fn, counter, 1, device))
-            counter += 1
-        est[name] = statistics.median(times[-max(min_warmup_calls, len(times) // 2):])
-        k[name] = max(1, math.ceil(min_sample_s / max(est[name], 1e-9)))
-    per_round = sum(est[n] * k[n] for n in names)
-    reps = int(min(max_reps, max(min_reps, budget_s / max(per_round, 1e-9))))
-    samples = {n: [] for n in names}
-    with LoadMonitor() as mon:
-        for r in range(reps):
-            order = names[r % len(names):] + names[: r % len(names)]
-            for name in order:
-                samples[name].append(time_calls(fns[name], counter, k[name], device))
-                counter += k[name]
-    return {"samples": samples, "calls_per_sample": k, "rounds": reps,
-            "foreign_cores": mon.foreign_cores, "steal_cores": mon.steal_cores}
-
-
-def ratio_stats(num, den):
-    rs = [a / b for a, b in zip(num, den)]
-    q1, med, q3 = quartiles(rs)
-    return {"median": med, "q1": q1, "q3": q3}
 
 
 # --- memory -------------------------------------------------------------------------------------
@@ -325,90 +115,15 @@ CUDA_MEMORY_METHOD = (
 )
 
 
-class _quiet_stderr:
-    """Silence file descriptor 2 (the profiler's C++ start/stop lines) for the duration."""
-
-    def __enter__(self):
-        try:
-            sys.stderr.flush()
-            self.saved = os.dup(2)
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, 2)
-            os.close(devnull)
-        except OSError:
-            self.saved = None
-        return self
-
-    def __exit__(self, *exc):
-        if self.saved is not None:
-            os.dup2(self.saved, 2)
-            os.close(self.saved)
-        return False
-
-
-def peak_extra_bytes(fn, i: int, device) -> int:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn(i)
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base
-    from torch.profiler import ProfilerActivity, profile
-
-    with warnings.catch_warnings(), _quiet_stderr():
-        warnings.simplefilter("ignore")
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn(i)
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
-    cur = peak = 0
-    for e in events:
-        cur += e.nbytes()
-        peak = max(peak, cur)
-    return peak
-
-
 # --- ceilings -----------------------------------------------------------------------------------
 
 
 def ceilings(device, quick: bool) -> dict:
-    """Copy bandwidth, mask-generation throughput (our Philox) and torch.rand throughput."""
-    out = {}
-    # GPU: median of many runs. CPU (a shared VM whose noise only ever adds time): the best run.
-    stat = "median" if device.type == "cuda" else "best"
-    pick = statistics.median if device.type == "cuda" else min
-    if device.type == "cuda":
-        nbytes, reps = 2**30, (10 if quick else 30)
-    else:
-        nbytes, reps = (2**27 if quick else 2**29), (5 if quick else 15)
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    _sync(device)
-    ts = [time_calls(lambda i: dst.copy_(src), 0, 1, device) for _ in range(reps)]
-    t = pick(ts)
-    out["copy"] = {"bytes": nbytes, "median_ms": statistics.median(ts) * 1e3, "min_ms": min(ts) * 1e3,
-                   "GBps": 2 * nbytes / t / 1e9, "note": f"dst.copy_(src), bytes read + written / {stat} time"}
-    del src, dst
-
-    n = 2**26 if device.type == "cuda" else (2**22 if quick else 2**24)
-    shape = (64, n // 64)
-    for name, fn in (
-        ("philox_mask", lambda i: diffkernels.sparse_mask(shape, 0.5, BASE_SEED + i, device=device)),
-        ("torch_rand", lambda i: torch.rand(shape, device=device)),
-    ):
-        for i in range(3):
-            fn(i)
-        _sync(device)
-        ts = [time_calls(fn, i, 1, device) for i in range(reps)]
-        t = pick(ts)
-        out[name] = {"elements": n, "median_ms": statistics.median(ts) * 1e3, "min_ms": min(ts) * 1e3,
-                     "ns_per_element": t / n * 1e9, "stat": stat}
-    out["philox_mask"]["note"] = "diffkernels.sparse_mask: Philox uniforms + compare + 1 B/element bool write"
+    """Copy bandwidth, mask-generation throughput (our Philox) and torch.rand throughput (shared with
+    bench_mdm.py); on a CPU also the fused kernel's cache-resident compute rate."""
+    out = bandwidth_ceilings(device, quick, BASE_SEED)
     if device.type == "cpu":
+        stat, pick, reps = "best", min, (5 if quick else 15)  # as bandwidth_ceilings on a CPU
         # The fused kernel's own compute rate: loss + gradient on inputs small enough to stay in
         # the cores' L2 (64 x 2048 fp32, 0.5 MiB each), so memory bandwidth is not what limits it.
         # Measured on one thread (a parallel region is at the mercy of the scheduler on a shared VM)
@@ -435,33 +150,10 @@ def ceilings(device, quick: bool) -> dict:
         out["fused_kernel_cached"]["note"] = (
             "sparse_mse_fwd with gradient, 64x2048 fp32 inputs resident in L2, one thread, divided by the "
             f"{threads} threads (compute rate)")
-    out["torch_rand"]["note"] = "torch.rand (float32, 4 B/element write)"
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return out
 
 
 # --- one row ------------------------------------------------------------------------------------
-
-
-LOAD_LIMIT = 0.25  # cores used by other processes above which a CPU measurement is repeated
-
-
-def measure_quietly(fns, device, args, budget_s):
-    """measure(), repeated (after waiting for the machine to go idle) when other processes interfered."""
-    best = None
-    for attempt in range(1 + args.retries):
-        res = measure(fns, device, budget_s=budget_s, min_reps=args.min_reps, max_reps=args.max_reps,
-                      min_sample_s=args.min_sample, warmup_s=args.warmup)
-        res["attempts"] = attempt + 1
-        if best is None or (res["foreign_cores"] or 0) < (best["foreign_cores"] or 0):
-            best = res
-        if device.type != "cpu" or (res["foreign_cores"] or 0) <= LOAD_LIMIT or attempt == args.retries:
-            break
-        print(f"[bench]   other processes used {res['foreign_cores']:.2f} cores; measuring again", file=sys.stderr)
-        wait_for_idle(args.idle_wait, LOAD_LIMIT)
-    return best
 
 
 def make_inputs(shape, dtype, device, n_sets: int, gen: torch.Generator):
@@ -526,7 +218,7 @@ def bench_row(shape, eta, dtype_name, device, args, ceil, backend) -> dict:
     t0 = time.perf_counter()
     try:
         compiled(0)
-        _sync(device)
+        sync(device)
         row["compile_s"] = time.perf_counter() - t0
     except Exception as exc:  # noqa: BLE001 -- report, do not abort the whole run
         errors["compile"] = f"{type(exc).__name__}: {exc}"[:500]
@@ -626,25 +318,9 @@ def bench_row(shape, eta, dtype_name, device, args, ceil, backend) -> dict:
 # --- output -------------------------------------------------------------------------------------
 
 
-def _fmt_t(s):
-    if s is None:
-        return "n/a"
-    med = s["median_ms"]
-    digits = 3 if med < 1 else (2 if med < 10 else 1)
-    return f"{med:.{digits}f} ± {s['iqr_ms'] / 2:.{digits}f}"
-
-
-def _fmt_r(r):
-    return "n/a" if r is None else f"{r['median']:.2f}× ({r['q1']:.2f}–{r['q3']:.2f})"
-
-
 def _fmt_min(ratios):
     parts = [ratios[k]["of_min"] for k in ("eager/fused", "compile/fused") if k in ratios]
     return ", ".join(f"{x:.2f}×" for x in parts) or "n/a"
-
-
-def _shape_s(shape):
-    return "×".join(str(s) for s in shape)
 
 
 def to_markdown(meta, ceil, rows) -> str:
@@ -706,9 +382,9 @@ def to_markdown(meta, ceil, rows) -> str:
         steal = row.get("steal_cores")
         mark = " †" if (load or 0) > LOAD_LIMIT else ""
         L.append(
-            f"| {_shape_s(row['shape'])} | {row['eta']} | {row['dtype']} | **{_fmt_t(t.get('fused'))}** | "
-            f"{_fmt_t(t.get('eager'))} | {_fmt_t(t.get('compile'))} | {_fmt_r(row['ratio'].get('eager/fused'))} | "
-            f"{_fmt_r(row['ratio'].get('compile/fused'))} | {_fmt_min(row['ratio'])} | {row['byte_floor_ms']:.3f} | "
+            f"| {shape_s(row['shape'])} | {row['eta']} | {row['dtype']} | **{fmt_t(t.get('fused'))}** | "
+            f"{fmt_t(t.get('eager'))} | {fmt_t(t.get('compile'))} | {fmt_r(row['ratio'].get('eager/fused'))} | "
+            f"{fmt_r(row['ratio'].get('compile/fused'))} | {_fmt_min(row['ratio'])} | {row['byte_floor_ms']:.3f} | "
             f"{100 * row['fused_frac_of_byte_floor']:.0f}% | "
             f"{row.get('compile_s', float('nan')):.1f} | {'' if load is None else f'{load:.2f} / {steal:.2f}'}{mark} |"
         )
@@ -716,7 +392,7 @@ def to_markdown(meta, ceil, rows) -> str:
     if errs:
         L.append("")
         for r, k, v in errs:
-            L.append(f"- error in {k} at {_shape_s(r['shape'])} η={r['eta']} {r['dtype']}: `{v}`")
+            L.append(f"- error in {k} at {shape_s(r['shape'])} η={r['eta']} {r['dtype']}: `{v}`")
     L.append("")
     L.append("## Peak extra memory of one step, MiB")
     L.append("")
@@ -727,7 +403,7 @@ def to_markdown(meta, ceil, rows) -> str:
     for row in rows:
         pm = row["peak_extra_MiB"]
         f = lambda k: "n/a" if k not in pm else f"{pm[k]:.2f}"  # noqa: E731
-        L.append(f"| {_shape_s(row['shape'])} | {row['eta']} | {row['dtype']} | {row['grad_MiB']:.2f} | "
+        L.append(f"| {shape_s(row['shape'])} | {row['eta']} | {row['dtype']} | {row['grad_MiB']:.2f} | "
                  f"{f('fused')} | {f('eager')} | {f('compile')} |")
     L.append("")
     L.append("## Gradient strategy, backend primitive only, ms (median ± IQR/2)")
@@ -745,8 +421,8 @@ def to_markdown(meta, ceil, rows) -> str:
     L.append("|---|---|---|---|---|---|---|---|" + ("---|" if has_pred else ""))
     for row in rows:
         s = row["strategy"]
-        L.append(f"| {_shape_s(row['shape'])} | {row['eta']} | {row['dtype']} | **{_fmt_t(s['A_one_pass'])}** | "
-                 f"{_fmt_t(s['B_two_pass'])} | {_fmt_r(s['B/A'])} | {_fmt_t(s['fwd_no_grad'])} | "
+        L.append(f"| {shape_s(row['shape'])} | {row['eta']} | {row['dtype']} | **{fmt_t(s['A_one_pass'])}** | "
+                 f"{fmt_t(s['B_two_pass'])} | {fmt_r(s['B/A'])} | {fmt_t(s['fwd_no_grad'])} | "
                  f"{100 * row['kernel_A_frac_of_byte_floor']:.0f}% |"
                  + (f" {row['predicted_kernel_ms']:.3f} |" if has_pred else ""))
     if has_pred:
@@ -763,7 +439,7 @@ def to_markdown(meta, ceil, rows) -> str:
         L.append("|---|---|---|---|---|")
         for row in ref_rows:
             t = row["time"]
-            L.append(f"| {_shape_s(row['shape'])} | {row['eta']} | {row['dtype']} | {_fmt_t(t['reference'])} | "
+            L.append(f"| {shape_s(row['shape'])} | {row['eta']} | {row['dtype']} | {fmt_t(t['reference'])} | "
                      f"{t['reference']['median_ms'] / t['fused']['median_ms']:.0f}× |")
     L.append("")
     return "\n".join(L)
@@ -773,10 +449,7 @@ def to_markdown(meta, ceil, rows) -> str:
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="fp32 only, eta in {0, 0.98}, short timing budgets")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="directory for .md and .json results")
-    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ap = base_parser(__doc__, quick_help="fp32 only, eta in {0, 0.98}, short timing budgets")
     ap.add_argument("--shapes", default=None, help="e.g. '128x3x32x32,16x3x256x256'")
     ap.add_argument("--etas", default=None, help="e.g. '0,0.5,0.98'")
     ap.add_argument("--dtypes", default=None, help="e.g. 'fp32,bf16'")
@@ -799,7 +472,7 @@ def parse_args(argv=None):
     ap.add_argument("--suffix", default="", help="appended to the output file names")
     args = ap.parse_args(argv)
 
-    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.device = default_device(args.device)
     if args.shapes:
         args.shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     else:
@@ -826,13 +499,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = args.device
+    device = pin_device(args.device)
     if device.type == "cuda":
-        if device.index is None:  # "cuda" means the current device; pin it so every call agrees
-            device = torch.device("cuda", torch.cuda.current_device())
-        torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = False
-    _WAIT_BUDGET["left_s"] = args.max_total_wait
+    WAIT_BUDGET["left_s"] = args.max_total_wait
     meta = machine_info(device)
     backend = meta["fused_backend"]
     meta["memory_method"] = CUDA_MEMORY_METHOD if device.type == "cuda" else CPU_MEMORY_METHOD
@@ -845,7 +515,7 @@ def main(argv=None):
     with LoadMonitor() as mon:
         ceil = ceilings(device, args.quick)
     ceil["foreign_cores"], ceil["steal_cores"] = mon.foreign_cores, mon.steal_cores
-    ceil["_cache_bytes"] = (meta.get("gpu_l2_bytes") or 50 * MiB) if device.type == "cuda" else (meta["llc_bytes"] or 32 * MiB)
+    ceil["_cache_bytes"] = cache_bytes(meta, device)
     print(f"[bench] copy {ceil['copy']['GBps']:.1f} GB/s; Philox mask {ceil['philox_mask']['ns_per_element']:.3f} ns/el; "
           f"torch.rand {ceil['torch_rand']['ns_per_element']:.3f} ns/el", file=sys.stderr)
 
@@ -860,7 +530,7 @@ def main(argv=None):
                 t = row["time"]
                 msg = " ".join(f"{k}={v['median_ms']:.3f}ms" for k, v in t.items())
                 rr = " ".join(f"{k}={v['median']:.2f}" for k, v in row["ratio"].items())
-                print(f"[bench] {_shape_s(shape)} eta={eta} {dtype_name}: {msg} | {rr} | "
+                print(f"[bench] {shape_s(shape)} eta={eta} {dtype_name}: {msg} | {rr} | "
                       f"B/A={row['strategy']['B/A']['median']:.2f} | load={row['foreign_cores']} | "
                       f"{time.perf_counter() - t0:.1f}s", file=sys.stderr)
     meta["total_s"] = time.perf_counter() - t_start
@@ -868,13 +538,10 @@ def main(argv=None):
 
     md = to_markdown(meta, ceil, rows)
     print(md)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = f"sparse_mse_{meta['device_kind']}" + ("_quick" if args.quick else "") + args.suffix
-    (out / f"{stem}.md").write_text(md)
     ceil.pop("_cache_bytes", None)
-    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "ceilings": ceil, "rows": rows}, indent=1, default=str))
-    print(f"[bench] wrote {out / stem}.md and .json in {meta['total_s']:.0f} s", file=sys.stderr)
+    write_results(args.out, stem, md, {"meta": meta, "ceilings": ceil, "rows": rows},
+                  suffix_msg=f" in {meta['total_s']:.0f} s")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout too
+from benchmarks._common import best_round_us, pin_device  # noqa: E402
+
 import diffkernels as dk  # noqa: E402
 from diffkernels import _backend  # noqa: E402
 from diffkernels.mdm import mask_tokens  # noqa: E402
@@ -45,27 +47,6 @@ MAYBE_NO_LAUNCH = {"aten::to", "aten::contiguous", "aten::reshape", "aten::type_
 # Ops that make the host wait for the device.
 SYNCS = {"aten::_local_scalar_dense", "aten::nonzero"}
 PROFILED_CALLS = 5
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_per_call(fn, device, calls: int, repeats: int, clock=time.perf_counter) -> float:
-    """Time per call in microseconds, synchronised around each round of ``calls`` calls: the best
-    round, as timeit reports (the other rounds only add noise from other processes)."""
-    for _ in range(max(10, calls // 10)):
-        fn()
-    rounds = []
-    for _ in range(repeats):
-        sync(device)
-        start = clock()
-        for _ in range(calls):
-            fn()
-        sync(device)
-        rounds.append((clock() - start) / calls * 1e6)
-    return min(rounds)
 
 
 def _launches(event) -> bool:
@@ -159,10 +140,7 @@ def main() -> None:
     if args.cpu_time and device.type != "cpu":
         parser.error("--cpu-time measures host work only; on a GPU time with the wall clock")
     clock = time.process_time if args.cpu_time else time.perf_counter
-    if device.type == "cuda":
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        torch.cuda.set_device(device)
+    device = pin_device(device)
     shape = lambda s: tuple(int(x) for x in s.split(","))  # noqa: E731
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
           f"backend {_backend.select(device)}, torch {torch.__version__}, best of {args.repeats} rounds of "
@@ -170,7 +148,7 @@ def main() -> None:
     for title, rows in cases(device, shape(args.mse_shape), shape(args.ids_shape)):
         print(f"\n{title}\n  {'case':<16}{'us/call':>10}{'launch ops':>12}{'other ops':>11}{'syncs':>7}")
         for name, fn in rows:
-            us = time_per_call(fn, device, args.calls, args.repeats, clock)
+            us = best_round_us(fn, device, args.calls, args.repeats, clock)
             launch, other, syncs, names = count_ops(fn)
             print(f"  {name:<16}{us:>10.1f}{launch:>12.1f}{other:>11.1f}{syncs:>7.1f}")
             if args.show_ops:
