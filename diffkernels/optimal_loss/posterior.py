@@ -3,17 +3,27 @@
 For a query x and data rows y_n the posterior weights are w_n = softmax_n(-||x - alpha y_n||^2 / (2 sigma^2)),
 the denoiser is D(x) = sum_n w_n y_n and the posterior variance is tr Cov = sum_n w_n ||y_n - D(x)||^2.
 
-How it stays accurate from sigma = 2e-3 to 1e3 times the data scale (the precision hazard of
-METHODS.md section 3): every product runs in float64 (logits ~ 1/sigma^2 need ~1e-12 relative accuracy
-in the squared distances; float32, TF32 or bf16 products lose the O(1) logit differences that decide
-the softmax at small sigma). The data is streamed in chunks that are converted to float64 on the fly, so
-memory stays O(M * D + M * chunk) and the data itself may be float32, bfloat16 or float16, on the device,
-in host memory or in a memory-mapped file. Each partial result keeps its sums relative to a per-query
-reference point inside the posterior mass (the chunk's nearest data row), so small variances of
-near-duplicate data are differences of small numbers, never of two large ones.
+The precision hazard (METHODS.md section 3): logits are ~1/sigma^2 times squared distances, so at
+sigma = 2e-3 times the data scale the expanded-form distances ||x||^2 + ||y||^2 - 2 x.y need ~1e-12
+relative accuracy; float32, TF32 or bf16 products lose the O(1) logit differences that decide the
+softmax. Two engines, both exact to float64 rounding in what they return:
 
-On GPUs with fast float64 (H100/H200/A100: float64 tensor cores) the two float64 GEMMs per chunk run
-at tens of TFLOP/s; on consumer GPUs float64 is slow and this is not the op to run there.
+* ``precision="float64"``: every product in float64 (two GEMMs per data chunk: logits and sums).
+* ``precision="auto"`` (screen and refine): one fp32-accurate GEMM per chunk (float32 on the CPU,
+  three TF32 tensor-core products on CUDA) gives every logit to within a bound E that follows from
+  the GEMM's rounding; per query, the SCREEN_TOP best rows are then recomputed exactly, in float64
+  by direct differences, and every other row is provably below the maximum by more than
+  NEGLIGIBLE_NATS (e^-40 each), so it is dropped. Where that proof fails for a query (the posterior
+  is spread over more rows than SCREEN_TOP, i.e. larger sigma), that query falls back to the float64
+  engine for the chunk; a query block where most queries fall back stops screening. The win is at
+  small and moderate sigma, where the posterior sits on a few rows: one GEMM at fp32 speed instead of
+  two at float64 speed.
+
+The data is streamed in chunks converted on the fly, so memory stays O(M * D + M * chunk) and the data
+may be float32, bfloat16 or float16, on the device, in host memory or in a memory-mapped file. Each
+partial result keeps its sums relative to a per-query reference point inside the posterior mass (the
+chunk's nearest data row), so small variances of near-duplicate data are differences of small numbers,
+never of two large ones.
 """
 
 from __future__ import annotations
@@ -29,6 +39,53 @@ Scalar = Union[float, Tensor]
 # Elements of one (queries x chunk) float64 logit tile: bounds the memory beyond the outputs.
 TILE_ELEMENTS_CUDA = 1 << 25  # 256 MiB of float64
 TILE_ELEMENTS_CPU = 1 << 22  # 32 MiB: stays near the CPU's caches
+
+PRECISIONS = ("auto", "float64")
+# Screen and refine (precision="auto"): rows per query and chunk recomputed exactly, and the margin
+# below the best logit beyond which a row is dropped (e^-40 = 4e-18 of the best row's weight).
+SCREEN_TOP = 16
+NEGLIGIBLE_NATS = 40.0
+# The float64 engine's rows per query and chunk computed by direct differences (the largest weights).
+EXACT_HEAD = 4
+# Tests set this to run the CUDA path's 3xTF32 splitting on the CPU (TF32 rounding emulated).
+_SPLIT_TF32_ON_CPU = False
+
+
+def screen_error_factor(D: int) -> float:
+    """gamma(D): |fp32-accurate a.b - a.b| <= gamma(D) ||a|| ||b|| for the screening GEMM.
+
+    Measured worst cases (float32 BLAS and emulated 3xTF32, D = 64..12288, signed and all-positive
+    data): 7 and 21 units of 2^-24. The bound is 2^-24 (256 + D), 10-100x above them and above the
+    classical worst case of blocked summation; a loose bound only widens the screening margin.
+    """
+    return 2.0**-24 * (256 + D)
+
+
+def _round_tf32(x: Tensor) -> Tensor:
+    """float32 rounded to the nearest TF32 value (10 mantissa bits), as tensor cores read it."""
+    return ((x.view(torch.int32) + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+def _fp32_accurate_mm(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b.T (float32 in, float32 out) accurate to float32 rounding.
+
+    CPU: one float32 GEMM. CUDA: 3xTF32, a = a_hi + a_lo (a_hi the TF32 rounding of a), and
+    a_hi b_hi + a_hi b_lo + a_lo b_hi as one TF32 tensor-core GEMM over a 3x longer inner dimension
+    (the dropped a_lo b_lo is ~2^-22 relative); float32 accumulation, ~3x the plain fp32 GEMM rate.
+    """
+    if a.device.type != "cuda" and not _SPLIT_TF32_ON_CPU:
+        return a @ b.T
+    a_hi, b_hi = _round_tf32(a), _round_tf32(b)
+    a3 = torch.cat([a_hi, a_hi, _round_tf32(a - a_hi)], dim=1)
+    b3 = torch.cat([b_hi, _round_tf32(b - b_hi), b_hi], dim=1)
+    if a.device.type != "cuda":
+        return a3 @ b3.T
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        return a3 @ b3.T
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
 
 
 @dataclass
@@ -169,6 +226,32 @@ def default_block_sizes(M: int, device: torch.device) -> tuple[int, int]:
 # --- the streaming kernel ---------------------------------------------------------------------
 
 
+def _check_precision(precision: Optional[str], device: torch.device) -> str:
+    """The engine: ``None`` means "auto" on the CPU and "float64" on CUDA (see below)."""
+    if precision is None:
+        # The 3xTF32 screening is implemented for CUDA but not yet verified on a GPU: until the GPU
+        # pass has run its accuracy tests there, CUDA keeps the float64 engine unless asked.
+        return "auto" if device.type == "cpu" else "float64"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS} or None, got {precision!r}")
+    return precision
+
+
+_QUERY_FIELDS = ("x", "ax", "xsq", "alpha", "inv_two_var", "bias")
+
+
+class _Chunk:
+    """One chunk of data rows in float64 on the queries' device, with its screening views made once."""
+
+    def __init__(self, rows: Tensor, start: int, anchor: Optional[Tensor]):
+        self.start, self.y = start, rows
+        if anchor is not None:  # relative to the data's anchor: smaller norms, smaller GEMM error
+            yc = rows - anchor
+            self.yc32 = yc.to(torch.float32)
+            self.ycsq = yc.square().sum(dim=1)
+            self.yc_max_norm = self.ycsq.max().sqrt()
+
+
 def posterior_partial(
     queries: Tensor,
     data: Tensor,
@@ -179,6 +262,7 @@ def posterior_partial(
     index_offset: int = 0,
     logit_bias: Optional[Scalar] = None,
     chunk_size: Optional[int] = None,
+    precision: Optional[str] = None,
 ) -> PosteriorPartial:
     """Softmax statistics of ``queries`` (M, D) over the rows of ``data`` (N, D), as a mergeable partial.
 
@@ -186,12 +270,15 @@ def posterior_partial(
     row of this data, e.g. -log C for cDOL's source row). ``exclude_index`` (M,) int64 drops data row
     ``exclude_index[m]`` for query m; rows are numbered from ``index_offset`` (the position of ``data``
     in the whole dataset when it is one chunk of it; -1 excludes nothing). ``data`` may live on another
-    device than ``queries`` (e.g. host memory): it is moved chunk by chunk.
+    device than ``queries`` (e.g. host memory): it is moved chunk by chunk. ``precision``: "auto"
+    (screen and refine, see the module docstring), "float64", or None (auto on the CPU, float64 on
+    CUDA); both are exact to float64 rounding. "auto" syncs with the host once per chunk.
     """
     _check_inputs(queries, data)
     M, D = queries.shape
     N = data.shape[0]
     device = queries.device
+    engine = _check_precision(precision, device)
     sig = _per_query(sigma, "sigma", M, device)
     alp = _per_query(alpha, "alpha", M, device)
     bias = None if logit_bias is None else _per_query(logit_bias, "logit_bias", M, device, positive=False)
@@ -207,48 +294,137 @@ def posterior_partial(
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         chunk = int(chunk_size)
 
+    anchor = None
+    if engine == "auto" and N:
+        # Any fixed point works; the mean of the first rows takes out the data's common offset. Rounded
+        # to float32 so that it is the same exact number wherever it is used.
+        anchor = data[: min(N, 4096)].to(device=device, dtype=torch.float64).mean(dim=0).float().double()
     x = queries.to(torch.float64)
     blocks = []
     for a in range(0, M, block):
         b = slice(a, a + block)
         xb = x[b]
-        blocks.append(dict(x=xb * alp[b, None], xsq=xb.square().sum(dim=1), alpha=alp[b],
-                           inv_two_var=0.5 / sig[b].square(), bias=None if bias is None else bias[b],
-                           exclude=None if exclude_index is None else exclude_index[b],
-                           out=None if N else empty_partial(xb.shape[0], D, device)))
+        blk = dict(x=xb, ax=xb * alp[b, None], xsq=xb.square().sum(dim=1), alpha=alp[b],
+                   inv_two_var=0.5 / sig[b].square(), bias=None if bias is None else bias[b],
+                   exclude=None if exclude_index is None else exclude_index[b],
+                   out=None if N else empty_partial(xb.shape[0], D, device), screen=engine == "auto")
+        if anchor is not None:
+            xc = xb - alp[b, None] * anchor  # ||x - a y||^2 = ||xc - a (y - anchor)||^2
+            blk.update(xcsq=xc.square().sum(dim=1), axc32=(alp[b, None] * xc).float(),
+                       axc_norm=(alp[b, None] * xc).norm(dim=1))
+        blocks.append(blk)
 
-    def add_chunk(blk, y, start):
+    def add_chunk(blk, ch: _Chunk):
+        y, start = ch.y, ch.start
         excl = None
         if blk["exclude"] is not None:
             local = blk["exclude"] - (index_offset + start)
             hit = (local >= 0) & (local < y.shape[0])
             # At most one excluded column per query; queries without one rewrite column 0 unchanged (no host sync).
             excl = hit, local.clamp(0, y.shape[0] - 1)
-        part = _chunk_partial(blk["x"], blk["xsq"], y, blk["alpha"], blk["inv_two_var"], excl, blk["bias"])
+        if blk["screen"]:
+            part, fallback_fraction = _screened_chunk_partial(blk, ch, excl, D)
+            blk["screen"] = fallback_fraction <= 0.5  # mostly spread posteriors: screening would not pay
+        else:
+            part = _chunk_partial(blk, y, excl)
         blk["out"] = part if blk["out"] is None else merge_partials(blk["out"], part)
 
     def chunks():
         for start in range(0, N, chunk):
-            yield start, data[start:start + chunk].to(device=device, dtype=torch.float64, non_blocking=True)
+            rows = data[start:start + chunk].to(device=device, dtype=torch.float64, non_blocking=True)
+            yield _Chunk(rows, start, anchor)
 
     if data.device == device:  # data resident: query blocks outside, so each block streams long chunks
         for blk in blocks:
-            for start, y in chunks():
-                add_chunk(blk, y, start)
+            for ch in chunks():
+                add_chunk(blk, ch)
     else:  # data elsewhere (host memory): move each chunk once and use it for every block
-        for start, y in chunks():
+        for ch in chunks():
             for blk in blocks:
-                add_chunk(blk, y, start)
+                add_chunk(blk, ch)
     parts = [blk["out"] for blk in blocks]
     if len(parts) == 1:
         return parts[0]
     return PosteriorPartial(*(torch.cat(fields) for fields in zip(*(p.to_tuple() for p in parts))))
 
 
-def _chunk_partial(ax, xsq, y, alpha, inv_two_var, excl, bias) -> PosteriorPartial:
-    """One data chunk y (n, D) in float64: two GEMMs, (alpha x) y^T for the logits and w y for the sums."""
+def _screened_chunk_partial(blk: dict, ch: _Chunk, excl, D: int) -> tuple[PosteriorPartial, float]:
+    """One chunk by screen and refine; returns the partial and the fraction of queries that fell back.
+
+    Screening logits come from one fp32-accurate GEMM of the anchored vectors; their error is at most
+    E = 2 gamma(D) ||a xc|| max ||yc|| / (2 sigma^2). If the best logit beats the (SCREEN_TOP + 1)-th by
+    more than 2 E + NEGLIGIBLE_NATS, every row outside the top SCREEN_TOP is truly more than
+    NEGLIGIBLE_NATS below the best one, so the top rows, recomputed exactly, are the whole partial.
+    """
+    y, inv_two_var, bias = ch.y, blk["inv_two_var"], blk["bias"]
+    n = y.shape[0]
+    products = _fp32_accurate_mm(blk["axc32"], ch.yc32)
+    dist = (blk["xcsq"][:, None] + blk["alpha"].square()[:, None] * ch.ycsq[None, :]).sub_(products.double(), alpha=2.0)
+    del products
+    logits = dist.clamp_min_(0.0).mul_(-inv_two_var[:, None])  # the bias shifts every row alike: not needed here
+    if excl is not None:
+        hit, col = excl
+        current = logits.gather(1, col[:, None])
+        logits.scatter_(1, col[:, None], torch.where(hit[:, None], float("-inf"), current))
+    error = 2.0 * screen_error_factor(D) * blk["axc_norm"] * ch.yc_max_norm * inv_two_var
+    top = min(SCREEN_TOP, n)
+    best, index = logits.topk(min(top + 1, n), dim=1)
+    del logits, dist
+    if n > top:
+        proven = best[:, top] + (2.0 * error + NEGLIGIBLE_NATS) < best[:, 0]
+        proven |= best[:, 0] == float("-inf")  # every row excluded: nothing to add
+    else:
+        proven = torch.ones_like(best[:, 0], dtype=torch.bool)
+    part = _exact_rows_partial(blk, y, index[:, :top], best[:, :top] > float("-inf"))
+    fallback = ~proven
+    count = int(fallback.sum())  # the one host sync per chunk
+    if count:
+        rows = fallback.nonzero().squeeze(1)
+        sub_excl = None if excl is None else (excl[0][rows], excl[1][rows])
+        queries = {key: blk[key] if blk[key] is None else blk[key][rows] for key in _QUERY_FIELDS}
+        sub = _chunk_partial(queries, y, sub_excl)
+        part = PosteriorPartial(*(full.index_copy(0, rows, patch) for full, patch in zip(part.to_tuple(), sub.to_tuple())))
+    return part, count / max(1, fallback.numel())
+
+
+def _exact_rows_partial(queries: dict, y: Tensor, index: Tensor, valid: Tensor) -> PosteriorPartial:
+    """The partial of a few rows per query (``index`` (b, k) into y, ``valid`` (b, k)), by direct differences.
+
+    Exact to float64 rounding of the distances themselves (no expanded form, no cancellation).
+    """
+    x, alpha, inv_two_var, bias = queries["x"], queries["alpha"], queries["inv_two_var"], queries["bias"]
+    b, k = index.shape
+    D = y.shape[1]
+    tile = TILE_ELEMENTS_CUDA if y.device.type == "cuda" else TILE_ELEMENTS_CPU
+    per = max(1, tile // max(1, k * D))  # queries per gathered (per, k, D) float64 slab
+    fields = []
+    for a in range(0, b, per):
+        r = slice(a, a + per)
+        rows = y[index[r]]  # (per, k, D)
+        logits = (x[r, None, :] - alpha[r, None, None] * rows).square().sum(dim=2).mul_(-inv_two_var[r, None])
+        if bias is not None:
+            logits.add_(bias[r, None])
+        logits.masked_fill_(~valid[r], float("-inf"))
+        log_max, nearest = logits.max(dim=1)
+        seen = log_max > float("-inf")
+        w = (logits - torch.where(seen, log_max, 0.0)[:, None]).exp()
+        center = rows[torch.arange(rows.shape[0], device=y.device), nearest]
+        offsets = rows - center[:, None, :]
+        fields.append((center, log_max, w.sum(dim=1), (w[:, :, None] * offsets).sum(dim=1),
+                       (w * offsets.square().sum(dim=2)).sum(dim=1)))
+    return PosteriorPartial(*(torch.cat(f) for f in zip(*fields)))
+
+
+def _chunk_partial(queries: dict, y: Tensor, excl) -> PosteriorPartial:
+    """One data chunk y (n, D) by the float64 engine: logits by one GEMM, (alpha x) y^T; the EXACT_HEAD
+    best rows per query recomputed by direct differences; the other rows' sums by a second GEMM, w y.
+
+    The head carries the posterior's largest weights, so small variances (near-duplicate rows) and
+    the log-sum-exp come from exact differences; the expanded form's rounding (~1e-16 (||x||^2 +
+    a^2 ||y||^2) in the distances, ~1e-16 ||c||^2 per unit weight in the sums) only touches the tail.
+    """
+    ax, xsq, alpha, inv_two_var, bias = (queries[key] for key in ("ax", "xsq", "alpha", "inv_two_var", "bias"))
     ysq = y.square().sum(dim=1)
-    # ||x - a y||^2 expanded: in float64 its error ~1e-16 (||x||^2 + a^2 ||y||^2) stays far below sigma^2.
     dist = torch.addmm(xsq[:, None] + alpha.square()[:, None] * ysq[None, :], ax, y.T, alpha=-2.0)
     logits = dist.clamp_min_(0.0).mul_(-inv_two_var[:, None])
     if bias is not None:
@@ -257,20 +433,20 @@ def _chunk_partial(ax, xsq, y, alpha, inv_two_var, excl, bias) -> PosteriorParti
         hit, col = excl
         current = logits.gather(1, col[:, None])
         logits.scatter_(1, col[:, None], torch.where(hit[:, None], float("-inf"), current))
-    log_max, nearest = logits.max(dim=1)
-    seen = log_max > float("-inf")
-    w = logits.sub_(torch.where(seen, log_max, 0.0)[:, None]).exp_()  # the tile is reused as the weights
-    center = y[nearest]
-    # The center row (weight exactly 1) adds exactly 0 to both offset sums: take it out of the GEMMs,
-    # so their rounding (~1e-16 ||c||^2 per unit weight) scales with the weight of the *other* rows,
-    # which is what the variance is made of.
-    w.scatter_(1, nearest[:, None], 0.0)
-    rest_w = w.sum(dim=1)
+    head_logits, head = logits.topk(min(EXACT_HEAD, y.shape[0]), dim=1)
+    part = _exact_rows_partial(queries, y, head, head_logits > float("-inf"))
+    if head.shape[1] == y.shape[0]:
+        return part
+    seen = part.log_max > float("-inf")
+    w = logits.sub_(torch.where(seen, part.log_max, 0.0)[:, None]).exp_()  # the tile is reused as the weights
+    w.scatter_(1, head, 0.0)
+    tail_w = w.sum(dim=1)
     wy = w @ y
-    sum_wy = wy - rest_w[:, None] * center
-    # sum w ||y - c||^2 = sum w ||y||^2 - 2 <c, sum w y> + ||c||^2 sum w, in float64.
-    sum_wyy = (w @ ysq - 2.0 * (center * wy).sum(dim=1) + rest_w * center.square().sum(dim=1)).clamp_min(0.0)
-    return PosteriorPartial(center, log_max, rest_w + seen.to(torch.float64), sum_wy, sum_wyy)
+    center = part.center
+    # Tail sums relative to the head's center: sum w ||y - c||^2 = sum w ||y||^2 - 2 <c, sum w y> + ||c||^2 sum w.
+    tail_wyy = (w @ ysq - 2.0 * (center * wy).sum(dim=1) + tail_w * center.square().sum(dim=1)).clamp_min(0.0)
+    return PosteriorPartial(center, part.log_max, part.sum_w + tail_w, part.sum_wy + wy - tail_w[:, None] * center,
+                            part.sum_wyy + tail_wyy)
 
 
 def posterior_mean(
@@ -282,6 +458,7 @@ def posterior_mean(
     exclude_index: Optional[Tensor] = None,
     return_stats: bool = False,
     chunk_size: Optional[int] = None,
+    precision: Optional[str] = None,
 ):
     """The optimal denoiser D(x) = E[x0 | x] for each row of ``queries`` over the rows of ``data``.
 
@@ -290,11 +467,13 @@ def posterior_mean(
     Returns the mean (M, D) in float32 (float64 for float64 queries); with ``return_stats`` also the
     log-sum-exp of the logits (M,) and the posterior variance tr Cov[x0 | x] (M,), both float64 (at
     small sigma variances fall far below float32's range). A query whose rows are all excluded gets NaN.
+    ``precision``: the engine ("auto", "float64", None = auto on the CPU, float64 on CUDA), see
+    :func:`posterior_partial`; both agree to float64 rounding.
     """
     if isinstance(data, Tensor) and data.dim() == 2 and data.shape[0] == 0:
         raise ValueError("data has no rows (N = 0): the posterior over an empty dataset is undefined")
     stats = posterior_partial(queries, data, sigma, alpha=alpha, exclude_index=exclude_index,
-                              chunk_size=chunk_size).finalize()
+                              chunk_size=chunk_size, precision=precision).finalize()
     dtype = torch.promote_types(queries.dtype, torch.float32)
     if not return_stats:
         return stats.mean.to(dtype)
