@@ -532,6 +532,16 @@ class quiet_stderr:
         return False
 
 
+def cuda_peak_bytes(fn, i: int, device) -> tuple[int, int]:
+    """(allocated before, peak allocated during) the call fn(i) on a CUDA device, in bytes."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn(i)
+    torch.cuda.synchronize(device)
+    return before, torch.cuda.max_memory_allocated(device)
+
+
 def peak_extra_bytes(fn, i: int, device) -> int:
     """Peak memory fn(i) allocates above what was allocated before it.
 
@@ -541,12 +551,8 @@ def peak_extra_bytes(fn, i: int, device) -> int:
     """
     gc.collect()
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn(i)
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base
+        before, peak = cuda_peak_bytes(fn, i, device)
+        return peak - before
     from torch.profiler import ProfilerActivity, profile
 
     with warnings.catch_warnings(), quiet_stderr():

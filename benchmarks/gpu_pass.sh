@@ -3,12 +3,15 @@
 #     bash benchmarks/gpu_pass.sh OUTDIR
 # 1. installs the package in place against this machine's torch (no deps, no build isolation);
 # 2. runs the whole test suite on CUDA tensors, then compute-sanitizer over the kernels;
-# 3. measures the device's ceilings and benchmarks every op (bench_*.py);
+# 3. measures the device's ceilings and benchmarks every op (bench_*.py; bench_end_to_end.py times whole
+#    training steps of the examples and the CIFAR-10-sized optimal-loss curve, about 2 minutes on an H100;
+#    benchmarks/_common.py holds the scripts' shared helpers and is not a benchmark);
 # 4. writes everything (logs, JSON + Markdown tables, versions, commit, date) to OUTDIR.
 # Every step runs even if an earlier one fails; the exit code says whether all passed.
 # GPU_PASS_SKIP="tests sanitizer" skips steps by name (to spend a short lease on what changed);
 # GPU_PASS_BENCH_ARGS passes extra arguments to every bench_*.py; GPU_PASS_TESTS replaces the test
-# selection (default: the whole suite); GPU_PASS_STEP_TIMEOUT caps each step (seconds, 0 = none).
+# selection (default: the whole suite); GPU_PASS_STEP_TIMEOUT caps each step (seconds, 0 = none);
+# GPU_PASS_BENCHES="bench_end_to_end bench_mdm" runs only those benchmarks (default: every bench_*.py).
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/gpu_pass.sh OUTDIR}
 mkdir -p "$OUT"
@@ -44,6 +47,9 @@ else
   echo "compute-sanitizer not found: skipped" | tee "$OUT/sanitizer.log"
 fi
 for bench in benchmarks/bench_*.py; do
+  if [ -n "${GPU_PASS_BENCHES:-}" ]; then
+    case " $GPU_PASS_BENCHES " in *" $(basename "$bench" .py) "*) ;; *) continue;; esac
+  fi
   step "$(basename "$bench" .py)" python "$bench" --out "$OUT" ${GPU_PASS_BENCH_ARGS:-}
 done
 cat "$OUT"/*.md 2>/dev/null | tail -n 80
