@@ -28,6 +28,7 @@ never of two large ones.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -237,19 +238,61 @@ def _check_precision(precision: Optional[str], device: torch.device) -> str:
     return precision
 
 
-_QUERY_FIELDS = ("x", "ax", "xsq", "alpha", "inv_two_var", "bias")
-
-
 class _Chunk:
-    """One chunk of data rows in float64 on the queries' device, with its screening views made once."""
+    """One chunk of data rows on the queries' device, in its stored dtype; the float64 copy (for the
+    float64 engine) and the screening views (float32 rows and squared norms) are made on first use."""
 
-    def __init__(self, rows: Tensor, start: int, anchor: Optional[Tensor]):
-        self.start, self.y = start, rows
-        if anchor is not None:  # relative to the data's anchor: smaller norms, smaller GEMM error
-            yc = rows - anchor
-            self.yc32 = yc.to(torch.float32)
-            self.ycsq = yc.square().sum(dim=1)
-            self.yc_max_norm = self.ycsq.max().sqrt()
+    def __init__(self, rows: Tensor, first_index: int):
+        self.rows, self.first_index, self.n = rows, first_index, rows.shape[0]
+
+    @functools.cached_property
+    def y(self) -> Tensor:
+        return self.rows.to(torch.float64)
+
+    @functools.cached_property
+    def ysq(self) -> Tensor:
+        return torch.linalg.vecdot(self.y, self.y)
+
+    @functools.cached_property
+    def y32(self) -> Tensor:
+        return self.rows.to(torch.float32)
+
+    @functools.cached_property
+    def ysq32(self) -> Tensor:  # squared norms for the screen only: their rounding is in its error bound
+        return torch.linalg.vecdot(self.y32, self.y32).double()
+
+    @functools.cached_property
+    def max_norm(self) -> Tensor:
+        return self.ysq32.max().sqrt() * (1.0 + 1e-6)
+
+    def exclusion(self, queries: dict):
+        """(hit (b,), column (b,)) of each query's excluded row in this chunk, or None."""
+        if queries["exclude"] is None:
+            return None
+        local = queries["exclude"] - self.first_index
+        # At most one excluded column per query; queries without one rewrite column 0 unchanged (no host sync).
+        return (local >= 0) & (local < self.n), local.clamp(0, self.n - 1)
+
+
+def _mask_excluded(logits: Tensor, excl) -> None:
+    if excl is not None:
+        hit, col = excl
+        current = logits.gather(1, col[:, None])
+        logits.scatter_(1, col[:, None], torch.where(hit[:, None], float("-inf"), current))
+
+
+def _select(queries: dict, rows) -> dict:
+    """The per-query fields of a query block restricted to ``rows`` (a slice or an index tensor)."""
+    return {key: None if value is None else value[rows] for key, value in queries.items() if key in _QUERY_FIELDS}
+
+
+_QUERY_FIELDS = ("x", "ax", "xsq", "alpha", "inv_two_var", "bias", "exclude", "ax32", "ax_norm")
+# A screening block first tries the screen on this many queries of its first chunk: if most of them
+# fall back (a spread posterior at this sigma), the whole block uses the float64 engine at once.
+PROBE_QUERIES = 32
+# Screening a chunk costs ~1/4 (GPU) to ~1/3 (CPU) of the float64 engine; past this fraction of
+# fallen-back queries it no longer pays, and the block switches to the float64 engine.
+MAX_FALLBACK_FRACTION = 0.3
 
 
 def posterior_partial(
@@ -294,11 +337,6 @@ def posterior_partial(
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         chunk = int(chunk_size)
 
-    anchor = None
-    if engine == "auto" and N:
-        # Any fixed point works; the mean of the first rows takes out the data's common offset. Rounded
-        # to float32 so that it is the same exact number wherever it is used.
-        anchor = data[: min(N, 4096)].to(device=device, dtype=torch.float64).mean(dim=0).float().double()
     x = queries.to(torch.float64)
     blocks = []
     for a in range(0, M, block):
@@ -307,32 +345,32 @@ def posterior_partial(
         blk = dict(x=xb, ax=xb * alp[b, None], xsq=xb.square().sum(dim=1), alpha=alp[b],
                    inv_two_var=0.5 / sig[b].square(), bias=None if bias is None else bias[b],
                    exclude=None if exclude_index is None else exclude_index[b],
-                   out=None if N else empty_partial(xb.shape[0], D, device), screen=engine == "auto")
-        if anchor is not None:
-            xc = xb - alp[b, None] * anchor  # ||x - a y||^2 = ||xc - a (y - anchor)||^2
-            blk.update(xcsq=xc.square().sum(dim=1), axc32=(alp[b, None] * xc).float(),
-                       axc_norm=(alp[b, None] * xc).norm(dim=1))
+                   out=None if N else empty_partial(xb.shape[0], D, device), screen=engine == "auto", probe=True)
+        if engine == "auto":
+            blk.update(ax32=blk["ax"].float(), ax_norm=blk["ax"].norm(dim=1))
         blocks.append(blk)
 
     def add_chunk(blk, ch: _Chunk):
-        y, start = ch.y, ch.start
-        excl = None
-        if blk["exclude"] is not None:
-            local = blk["exclude"] - (index_offset + start)
-            hit = (local >= 0) & (local < y.shape[0])
-            # At most one excluded column per query; queries without one rewrite column 0 unchanged (no host sync).
-            excl = hit, local.clamp(0, y.shape[0] - 1)
-        if blk["screen"]:
-            part, fallback_fraction = _screened_chunk_partial(blk, ch, excl, D)
-            blk["screen"] = fallback_fraction <= 0.5  # mostly spread posteriors: screening would not pay
+        if not blk["screen"]:
+            part = _chunk_partial(blk, ch)
+        elif blk["probe"] and blk["x"].shape[0] > PROBE_QUERIES:
+            blk["probe"] = False
+            probe, rest = _select(blk, slice(0, PROBE_QUERIES)), _select(blk, slice(PROBE_QUERIES, None))
+            first, fallback_fraction = _screened_chunk_partial(probe, ch)
+            if fallback_fraction <= MAX_FALLBACK_FRACTION:
+                second, fallback_fraction = _screened_chunk_partial(rest, ch)
+            else:
+                second = _chunk_partial(rest, ch)
+            blk["screen"] = fallback_fraction <= MAX_FALLBACK_FRACTION
+            part = PosteriorPartial(*(torch.cat(pair) for pair in zip(first.to_tuple(), second.to_tuple())))
         else:
-            part = _chunk_partial(blk, y, excl)
+            part, fallback_fraction = _screened_chunk_partial(blk, ch)
+            blk["screen"] = fallback_fraction <= MAX_FALLBACK_FRACTION  # spread posteriors: screening does not pay
         blk["out"] = part if blk["out"] is None else merge_partials(blk["out"], part)
 
     def chunks():
         for start in range(0, N, chunk):
-            rows = data[start:start + chunk].to(device=device, dtype=torch.float64, non_blocking=True)
-            yield _Chunk(rows, start, anchor)
+            yield _Chunk(data[start:start + chunk].to(device=device, non_blocking=True), index_offset + start)
 
     if data.device == device:  # data resident: query blocks outside, so each block streams long chunks
         for blk in blocks:
@@ -348,25 +386,23 @@ def posterior_partial(
     return PosteriorPartial(*(torch.cat(fields) for fields in zip(*(p.to_tuple() for p in parts))))
 
 
-def _screened_chunk_partial(blk: dict, ch: _Chunk, excl, D: int) -> tuple[PosteriorPartial, float]:
+def _screened_chunk_partial(queries: dict, ch: _Chunk) -> tuple[PosteriorPartial, float]:
     """One chunk by screen and refine; returns the partial and the fraction of queries that fell back.
 
-    Screening logits come from one fp32-accurate GEMM of the anchored vectors; their error is at most
-    E = 2 gamma(D) ||a xc|| max ||yc|| / (2 sigma^2). If the best logit beats the (SCREEN_TOP + 1)-th by
-    more than 2 E + NEGLIGIBLE_NATS, every row outside the top SCREEN_TOP is truly more than
-    NEGLIGIBLE_NATS below the best one, so the top rows, recomputed exactly, are the whole partial.
+    The screening distances ||x||^2 + a^2 ||y||^2 - 2 (a x).y take x.y from one fp32-accurate GEMM and
+    ||y||^2 in float32, so each logit is within E = gamma(D) (2 ||a x|| + a^2 max ||y||) max ||y|| /
+    (2 sigma^2) of the truth. If the best logit beats the (SCREEN_TOP + 1)-th by more than
+    2 E + NEGLIGIBLE_NATS, every row outside the top SCREEN_TOP is truly more than NEGLIGIBLE_NATS below
+    the best one, and the top rows, recomputed exactly, are the whole partial.
     """
-    y, inv_two_var, bias = ch.y, blk["inv_two_var"], blk["bias"]
-    n = y.shape[0]
-    products = _fp32_accurate_mm(blk["axc32"], ch.yc32)
-    dist = (blk["xcsq"][:, None] + blk["alpha"].square()[:, None] * ch.ycsq[None, :]).sub_(products.double(), alpha=2.0)
+    n, inv_two_var, alpha = ch.n, queries["inv_two_var"], queries["alpha"]
+    products = _fp32_accurate_mm(queries["ax32"], ch.y32)
+    dist = (queries["xsq"][:, None] + alpha.square()[:, None] * ch.ysq32[None, :]).sub_(products.double(), alpha=2.0)
     del products
     logits = dist.clamp_min_(0.0).mul_(-inv_two_var[:, None])  # the bias shifts every row alike: not needed here
-    if excl is not None:
-        hit, col = excl
-        current = logits.gather(1, col[:, None])
-        logits.scatter_(1, col[:, None], torch.where(hit[:, None], float("-inf"), current))
-    error = 2.0 * screen_error_factor(D) * blk["axc_norm"] * ch.yc_max_norm * inv_two_var
+    _mask_excluded(logits, ch.exclusion(queries))
+    error = screen_error_factor(ch.rows.shape[1]) * (2.0 * queries["ax_norm"] + alpha.square() * ch.max_norm) \
+        * ch.max_norm * inv_two_var
     top = min(SCREEN_TOP, n)
     best, index = logits.topk(min(top + 1, n), dim=1)
     del logits, dist
@@ -375,22 +411,24 @@ def _screened_chunk_partial(blk: dict, ch: _Chunk, excl, D: int) -> tuple[Poster
         proven |= best[:, 0] == float("-inf")  # every row excluded: nothing to add
     else:
         proven = torch.ones_like(best[:, 0], dtype=torch.bool)
-    part = _exact_rows_partial(blk, y, index[:, :top], best[:, :top] > float("-inf"))
+    part = _exact_rows_partial(queries, ch.rows, index[:, :top], best[:, :top] > float("-inf"))
     fallback = ~proven
     count = int(fallback.sum())  # the one host sync per chunk
     if count:
         rows = fallback.nonzero().squeeze(1)
-        sub_excl = None if excl is None else (excl[0][rows], excl[1][rows])
-        queries = {key: blk[key] if blk[key] is None else blk[key][rows] for key in _QUERY_FIELDS}
-        sub = _chunk_partial(queries, y, sub_excl)
+        sub = _chunk_partial(_select(queries, rows), ch)
         part = PosteriorPartial(*(full.index_copy(0, rows, patch) for full, patch in zip(part.to_tuple(), sub.to_tuple())))
     return part, count / max(1, fallback.numel())
 
 
 def _exact_rows_partial(queries: dict, y: Tensor, index: Tensor, valid: Tensor) -> PosteriorPartial:
-    """The partial of a few rows per query (``index`` (b, k) into y, ``valid`` (b, k)), by direct differences.
+    """The partial of a few rows per query (``index`` (b, k) into y, any float dtype; ``valid`` (b, k)).
 
-    Exact to float64 rounding of the distances themselves (no expanded form, no cancellation).
+    Distances relative to a row c near the posterior mass: with offsets o = y - c and x - alpha c both
+    direct differences, ||x - alpha y||^2 = ||x - alpha c||^2 + alpha^2 ||o||^2 - 2 alpha <x - alpha c, o>
+    rounds at ~1e-16 of those small norms, not of ||x||^2. c starts as the first row of ``index`` (the
+    screen's best guess) and is then moved to the row of largest exact logit, so the variance sums are
+    taken from the heaviest row (a guess that is off by a near-duplicate would cancel them away).
     """
     x, alpha, inv_two_var, bias = queries["x"], queries["alpha"], queries["inv_two_var"], queries["bias"]
     b, k = index.shape
@@ -400,22 +438,35 @@ def _exact_rows_partial(queries: dict, y: Tensor, index: Tensor, valid: Tensor) 
     fields = []
     for a in range(0, b, per):
         r = slice(a, a + per)
-        rows = y[index[r]]  # (per, k, D)
-        logits = (x[r, None, :] - alpha[r, None, None] * rows).square().sum(dim=2).mul_(-inv_two_var[r, None])
-        if bias is not None:
-            logits.add_(bias[r, None])
-        logits.masked_fill_(~valid[r], float("-inf"))
-        log_max, nearest = logits.max(dim=1)
+        idx, a_r = index[r], alpha[r, None]
+
+        def offsets_from(center_index):
+            center = y[center_index].double()
+            return center, y[idx].double().sub_(center[:, None, :])  # (per, k, D)
+
+        def exact_logits(center, offsets):
+            from_center = x[r] - a_r * center
+            off_sq = torch.linalg.vecdot(offsets, offsets)
+            cross = torch.bmm(offsets, from_center[:, :, None]).squeeze(2).mul_(2.0 * a_r)
+            dist = (from_center.square().sum(dim=1)[:, None] + a_r.square() * off_sq).sub_(cross)
+            logits = dist.clamp_min_(0.0).mul_(-inv_two_var[r, None])
+            if bias is not None:
+                logits.add_(bias[r, None])
+            return logits.masked_fill_(~valid[r], float("-inf")), off_sq
+
+        center, offsets = offsets_from(idx[:, 0])
+        logits, off_sq = exact_logits(center, offsets)
+        log_max, best = logits.max(dim=1)
+        center, offsets = offsets_from(idx.gather(1, best[:, None]).squeeze(1))
+        off_sq = torch.linalg.vecdot(offsets, offsets)
         seen = log_max > float("-inf")
-        w = (logits - torch.where(seen, log_max, 0.0)[:, None]).exp()
-        center = rows[torch.arange(rows.shape[0], device=y.device), nearest]
-        offsets = rows - center[:, None, :]
-        fields.append((center, log_max, w.sum(dim=1), (w[:, :, None] * offsets).sum(dim=1),
-                       (w * offsets.square().sum(dim=2)).sum(dim=1)))
+        w = logits.sub_(torch.where(seen, log_max, 0.0)[:, None]).exp_()
+        sum_wy = torch.bmm(w[:, None, :], offsets).squeeze(1)
+        fields.append((center, log_max, w.sum(dim=1), sum_wy, (w * off_sq).sum(dim=1)))
     return PosteriorPartial(*(torch.cat(f) for f in zip(*fields)))
 
 
-def _chunk_partial(queries: dict, y: Tensor, excl) -> PosteriorPartial:
+def _chunk_partial(queries: dict, ch: _Chunk) -> PosteriorPartial:
     """One data chunk y (n, D) by the float64 engine: logits by one GEMM, (alpha x) y^T; the EXACT_HEAD
     best rows per query recomputed by direct differences; the other rows' sums by a second GEMM, w y.
 
@@ -424,15 +475,12 @@ def _chunk_partial(queries: dict, y: Tensor, excl) -> PosteriorPartial:
     a^2 ||y||^2) in the distances, ~1e-16 ||c||^2 per unit weight in the sums) only touches the tail.
     """
     ax, xsq, alpha, inv_two_var, bias = (queries[key] for key in ("ax", "xsq", "alpha", "inv_two_var", "bias"))
-    ysq = y.square().sum(dim=1)
+    y, ysq = ch.y, ch.ysq
     dist = torch.addmm(xsq[:, None] + alpha.square()[:, None] * ysq[None, :], ax, y.T, alpha=-2.0)
     logits = dist.clamp_min_(0.0).mul_(-inv_two_var[:, None])
     if bias is not None:
         logits.add_(bias[:, None])
-    if excl is not None:
-        hit, col = excl
-        current = logits.gather(1, col[:, None])
-        logits.scatter_(1, col[:, None], torch.where(hit[:, None], float("-inf"), current))
+    _mask_excluded(logits, ch.exclusion(queries))
     head_logits, head = logits.topk(min(EXACT_HEAD, y.shape[0]), dim=1)
     part = _exact_rows_partial(queries, y, head, head_logits > float("-inf"))
     if head.shape[1] == y.shape[0]:
