@@ -90,14 +90,17 @@ def test_accuracy_at_d_12288(device, precision, use_engine, gen):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("split", [False, True], ids=["fp32", "3xtf32"])
 def test_screen_and_refine_agrees_with_the_float64_engine(device, split, monkeypatch, gen):
-    """Per-query sigma from 1e-3 to 30 in one call: some queries are proven by the screen, others fall
-    back to float64 chunk by chunk while the block keeps screening; with exclusion, alpha, a bias and
-    data far from the origin (large norms: the screen's error bound grows with them)."""
+    """Per-query sigma in one call: every 7th query log-uniform in [1e-3, 30] (spread posteriors that
+    fall back to float64), the others ~1e-3 (proven by the screen), so both paths run in the same
+    block chunk after chunk (1/7 stays below the fallback fraction at which a block stops screening);
+    with exclusion, alpha, a bias, and data far from the origin (large norms: the screen's error
+    bound grows with them)."""
     monkeypatch.setattr(engine, "_SPLIT_TF32_ON_CPU", split)
-    N, M, D = 300, 40, 48
+    N, M, D = 300, 80, 48
     data = 3.0 + near_duplicate_data(N, D, gen)
-    sigma = torch.exp(torch.empty(M, dtype=torch.float64).uniform_(-7, 3.4, generator=gen))
-    sigma[: M // 2] = 1e-3 * torch.rand(M // 2, generator=gen, dtype=torch.float64) + 1e-3
+    sigma = 1e-3 * (1.0 + torch.rand(M, generator=gen, dtype=torch.float64))
+    sigma[::7] = torch.exp(torch.empty(len(sigma[::7]), dtype=torch.float64).uniform_(-7, 3.4, generator=gen))
+    sigma[7] = 30.0  # at least one query that certainly falls back
     alpha = 0.5 + torch.rand(M, generator=gen, dtype=torch.float64)
     src = torch.randint(0, N, (M,), generator=gen)
     queries = alpha[:, None] * data[src] + sigma[:, None] * torch.randn(M, D, generator=gen, dtype=torch.float64)
@@ -240,11 +243,12 @@ def test_knn_matches_brute_force(device, k, gen):
     true_d = ref.sq_distances(queries, data).gather(1, i.cpu())
     torch.testing.assert_close(d.double().cpu(), true_d, rtol=1e-6, atol=1e-9)
     # ...and the indices agree with brute force wherever a distance is not tied within rounding
-    # (near-duplicate rows 1e-6 apart are ties).
-    gaps = (rd[:, 1:] - rd[:, :-1]).abs() > 1e-9
+    # (near-duplicate rows 1e-6 apart are ties), including a tie of the k-th row with the (k+1)-th.
+    extended = ref.knn(queries, data, k + 1)[0]
+    gaps = (extended[:, 1:] - extended[:, :-1]).abs() > 1e-9
     separated = torch.ones_like(rd, dtype=torch.bool)
-    separated[:, 1:] &= gaps
-    separated[:, :-1] &= gaps
+    separated[:, 1:] &= gaps[:, : k - 1]
+    separated &= gaps[:, :k]
     assert (i.cpu() == ri)[separated].all()
 
 
