@@ -232,11 +232,13 @@ def test_bad_input_names_the_argument():
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("precision", ENGINES)
 @pytest.mark.parametrize("k", [1, 2, 7, 32])
-def test_knn_matches_brute_force(device, k, gen):
+def test_knn_matches_brute_force(device, k, precision, use_engine, gen):
+    precision = use_engine(precision)
     data = near_duplicate_data(301, 24, gen, spread=1e-6).float()
     queries = torch.cat([data[:5], torch.randn(20, 24, generator=gen)])
-    d, i = knn(queries.to(device), data.to(device), k, chunk_size=50)
+    d, i = knn(queries.to(device), data.to(device), k, chunk_size=50, precision=precision)
     rd, ri = ref.knn(queries, data, k)
     torch.testing.assert_close(d.double().cpu(), rd, rtol=1e-6, atol=1e-9)
     # The returned rows really are at the returned distances...
@@ -252,11 +254,31 @@ def test_knn_matches_brute_force(device, k, gen):
     assert (i.cpu() == ri)[separated].all()
 
 
-def test_many_query_blocks(gen):
-    from diffkernels.optimal_loss.posterior import default_block_sizes
+@pytest.mark.parametrize("device", DEVICES)
+def test_knn_screen_falls_back_where_it_cannot_prove(device, monkeypatch, gen):
+    """40 copies of one row: the screen cannot separate k + KNN_EXTRA candidates from the rest, so
+    those queries fall back to float64 (and the others do not); results match the float64 engine."""
+    data = torch.randn(200, 16, generator=gen)
+    data[100:140] = data[7]
+    queries = torch.cat([data[7:8] + 1e-3 * torch.randn(3, 16, generator=gen), torch.randn(9, 16, generator=gen)])
+    fallback_queries = []
+    real = engine._knn_chunk
+    monkeypatch.setattr(engine, "_knn_chunk", lambda q, *a: fallback_queries.append(q["x"].shape[0]) or real(q, *a))
+    d, i = knn(queries.to(device), data.to(device), 3, precision="auto")
+    assert fallback_queries and all(0 < m < queries.shape[0] for m in fallback_queries)
+    rd, _ = ref.knn(queries, data, 3)
+    torch.testing.assert_close(d.double().cpu(), rd, rtol=1e-6, atol=1e-9)
+    assert (data[i[:3].cpu()] == data[7]).all()
 
-    M = default_block_sizes(10**9, torch.device("cpu"))[0] * 2 + 3  # three blocks, the last one short
+
+@pytest.mark.parametrize("precision", ["auto", "float64"])
+def test_many_query_blocks(precision, gen):
+    M = engine.default_block_sizes(10**9, torch.device("cpu"))[0] * 2 + 3  # three blocks, the last one short
     data = torch.randn(40, 4, generator=gen, dtype=torch.float64)
     queries = torch.randn(M, 4, generator=gen, dtype=torch.float64)
-    out = posterior_mean(queries, data, 0.3, return_stats=True, chunk_size=16)
+    out = posterior_mean(queries, data, 0.3, return_stats=True, chunk_size=16, precision=precision)
     assert_close_to_oracle(*out, queries, data, 0.3)
+    d, i = knn(queries, data, 3, chunk_size=16, precision=precision)
+    rd, ri = ref.knn(queries, data, 3)
+    torch.testing.assert_close(d, rd, rtol=1e-12, atol=1e-12)
+    assert (i == ri).float().mean() > 0.999  # random float64 data: exact ties have probability ~0

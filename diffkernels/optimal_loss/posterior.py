@@ -368,22 +368,27 @@ def posterior_partial(
             blk["screen"] = fallback_fraction <= MAX_FALLBACK_FRACTION  # spread posteriors: screening does not pay
         blk["out"] = part if blk["out"] is None else merge_partials(blk["out"], part)
 
-    def chunks():
-        for start in range(0, N, chunk):
-            yield _Chunk(data[start:start + chunk].to(device=device, non_blocking=True), index_offset + start)
-
-    if data.device == device:  # data resident: query blocks outside, so each block streams long chunks
-        for blk in blocks:
-            for ch in chunks():
-                add_chunk(blk, ch)
-    else:  # data elsewhere (host memory): move each chunk once and use it for every block
-        for ch in chunks():
-            for blk in blocks:
-                add_chunk(blk, ch)
+    _stream(data, device, chunk, index_offset, blocks, add_chunk)
     parts = [blk["out"] for blk in blocks]
     if len(parts) == 1:
         return parts[0]
     return PosteriorPartial(*(torch.cat(fields) for fields in zip(*(p.to_tuple() for p in parts))))
+
+
+def _stream(data: Tensor, device: torch.device, chunk: int, first_index: int, blocks: list, visit) -> None:
+    """visit(block, chunk) for every query block and data chunk, moving each chunk to ``device`` once."""
+    def chunks():
+        for start in range(0, data.shape[0], chunk):
+            yield _Chunk(data[start:start + chunk].to(device=device, non_blocking=True), first_index + start)
+
+    if data.device == device:  # data resident: query blocks outside, so each block streams long chunks
+        for blk in blocks:
+            for ch in chunks():
+                visit(blk, ch)
+    else:  # data elsewhere (host memory): move each chunk once and use it for every block
+        for ch in chunks():
+            for blk in blocks:
+                visit(blk, ch)
 
 
 def _screened_chunk_partial(queries: dict, ch: _Chunk) -> tuple[PosteriorPartial, float]:
@@ -528,30 +533,103 @@ def posterior_mean(
     return stats.mean.to(dtype), stats.logsumexp, stats.variance
 
 
-def knn(queries: Tensor, data: Tensor, k: int, *, chunk_size: Optional[int] = None) -> tuple[Tensor, Tensor]:
+KNN_EXTRA = 8  # candidates beyond k per query and chunk that the knn screen recomputes exactly
+
+
+def knn(queries: Tensor, data: Tensor, k: int, *, chunk_size: Optional[int] = None,
+        precision: Optional[str] = None) -> tuple[Tensor, Tensor]:
     """Exact k nearest data rows of each query: (squared distances (M, k) ascending, indices (M, k) int64).
 
-    Streams over the data with float64 distances (error ~1e-16 of the squared norms), so ties and
-    near-duplicates are ordered correctly; memory O(M k + tile). ``k`` from 1 to min(32, N).
-    Distances come back in float32 (float64 for float64 queries).
+    Streams over query blocks and data chunks; memory O(M k + tile). ``k`` from 1 to min(32, N).
+    Distances come back in float32 (float64 for float64 queries). ``precision``: "float64" (float64
+    GEMM distances, error ~1e-16 of the squared norms), "auto" (an fp32-accurate GEMM screens, the
+    k + KNN_EXTRA best candidates are recomputed by direct differences, and every other row is
+    proven farther than the k-th; unproven queries fall back to float64), or None (auto on the CPU,
+    float64 on CUDA). Either way ties and near-duplicates are ordered correctly.
     """
     _check_inputs(queries, data)
     M, N = queries.shape[0], data.shape[0]
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(32, N):
         raise ValueError(f"k must be an int in [1, min(32, N) = {min(32, N)}], got {k!r}")
     device = queries.device
-    chunk = max(int(chunk_size) if chunk_size else default_block_sizes(M, device)[1], k)
+    engine = _check_precision(precision, device)
+    block, chunk = default_block_sizes(M, device)
+    chunk = max(int(chunk_size) if chunk_size else chunk, k)
     x = queries.to(torch.float64)
-    xsq = x.square().sum(dim=1)
-    best_d = torch.full((M, 0), float("inf"), dtype=torch.float64, device=device)
-    best_i = torch.zeros((M, 0), dtype=torch.int64, device=device)
-    for start in range(0, N, chunk):
-        y = data[start:start + chunk].to(device=device, dtype=torch.float64, non_blocking=True)
-        d = torch.addmm(xsq[:, None] + y.square().sum(dim=1)[None, :], x, y.T, alpha=-2.0).clamp_min_(0.0)
-        d, i = torch.topk(d, min(k, y.shape[0]), dim=1, largest=False, sorted=False)
-        best_d = torch.cat([best_d, d], dim=1)
-        best_i = torch.cat([best_i, i + start], dim=1)
-        if best_d.shape[1] > k or start + chunk >= N:
+    blocks = []
+    for a in range(0, M, block):
+        xb = x[a:a + block]
+        blk = dict(x=xb, xsq=xb.square().sum(dim=1), screen=engine == "auto",
+                   best_d=torch.full((xb.shape[0], 0), float("inf"), dtype=torch.float64, device=device),
+                   best_i=torch.zeros((xb.shape[0], 0), dtype=torch.int64, device=device))
+        if engine == "auto":
+            blk.update(ax32=xb.float(), ax_norm=xb.norm(dim=1))
+        blocks.append(blk)
+
+    def add_chunk(blk, ch: _Chunk):
+        if blk["screen"]:
+            d, i, fallback_fraction = _knn_screened_chunk(blk, ch, k)
+            blk["screen"] = fallback_fraction <= MAX_FALLBACK_FRACTION
+        else:
+            d, i = _knn_chunk(blk, ch, k)
+        best_d = torch.cat([blk["best_d"], d], dim=1)
+        best_i = torch.cat([blk["best_i"], i + ch.first_index], dim=1)
+        if best_d.shape[1] > k or ch.first_index + ch.n >= N:
             best_d, pos = torch.topk(best_d, min(k, best_d.shape[1]), dim=1, largest=False, sorted=True)
             best_i = best_i.gather(1, pos)
-    return best_d.to(torch.promote_types(queries.dtype, torch.float32)), best_i
+        blk["best_d"], blk["best_i"] = best_d, best_i
+
+    _stream(data, device, chunk, 0, blocks, add_chunk)
+    distances = torch.cat([blk["best_d"] for blk in blocks])
+    return distances.to(torch.promote_types(queries.dtype, torch.float32)), torch.cat([blk["best_i"] for blk in blocks])
+
+
+def _knn_chunk(queries: dict, ch: _Chunk, k: int) -> tuple[Tensor, Tensor]:
+    """The float64 engine's k nearest rows of one chunk (unsorted), by the expanded form in float64."""
+    x, y = queries["x"], ch.y
+    d = torch.addmm(queries["xsq"][:, None] + ch.ysq[None, :], x, y.T, alpha=-2.0).clamp_min_(0.0)
+    return torch.topk(d, min(k, ch.n), dim=1, largest=False, sorted=False)
+
+
+def _knn_screened_chunk(queries: dict, ch: _Chunk, k: int) -> tuple[Tensor, Tensor, float]:
+    """k nearest rows of one chunk by screen and refine: (distances, local indices, fallback fraction).
+
+    Screened distances are within e = gamma(D) (2 ||x|| + max ||y||) max ||y|| of the truth (as in
+    :func:`_screened_chunk_partial`); the k + KNN_EXTRA best are recomputed by direct differences,
+    and a query is proven when the next screened distance minus e is still >= its exact k-th.
+    """
+    n = ch.n
+    products = _fp32_accurate_mm(queries["ax32"], ch.y32)
+    approx = (queries["xsq"][:, None] + ch.ysq32[None, :]).sub_(products.double(), alpha=2.0)
+    del products
+    error = screen_error_factor(ch.rows.shape[1]) * (2.0 * queries["ax_norm"] + ch.max_norm) * ch.max_norm
+    candidates = min(k + KNN_EXTRA, n)
+    screened, index = torch.topk(approx, min(candidates + 1, n), dim=1, largest=False, sorted=True)
+    del approx
+    index = index[:, :candidates]
+    exact = _gathered_sq_distances(queries["x"], ch.rows, index)
+    d, pos = torch.topk(exact, min(k, n), dim=1, largest=False, sorted=False)
+    i = index.gather(1, pos)
+    if n > candidates:
+        proven = screened[:, candidates] - error >= d.max(dim=1).values
+    else:
+        proven = torch.ones_like(d[:, 0], dtype=torch.bool)
+    fallback = ~proven
+    count = int(fallback.sum())  # the one host sync per chunk
+    if count:
+        rows = fallback.nonzero().squeeze(1)
+        sub_d, sub_i = _knn_chunk(_select(queries, rows), ch, k)
+        d, i = d.index_copy(0, rows, sub_d), i.index_copy(0, rows, sub_i)
+    return d, i, count / max(1, fallback.numel())
+
+
+def _gathered_sq_distances(x: Tensor, y: Tensor, index: Tensor) -> Tensor:
+    """||x_b - y[index[b, j]]||^2 (b, j) in float64 by direct differences, in tile-sized slabs."""
+    b, k = index.shape
+    tile = TILE_ELEMENTS_CUDA if y.device.type == "cuda" else TILE_ELEMENTS_CPU
+    per = max(1, tile // max(1, k * y.shape[1]))
+    out = []
+    for a in range(0, b, per):
+        diff = y[index[a:a + per]].double().sub_(x[a:a + per, None, :])
+        out.append(torch.linalg.vecdot(diff, diff))
+    return torch.cat(out)
