@@ -6,11 +6,16 @@ Baselines (the same chunked streaming, written the obvious way):
   eager_fp32  fp32 `mm` logits (TF32 off) + running logsumexp + `mm` for the weighted sum
   eager_tf32  the same with TF32 matmuls (fast, inaccurate at small sigma)
   eager_fp64  the same in float64: equal accuracy to ours
-Ours: diffkernels.posterior_mean(..., return_stats=True) (float64 products, centred sums, variance too).
+Ours: diffkernels.posterior_mean(..., return_stats=True) (variance too) with each engine:
+  auto        screen and refine: one fp32-accurate GEMM (3xTF32 on CUDA), top rows recomputed exactly
+  float64     float64 GEMMs, the top rows by direct differences
 
 Each row reports time (CUDA events or perf_counter, median of repeats after warm-up), achieved TFLOP/s
-counting 4*M*N*D flops (two GEMMs), and the error of each method against a float64 oracle computed by
-direct differences on a few queries, at sigma = 1 and at sigma = 2e-3 times the data's RMS scale.
+counting 4*M*N*D flops (two GEMMs; for "auto" an effective rate, it skips the second GEMM where the
+screen proves the posterior sits on a few rows), and the error of each method against a float64 oracle
+computed by direct differences on a few queries, at sigma = 1 and at sigma = 2e-3 times the data's RMS
+scale. A sweep over sigma (2e-3 .. 5 x RMS) times both engines and eager fp64, since the screen's win
+depends on how spread the posterior is. knn (k = 2) is timed with both engines against cdist + topk.
 Device ceilings (copy bandwidth; fp64, fp32, tf32, bf16 GEMM rates) are measured first.
 Results: a Markdown table on stdout and <out>/posterior_<device>.{md,json}.
 """
@@ -44,6 +49,7 @@ from diffkernels.optimal_loss import knn, posterior_mean  # noqa: E402
 
 SHAPES_GPU = [(1024, 50000, 3072), (256, 100000, 4096), (1797, 1797, 64)]
 SHAPES_CPU = [(256, 4096, 64), (1797, 1797, 64), (64, 4096, 3072)]
+SWEEP = (2e-3, 2e-2, 0.2, 1.0, 5.0)  # sigma / RMS
 
 
 def ceilings(device, quick: bool) -> dict:
@@ -120,7 +126,8 @@ def bench_shape(M, N, D, device, reps, ceil, gen) -> dict:
     src = torch.randint(0, N, (M,), device=device, generator=gen)
     noise = torch.randn(M, D, device=device, generator=gen)
     methods = {
-        "ours": lambda q, s: posterior_mean(q, data, s),
+        "ours": lambda q, s: posterior_mean(q, data, s, return_stats=True, precision="auto")[0],
+        "ours_f64": lambda q, s: posterior_mean(q, data, s, return_stats=True, precision="float64")[0],
         "eager_fp32": lambda q, s: eager_chunked(q, data, s, torch.float32, False),
         "eager_tf32": lambda q, s: eager_chunked(q, data, s, torch.float32, True),
         "eager_fp64": lambda q, s: eager_chunked(q, data, s, torch.float64, False),
@@ -149,6 +156,16 @@ def bench_shape(M, N, D, device, reps, ceil, gen) -> dict:
             row[f"ms_{name}"] = f"error: {type(exc).__name__}: {exc}"
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    # The sigma sweep: both engines and eager fp64 (equal accuracy), same queries' noise.
+    row["sweep"] = {}
+    for srel in SWEEP:
+        qs = data[src] + srel * rms * noise
+        for name in ("ours", "ours_f64", "eager_fp64"):
+            try:
+                t = statistics.median(timeit(lambda: methods[name](qs, srel * rms), device, max(2, reps // 2)))
+                row["sweep"][f"{srel:g}_{name}"] = t * 1e3
+            except Exception as exc:
+                row["sweep"][f"{srel:g}_{name}"] = f"error: {type(exc).__name__}: {exc}"
     # knn (k = 2, the memorisation metric) against torch.cdist + topk, chunked, fp32.
     try:
         def eager_knn():
@@ -157,14 +174,20 @@ def bench_shape(M, N, D, device, reps, ceil, gen) -> dict:
                 d = torch.cdist(q, data[s:s + 8192]).square()
                 out.append(torch.topk(d, min(2, d.shape[1]), largest=False))
             return out
-        row["ms_knn_ours"] = statistics.median(timeit(lambda: knn(q, data, 2), device, reps)) * 1e3
+        row["ms_knn_ours"] = statistics.median(timeit(lambda: knn(q, data, 2, precision="auto"), device, reps)) * 1e3
+        row["ms_knn_ours_f64"] = statistics.median(timeit(lambda: knn(q, data, 2, precision="float64"), device, reps)) * 1e3
         row["ms_knn_eager_fp32"] = statistics.median(timeit(eager_knn, device, reps)) * 1e3
+        row["knn_tflops_ours"] = 2.0 * M * N * D / (row["ms_knn_ours"] / 1e3) / 1e12
     except Exception as exc:
         row["ms_knn_ours"] = f"error: {type(exc).__name__}: {exc}"
     if isinstance(row.get("ms_ours"), float):
         for key in ("fp64_TFLOPs", "fp32_TFLOPs", "tf32_TFLOPs"):
             if key in ceil:
                 row[f"ours_frac_{key.split('_')[0]}"] = row["tflops_ours"] / ceil[key]
+        if "tf32_TFLOPs" in ceil:  # the fp32-accurate tensor-core ceiling: three TF32 products per product
+            row["ours_frac_3xtf32"] = row["tflops_ours"] / (ceil["tf32_TFLOPs"] / 3)
+            if isinstance(row.get("knn_tflops_ours"), float):
+                row["knn_frac_3xtf32"] = row["knn_tflops_ours"] / (ceil["tf32_TFLOPs"] / 3)
     return row
 
 
@@ -174,8 +197,12 @@ def curve_estimate(device, ceil, gen) -> dict:
     D = 3072
     data = make_data(N, D, device, gen)
     q = data + 0.5 * torch.randn(M, D, device=device, generator=gen)
-    t = statistics.median(timeit(lambda: posterior_mean(q, data, 0.5, return_stats=True), device, 1, warmup=1))
-    return dict(one_level_s=t, levels=64, curve_min=64 * t / 60.0, tflops=4.0 * M * N * D / t / 1e12)
+    out = dict(levels=64)
+    for precision in ("float64", "auto"):
+        t = statistics.median(timeit(lambda: posterior_mean(q, data, 0.5, return_stats=True, precision=precision),
+                                     device, 1, warmup=1))
+        out[precision] = dict(one_level_s=t, curve_min=64 * t / 60.0, tflops=4.0 * M * N * D / t / 1e12)
+    return out
 
 
 def fmt(v, spec=".3g"):
@@ -221,9 +248,10 @@ def main() -> None:
          "of the posterior mean against a float64 direct-difference oracle (8 queries), relative to "
          "max(‖D‖, 0.1·mean data norm), at sigma = 1 and 2e-3 × RMS. Data: 64 Gaussian clusters with "
          "near-duplicate pairs (distance ~1e-3 × RMS).", "",
-         "| M | N | D | ours ms | TFLOP/s | eager fp32 ms | eager tf32 ms | eager fp64 ms | ours/fp32 speed | ours/fp64 speed | "
-         "err ours (s=1, 2e-3) | err fp32 | err tf32 | err fp64 | knn ours ms | knn cdist fp32 ms |",
-         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+         "`ours` is the screen-and-refine engine (precision=\"auto\"), `ours f64` the float64 engine.", "",
+         "| M | N | D | ours ms | TFLOP/s | ours f64 ms | eager fp32 ms | eager tf32 ms | eager fp64 ms | ours/fp32 speed | ours/fp64 speed | "
+         "err ours (s=1, 2e-3) | err ours f64 | err fp32 | err tf32 | err fp64 | knn ours ms | knn ours f64 ms | knn cdist fp32 ms |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
             L.append(f"| {r['M']} | {r['N']} | {r['D']} | error: {r['error'].splitlines()[-1]} |")
@@ -231,18 +259,33 @@ def main() -> None:
         sp = lambda a: fmt(r[f"ms_{a}"] / r["ms_ours"], ".2f") + "×" if isinstance(r.get(f"ms_{a}"), float) and isinstance(r.get("ms_ours"), float) else "–"
         e = lambda name: f"{fmt(r.get(f'err_s1_{name}', '–'), '.1e')}, {fmt(r.get(f'err_s2e-3_{name}', '–'), '.1e')}"
         L.append(f"| {r['M']} | {r['N']} | {r['D']} | **{fmt(r.get('ms_ours'))}** | {fmt(r.get('tflops_ours'))} | "
-                 f"{fmt(r.get('ms_eager_fp32'))} | {fmt(r.get('ms_eager_tf32', '–'))} | {fmt(r.get('ms_eager_fp64'))} | "
-                 f"{sp('eager_fp32')} | {sp('eager_fp64')} | {e('ours')} | {e('eager_fp32')} | {e('eager_tf32')} | "
-                 f"{e('eager_fp64')} | {fmt(r.get('ms_knn_ours'))} | {fmt(r.get('ms_knn_eager_fp32'))} |")
+                 f"{fmt(r.get('ms_ours_f64'))} | {fmt(r.get('ms_eager_fp32'))} | {fmt(r.get('ms_eager_tf32', '–'))} | "
+                 f"{fmt(r.get('ms_eager_fp64'))} | {sp('eager_fp32')} | {sp('eager_fp64')} | {e('ours')} | {e('ours_f64')} | "
+                 f"{e('eager_fp32')} | {e('eager_tf32')} | {e('eager_fp64')} | {fmt(r.get('ms_knn_ours'))} | "
+                 f"{fmt(r.get('ms_knn_ours_f64'))} | {fmt(r.get('ms_knn_eager_fp32'))} |")
+    L += ["", "Sigma sweep (ms, median; sigma in units of the data's RMS; speed = eager fp64 / ours):", "",
+          "| M | N | D | " + " | ".join(f"s={v:g}: ours / f64 / eager fp64 (speed)" for v in SWEEP) + " |",
+          "|---|---|---|" + "---|" * len(SWEEP)]
+    for r in rows:
+        if "sweep" not in r:
+            continue
+        cells = []
+        for v in SWEEP:
+            a, b, c = (r["sweep"].get(f"{v:g}_{n}") for n in ("ours", "ours_f64", "eager_fp64"))
+            speed = f" ({c / a:.2f}×)" if isinstance(a, float) and isinstance(c, float) else ""
+            cells.append(f"{fmt(a)} / {fmt(b)} / {fmt(c)}{speed}")
+        L.append(f"| {r['M']} | {r['N']} | {r['D']} | " + " | ".join(cells) + " |")
     L.append("")
     for r in rows:
         fr = {k: v for k, v in r.items() if k.startswith("ours_frac")}
         if fr:
-            L.append(f"- ({r['M']}, {r['N']}, {r['D']}): ours reaches " + ", ".join(f"{v:.0%} of the measured {k.split('_')[-1]} GEMM rate" for k, v in fr.items()))
+            L.append(f"- ({r['M']}, {r['N']}, {r['D']}): ours reaches " + ", ".join(f"{v:.0%} of the measured {k.split('_')[-1]} GEMM rate" for k, v in fr.items())
+                     + (f"; knn {r['knn_frac_3xtf32']:.0%} of the 3xTF32 rate (2·M·N·D flops)" if "knn_frac_3xtf32" in r else ""))
     if curve:
-        L += ["", "CIFAR-10-sized curve (N = M = 50000, D = 3072, full estimator, posterior_mean with stats): "
-              + (f"one noise level {curve['one_level_s']:.2f} s ({curve['tflops']:.1f} TFLOP/s), so 64 levels ≈ "
-                 f"{curve['curve_min']:.1f} min (extrapolated from one measured level)" if "error" not in curve else curve["error"])]
+        L += ["", "CIFAR-10-sized curve (N = M = 50000, D = 3072, full estimator, posterior_mean with stats, sigma = 0.5): "
+              + ("; ".join(f"{p}: one noise level {c['one_level_s']:.2f} s ({c['tflops']:.1f} TFLOP/s), so 64 levels ≈ "
+                           f"{c['curve_min']:.1f} min (extrapolated from one measured level)"
+                           for p, c in curve.items() if isinstance(c, dict)) if "error" not in curve else curve["error"])]
     md = "\n".join(L) + "\n"
     print(md)
     stem = f"posterior_{kind}" + ("_quick" if args.quick else "")

@@ -250,8 +250,8 @@ class _Chunk:
         return self.rows.to(torch.float64)
 
     @functools.cached_property
-    def ysq(self) -> Tensor:
-        return torch.linalg.vecdot(self.y, self.y)
+    def ysq(self) -> Tensor:  # one reduction pass (a norm) rather than a product and a sum
+        return torch.linalg.vector_norm(self.y, dim=1).square_()
 
     @functools.cached_property
     def y32(self) -> Tensor:
@@ -259,7 +259,7 @@ class _Chunk:
 
     @functools.cached_property
     def ysq32(self) -> Tensor:  # squared norms for the screen only: their rounding is in its error bound
-        return torch.linalg.vecdot(self.y32, self.y32).double()
+        return torch.linalg.vector_norm(self.y32, dim=1).double().square_()
 
     @functools.cached_property
     def max_norm(self) -> Tensor:
@@ -287,12 +287,13 @@ def _select(queries: dict, rows) -> dict:
 
 
 _QUERY_FIELDS = ("x", "ax", "xsq", "alpha", "inv_two_var", "bias", "exclude", "ax32", "ax_norm")
-# A screening block first tries the screen on this many queries of its first chunk: if most of them
-# fall back (a spread posterior at this sigma), the whole block uses the float64 engine at once.
+# A screening block first tries the screen on up to this many queries (an eighth of the block at
+# most) of its first chunk: if too many fall back (a spread posterior at this sigma), the rest of the
+# block uses the float64 engine at once.
 PROBE_QUERIES = 32
-# Screening a chunk costs ~1/4 (GPU) to ~1/3 (CPU) of the float64 engine; past this fraction of
-# fallen-back queries it no longer pays, and the block switches to the float64 engine.
-MAX_FALLBACK_FRACTION = 0.3
+# Screening a chunk costs ~1/4 (GPU) to ~1/3 (CPU) of the float64 engine, plus top-k and gathers;
+# past this fraction of fallen-back queries it no longer pays, and the block switches to float64.
+MAX_FALLBACK_FRACTION = 0.15
 
 
 def posterior_partial(
@@ -353,18 +354,21 @@ def posterior_partial(
     def add_chunk(blk, ch: _Chunk):
         if not blk["screen"]:
             part = _chunk_partial(blk, ch)
-        elif blk["probe"] and blk["x"].shape[0] > PROBE_QUERIES:
+        elif blk["probe"] and blk["x"].shape[0] >= 16:
             blk["probe"] = False
-            probe, rest = _select(blk, slice(0, PROBE_QUERIES)), _select(blk, slice(PROBE_QUERIES, None))
-            first, fallback_fraction = _screened_chunk_partial(probe, ch)
-            if fallback_fraction <= MAX_FALLBACK_FRACTION:
-                second, fallback_fraction = _screened_chunk_partial(rest, ch)
+            size = min(PROBE_QUERIES, blk["x"].shape[0] // 8)
+            probe, rest = _select(blk, slice(0, size)), _select(blk, slice(size, None))
+            first, proven = _screen(probe, ch)
+            if 1.0 - float(proven.double().mean()) > MAX_FALLBACK_FRACTION:
+                blk["screen"] = False  # spread posteriors: the whole block (probe included) in float64
+                part = _chunk_partial(blk, ch)
             else:
-                second = _chunk_partial(rest, ch)
-            blk["screen"] = fallback_fraction <= MAX_FALLBACK_FRACTION
-            part = PosteriorPartial(*(torch.cat(pair) for pair in zip(first.to_tuple(), second.to_tuple())))
+                first = _fall_back(probe, ch, first, proven)[0]
+                second, fallback_fraction = _fall_back(rest, ch, *_screen(rest, ch))
+                blk["screen"] = fallback_fraction <= MAX_FALLBACK_FRACTION
+                part = PosteriorPartial(*(torch.cat(pair) for pair in zip(first.to_tuple(), second.to_tuple())))
         else:
-            part, fallback_fraction = _screened_chunk_partial(blk, ch)
+            part, fallback_fraction = _fall_back(blk, ch, *_screen(blk, ch))
             blk["screen"] = fallback_fraction <= MAX_FALLBACK_FRACTION  # spread posteriors: screening does not pay
         blk["out"] = part if blk["out"] is None else merge_partials(blk["out"], part)
 
@@ -391,8 +395,9 @@ def _stream(data: Tensor, device: torch.device, chunk: int, first_index: int, bl
                 visit(blk, ch)
 
 
-def _screened_chunk_partial(queries: dict, ch: _Chunk) -> tuple[PosteriorPartial, float]:
-    """One chunk by screen and refine; returns the partial and the fraction of queries that fell back.
+def _screen(queries: dict, ch: _Chunk) -> tuple[PosteriorPartial, Tensor]:
+    """One chunk by screen and refine: the partial of each query's top rows and whether it is proven
+    to be the whole chunk's partial (``proven`` (b,) bool).
 
     The screening distances ||x||^2 + a^2 ||y||^2 - 2 (a x).y take x.y from one fp32-accurate GEMM and
     ||y||^2 in float32, so each logit is within E = gamma(D) (2 ||a x|| + a^2 max ||y||) max ||y|| /
@@ -416,7 +421,11 @@ def _screened_chunk_partial(queries: dict, ch: _Chunk) -> tuple[PosteriorPartial
         proven |= best[:, 0] == float("-inf")  # every row excluded: nothing to add
     else:
         proven = torch.ones_like(best[:, 0], dtype=torch.bool)
-    part = _exact_rows_partial(queries, ch.rows, index[:, :top], best[:, :top] > float("-inf"))
+    return _exact_rows_partial(queries, ch.rows, index[:, :top], best[:, :top] > float("-inf")), proven
+
+
+def _fall_back(queries: dict, ch: _Chunk, part: PosteriorPartial, proven: Tensor) -> tuple[PosteriorPartial, float]:
+    """Replace the unproven queries' partials by the float64 engine's; returns the fraction replaced."""
     fallback = ~proven
     count = int(fallback.sum())  # the one host sync per chunk
     if count:
@@ -595,7 +604,7 @@ def _knn_screened_chunk(queries: dict, ch: _Chunk, k: int) -> tuple[Tensor, Tens
     """k nearest rows of one chunk by screen and refine: (distances, local indices, fallback fraction).
 
     Screened distances are within e = gamma(D) (2 ||x|| + max ||y||) max ||y|| of the truth (as in
-    :func:`_screened_chunk_partial`); the k + KNN_EXTRA best are recomputed by direct differences,
+    :func:`_screen`); the k + KNN_EXTRA best are recomputed by direct differences,
     and a query is proven when the next screened distance minus e is still >= its exact k-th.
     """
     n = ch.n
