@@ -123,15 +123,17 @@ def test_screen_and_refine_agrees_with_the_float64_engine(device, split, monkeyp
                            exclude_index=src, logit_bias=bias)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("split", [False, True], ids=["fp32", "3xtf32"])
-@pytest.mark.parametrize("D", [64, 3072])
-def test_screening_gemm_error_is_within_its_bound(split, D, monkeypatch, gen):
+@pytest.mark.parametrize("D", [64, 3072, 12288])
+def test_screening_gemm_error_is_within_its_bound(device, split, D, monkeypatch, gen):
     """The screen's proof rests on |a.b - fp32-accurate a.b| <= gamma(D) ||a|| ||b||; all-positive data
-    (no cancellation, the worst case for accumulated rounding) and signed data."""
+    (no cancellation, the worst case for accumulated rounding) and signed data. On CUDA this measures
+    the tensor cores' 3xTF32 (``split`` only matters on the CPU, where it emulates them)."""
     monkeypatch.setattr(engine, "_SPLIT_TF32_ON_CPU", split)
     for a, b in ((torch.rand(64, D, generator=gen), torch.rand(128, D, generator=gen)),
                  (torch.randn(64, D, generator=gen), torch.randn(128, D, generator=gen))):
-        err = (engine._fp32_accurate_mm(a, b).double() - a.double() @ b.double().T).abs()
+        err = (engine._fp32_accurate_mm(a.to(device), b.to(device)).double().cpu() - a.double() @ b.double().T).abs()
         scale = a.double().norm(dim=1)[:, None] * b.double().norm(dim=1)[None, :]
         ratio = (err / scale).max().item() / engine.screen_error_factor(D)
         assert ratio <= 0.1, f"error at {ratio:.2f} of the bound: the bound has too little margin"

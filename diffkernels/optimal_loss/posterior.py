@@ -67,26 +67,35 @@ def _round_tf32(x: Tensor) -> Tensor:
     return ((x.view(torch.int32) + 0x1000) & ~0x1FFF).view(torch.float32)
 
 
-def _fp32_accurate_mm(a: Tensor, b: Tensor) -> Tensor:
-    """a @ b.T (float32 in, float32 out) accurate to float32 rounding.
+def _screen_operand(x: Tensor, left: bool) -> Tensor:
+    """A float32 GEMM operand prepared for :func:`_screen_products` (made once per query block / chunk).
 
-    CPU: one float32 GEMM. CUDA: 3xTF32, a = a_hi + a_lo (a_hi the TF32 rounding of a), and
-    a_hi b_hi + a_hi b_lo + a_lo b_hi as one TF32 tensor-core GEMM over a 3x longer inner dimension
-    (the dropped a_lo b_lo is ~2^-22 relative); float32 accumulation, ~3x the plain fp32 GEMM rate.
+    CPU: x itself (one float32 GEMM). CUDA (3xTF32): x = hi + lo with hi the TF32 rounding of x, laid
+    out as [hi, hi, lo] (left) and [hi, lo, hi] (right) so that one TF32 tensor-core GEMM over a 3x
+    longer inner dimension gives hi.hi' + hi.lo' + lo.hi' (the dropped lo.lo' is ~2^-22 relative).
     """
-    if a.device.type != "cuda" and not _SPLIT_TF32_ON_CPU:
-        return a @ b.T
-    a_hi, b_hi = _round_tf32(a), _round_tf32(b)
-    a3 = torch.cat([a_hi, a_hi, _round_tf32(a - a_hi)], dim=1)
-    b3 = torch.cat([b_hi, _round_tf32(b - b_hi), b_hi], dim=1)
-    if a.device.type != "cuda":
-        return a3 @ b3.T
+    if x.device.type != "cuda" and not _SPLIT_TF32_ON_CPU:
+        return x
+    hi = _round_tf32(x)
+    lo = _round_tf32(x - hi)
+    return torch.cat([hi, hi, lo] if left else [hi, lo, hi], dim=1)
+
+
+def _screen_products(left: Tensor, right: Tensor) -> Tensor:
+    """left @ right.T of two screen operands, accurate to float32 rounding (float32 accumulation)."""
+    if left.device.type != "cuda":
+        return left @ right.T
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
-        return a3 @ b3.T
+        return left @ right.T
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _fp32_accurate_mm(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b.T (float32 in and out) accurate to float32 rounding: float32 GEMM on the CPU, 3xTF32 on CUDA."""
+    return _screen_products(_screen_operand(a, left=True), _screen_operand(b, left=False))
 
 
 @dataclass
@@ -258,6 +267,10 @@ class _Chunk:
         return self.rows.to(torch.float32)
 
     @functools.cached_property
+    def screen_operand(self) -> Tensor:
+        return _screen_operand(self.y32, left=False)
+
+    @functools.cached_property
     def ysq32(self) -> Tensor:  # squared norms for the screen only: their rounding is in its error bound
         return torch.linalg.vector_norm(self.y32, dim=1).double().square_()
 
@@ -286,7 +299,7 @@ def _select(queries: dict, rows) -> dict:
     return {key: None if value is None else value[rows] for key, value in queries.items() if key in _QUERY_FIELDS}
 
 
-_QUERY_FIELDS = ("x", "ax", "xsq", "alpha", "inv_two_var", "bias", "exclude", "ax32", "ax_norm")
+_QUERY_FIELDS = ("x", "ax", "xsq", "alpha", "inv_two_var", "bias", "exclude", "ax_screen", "ax_norm")
 # A screening block first tries the screen on up to this many queries (an eighth of the block at
 # most) of its first chunk: if too many fall back (a spread posterior at this sigma), the rest of the
 # block uses the float64 engine at once.
@@ -348,7 +361,7 @@ def posterior_partial(
                    exclude=None if exclude_index is None else exclude_index[b],
                    out=None if N else empty_partial(xb.shape[0], D, device), screen=engine == "auto", probe=True)
         if engine == "auto":
-            blk.update(ax32=blk["ax"].float(), ax_norm=blk["ax"].norm(dim=1))
+            blk.update(ax_screen=_screen_operand(blk["ax"].float(), left=True), ax_norm=blk["ax"].norm(dim=1))
         blocks.append(blk)
 
     def add_chunk(blk, ch: _Chunk):
@@ -406,7 +419,7 @@ def _screen(queries: dict, ch: _Chunk) -> tuple[PosteriorPartial, Tensor]:
     the best one, and the top rows, recomputed exactly, are the whole partial.
     """
     n, inv_two_var, alpha = ch.n, queries["inv_two_var"], queries["alpha"]
-    products = _fp32_accurate_mm(queries["ax32"], ch.y32)
+    products = _screen_products(queries["ax_screen"], ch.screen_operand)
     dist = (queries["xsq"][:, None] + alpha.square()[:, None] * ch.ysq32[None, :]).sub_(products.double(), alpha=2.0)
     del products
     logits = dist.clamp_min_(0.0).mul_(-inv_two_var[:, None])  # the bias shifts every row alike: not needed here
@@ -572,7 +585,7 @@ def knn(queries: Tensor, data: Tensor, k: int, *, chunk_size: Optional[int] = No
                    best_d=torch.full((xb.shape[0], 0), float("inf"), dtype=torch.float64, device=device),
                    best_i=torch.zeros((xb.shape[0], 0), dtype=torch.int64, device=device))
         if engine == "auto":
-            blk.update(ax32=xb.float(), ax_norm=xb.norm(dim=1))
+            blk.update(ax_screen=_screen_operand(xb.float(), left=True), ax_norm=xb.norm(dim=1))
         blocks.append(blk)
 
     def add_chunk(blk, ch: _Chunk):
@@ -608,7 +621,7 @@ def _knn_screened_chunk(queries: dict, ch: _Chunk, k: int) -> tuple[Tensor, Tens
     and a query is proven when the next screened distance minus e is still >= its exact k-th.
     """
     n = ch.n
-    products = _fp32_accurate_mm(queries["ax32"], ch.y32)
+    products = _screen_products(queries["ax_screen"], ch.screen_operand)
     approx = (queries["xsq"][:, None] + ch.ysq32[None, :]).sub_(products.double(), alpha=2.0)
     del products
     error = screen_error_factor(ch.rows.shape[1]) * (2.0 * queries["ax_norm"] + ch.max_norm) * ch.max_norm
