@@ -502,13 +502,18 @@ def bench_curve(device, args, ceil) -> dict:
         s = float(sigmas[k])
         holder = {}
         t = time_once(lambda: holder.update(res=estimate_curve(data, [s], num_queries=M, seed=SEED % 2**31,
-                                                               progress=False)), device)
+                                                               progress=False, precision="float64")), device)
         res = holder["res"]
+        # The screen-and-refine engine on the same draws: its time, and its J* (equal to float64 rounding).
+        t_auto = time_once(lambda: holder.update(res=estimate_curve(data, [s], num_queries=M, seed=SEED % 2**31,
+                                                                    progress=False, precision="auto")), device)
+        j_auto = float(holder["res"].j_star_per_element[0])
         measured.append({"level": int(k), "sigma": s, "seconds": t, "status": "measured",
                          "TFLOPs": out["flops_per_level"] / t / 1e12,
                          "j_star_per_element": float(res.j_star_per_element[0]),
-                         "stderr_per_element": float(res.stderr_per_element[0])})
-        print(f"[bench] curve level {k} sigma={s:.3g}: {t:.3f} s", file=sys.stderr)
+                         "stderr_per_element": float(res.stderr_per_element[0]),
+                         "seconds_auto": t_auto, "j_star_per_element_auto": j_auto})
+        print(f"[bench] curve level {k} sigma={s:.3g}: float64 {t:.3f} s, auto {t_auto:.3f} s", file=sys.stderr)
     if "fp64_TFLOPs" in ceil:
         for r in measured:
             r["frac_of_fp64_ceiling"] = r["TFLOPs"] / ceil["fp64_TFLOPs"]
@@ -524,6 +529,8 @@ def bench_curve(device, args, ceil) -> dict:
     out["per_level_status"] = ["measured" if k in cfg["measure"] else "extrapolated" for k in range(n_levels)]
     out["measured_seconds"] = float(sum(r["seconds"] for r in measured))
     out["total_seconds_extrapolated"] = float(est.sum())
+    est_auto = np.interp(ls, [math.log(r["sigma"]) for r in measured], [r["seconds_auto"] for r in measured])
+    out["total_seconds_extrapolated_auto"] = float(est_auto.sum())
     if cfg["full_curve"] or args.full_curve:
         holder = {}
         t = time_once(lambda: holder.update(res=estimate_curve(data, sigmas, num_queries=M, seed=SEED % 2**31,
@@ -572,6 +579,10 @@ def _checks(rows, curve) -> list:
         for r in curve.get("measured", []):
             if not (math.isfinite(r["j_star_per_element"]) and r["j_star_per_element"] >= 0):
                 bad.append(("curve", f"J* at sigma {r['sigma']:.3g} is {r['j_star_per_element']}"))
+            auto = r.get("j_star_per_element_auto")
+            if auto is not None and not abs(auto - r["j_star_per_element"]) <= 1e-9 * abs(r["j_star_per_element"]) + 1e-15:
+                bad.append(("curve", f"J* at sigma {r['sigma']:.3g}: precision='auto' gives {auto!r}, "
+                                     f"float64 {r['j_star_per_element']!r} (must agree to rounding)"))
     return bad
 
 
@@ -679,13 +690,14 @@ def to_markdown(meta, ceil, image_rows, lm_rows, curve, part_errors) -> str:
                  f"total for {c['levels']} levels is **extrapolated** from them (per-level time interpolated linearly "
                  "in log σ between the measured levels, constant beyond).")
         L.append("")
-        head = ["level", "σ", "status", "seconds", "TFLOP/s"] + (["% fp64 GEMM ceiling"] if "frac_of_fp64_ceiling" in
-                                                               c["measured"][0] else []) + ["J*/D (± s.e.)"]
+        head = ["level", "σ", "status", "seconds (float64 engine)", "TFLOP/s"] + (["% fp64 GEMM ceiling"] if "frac_of_fp64_ceiling" in
+                                                               c["measured"][0] else []) + ["seconds (auto engine)", "J*/D (± s.e.)"]
         body = []
         for r in c["measured"]:
             line = [r["level"], f"{r['sigma']:.3g}", "measured", f"{r['seconds']:.3f}", f"{r['TFLOPs']:.2f}"]
             if "frac_of_fp64_ceiling" in r:
                 line.append(f"{100 * r['frac_of_fp64_ceiling']:.0f}%")
+            line.append(f"{r['seconds_auto']:.3f}")
             line.append(f"{r['j_star_per_element']:.4g} ± {r['stderr_per_element']:.1g}")
             body.append(line)
         L += md_table(head, body)
@@ -693,7 +705,8 @@ def to_markdown(meta, ceil, image_rows, lm_rows, curve, part_errors) -> str:
         n_meas = len(c["measured"])
         L.append(f"- **{c['levels']} levels: {c['total_seconds_extrapolated']:.1f} s = "
                  f"{c['total_seconds_extrapolated'] / 60:.2f} min (extrapolated**: {n_meas} levels measured, "
-                 f"{c['measured_seconds']:.1f} s; {c['levels'] - n_meas} extrapolated)")
+                 f"{c['measured_seconds']:.1f} s; {c['levels'] - n_meas} extrapolated); with `precision=\"auto\"` "
+                 f"{c['total_seconds_extrapolated_auto']:.1f} s (extrapolated the same way)")
         if "full_curve_seconds_measured" in c:
             L.append(f"- whole curve measured too: **{c['full_curve_seconds_measured']:.1f} s** (measured; "
                      f"extrapolation / measured = {c['total_seconds_extrapolated'] / c['full_curve_seconds_measured']:.2f})")

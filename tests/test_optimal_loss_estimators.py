@@ -158,6 +158,21 @@ def test_reproducible_and_batch_independent():
 
 
 @pytest.mark.parametrize("estimator", ["full", "cdol"])
+def test_both_posterior_engines_give_the_same_curve(estimator):
+    """precision="auto" (screen and refine) and "float64" differ only in rounding, at every level."""
+    data = _data(300, 6, seed=5)
+    kw = dict(estimator=estimator, num_queries=150, seed=3, progress=False, batch_size=64,
+              subset_size=None if estimator == "full" else 40)
+    sigmas = [1e-3, 0.05, 0.5, 5.0]
+    a = estimate_curve(data, sigmas, precision="auto", **kw)
+    b = estimate_curve(data, sigmas, precision="float64", **kw)
+    np.testing.assert_allclose(a.j_star, b.j_star, rtol=1e-9, atol=1e-14)
+    np.testing.assert_allclose(a.j_star_ab, b.j_star_ab, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        estimate_curve(data, [1.0], precision="fp32", **kw)
+
+
+@pytest.mark.parametrize("estimator", ["full", "cdol"])
 def test_numpy_memmap_and_dtypes_stream(tmp_path, monkeypatch, estimator):
     data = _data(257, 7, seed=5)
     kw = dict(estimator=estimator, num_queries=100, subset_size=None if estimator == "full" else 40, seed=2,

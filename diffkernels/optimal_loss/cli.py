@@ -71,7 +71,8 @@ def cmd_optimal_loss(args) -> int:
             ckpt.unlink()  # a fresh run; --resume would continue from it
         result = estimate_curve(data, sigmas, estimator=args.estimator, num_queries=args.queries,
                                 subset_size=args.subset, C=args.C, seed=args.seed, batch_size=args.batch_size,
-                                progress=not args.quiet, checkpoint=ckpt, device=args.device)
+                                progress=not args.quiet, checkpoint=ckpt, device=args.device,
+                                precision=args.precision)
     except (ValueError, TypeError, RuntimeError) as exc:  # DataError is a ValueError
         return _fail(name, str(exc).splitlines()[0])
     result.extra = {"data": args.data, "command": "diffkernels optimal-loss " + " ".join(sys.argv[2:])}
@@ -148,6 +149,10 @@ def add_subcommands(sub) -> None:
     p.add_argument("--batch-size", type=int, default=None,
                    help="queries per pass over the data (default: 4096 on CUDA, 1024 on CPU)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--precision", choices=("auto", "float64"), default=None,
+                   help="posterior engine: auto = screen with an fp32-accurate GEMM and recompute the top rows "
+                        "exactly, float64 = float64 GEMMs; both exact to float64 rounding "
+                        "(default: auto on the CPU, float64 on CUDA)")
     p.add_argument("--out", default="optimal_loss", help="output prefix (default: optimal_loss)")
     p.add_argument("--plot", action="store_true", help="also write OUT.png: J*(s) per element, log axes")
     p.add_argument("--resume", action="store_true", help="continue from OUT.ckpt.json (same settings)")

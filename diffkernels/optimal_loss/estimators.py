@@ -260,9 +260,10 @@ class _Dataset:
     dataset completes across ranks (see :mod:`.distributed`).
     """
 
-    def __init__(self, local: _LocalRows, group=None):
+    def __init__(self, local: _LocalRows, group=None, precision: Optional[str] = None):
         self.local = local
         self.group = group
+        self.precision = precision
         self.D = local.D
         if group is None:
             self.offset, self.N = 0, local.n
@@ -290,7 +291,7 @@ class _Dataset:
         if subset is None:
             part = None
             for start, rows in self.local.chunks():  # merged as they come: memory of one partial
-                new = posterior_partial(queries, rows, sigma, index_offset=start)
+                new = posterior_partial(queries, rows, sigma, index_offset=start, precision=self.precision)
                 part = new if part is None else merge_partials(part, new)
         else:
             lo = int(torch.searchsorted(subset, self.offset))
@@ -302,7 +303,7 @@ class _Dataset:
                 pos = torch.searchsorted(mine, exclude).clamp(max=mine.numel() - 1)
                 ex = torch.where(mine[pos] == exclude, pos, -1).to(queries.device)
             rows = self.local.rows(mine - self.offset)
-            part = posterior_partial(queries, rows, sigma, exclude_index=ex)
+            part = posterior_partial(queries, rows, sigma, exclude_index=ex, precision=self.precision)
         if self.group is not None:
             from .distributed import all_merge_partials
 
@@ -521,6 +522,7 @@ def estimate_curve(
     checkpoint=None,
     device=None,
     distributed=False,
+    precision: Optional[str] = None,
 ) -> CurveResult:
     """Estimate the optimal x0-loss J*(s) of ``data`` at each noise level in ``sigmas``.
 
@@ -542,6 +544,8 @@ def estimate_curve(
             available, else CPU).
         distributed: True (default process group) or a ``torch.distributed`` process group to
             shard the data across ranks; every rank must pass the same arguments except ``data``.
+        precision: the posterior engine, "auto" (screen and refine), "float64" or None (auto on the
+            CPU, float64 on CUDA); see :func:`posterior_partial`. Both are exact to float64 rounding.
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
@@ -570,7 +574,7 @@ def estimate_curve(
         group = dist.group.WORLD if distributed is True else distributed
     local = _LocalRows(data, device)
     _on_all_ranks(local.check_finite, group)  # a bad shard stops every rank, not just its own
-    ds = _Dataset(local, group)
+    ds = _Dataset(local, group, precision)
     N = ds.N
 
     if estimator == "full":
