@@ -251,8 +251,9 @@ class _Chunk:
     """One chunk of data rows on the queries' device, in its stored dtype; the float64 copy (for the
     float64 engine) and the screening views (float32 rows and squared norms) are made on first use."""
 
-    def __init__(self, rows: Tensor, first_index: int):
-        self.rows, self.first_index, self.n = rows, first_index, rows.shape[0]
+    def __init__(self, rows: Tensor, start: int, first_index: int):
+        # start: position of the first row in ``data``; first_index: its number for exclude_index.
+        self.rows, self.start, self.first_index, self.n = rows, start, first_index, rows.shape[0]
 
     @functools.cached_property
     def y(self) -> Tensor:
@@ -361,42 +362,48 @@ def posterior_partial(
                    exclude=None if exclude_index is None else exclude_index[b],
                    out=None if N else empty_partial(xb.shape[0], D, device), screen=engine == "auto", probe=True)
         if engine == "auto":
-            blk.update(ax_screen=_screen_operand(blk["ax"].float(), left=True), ax_norm=blk["ax"].norm(dim=1))
+            blk.update(ax_screen=_screen_operand(blk["ax"].float(), left=True), ax_norm=blk["ax"].norm(dim=1),
+                       cand_val=xb.new_empty(xb.shape[0], 0), cand_row=torch.zeros_like(xb, dtype=torch.int64)[:, :0],
+                       error=torch.zeros_like(blk["xsq"]), max_norm=blk["xsq"].new_zeros(()))
         blocks.append(blk)
 
     def add_chunk(blk, ch: _Chunk):
-        if not blk["screen"]:
-            part = _chunk_partial(blk, ch)
-        elif blk["probe"] and blk["x"].shape[0] >= 16:
+        if blk["screen"] and blk["probe"]:
             blk["probe"] = False
             size = min(PROBE_QUERIES, blk["x"].shape[0] // 8)
-            probe, rest = _select(blk, slice(0, size)), _select(blk, slice(size, None))
-            first, proven = _screen(probe, ch)
-            if 1.0 - float(proven.double().mean()) > MAX_FALLBACK_FRACTION:
-                blk["screen"] = False  # spread posteriors: the whole block (probe included) in float64
-                part = _chunk_partial(blk, ch)
-            else:
-                first = _fall_back(probe, ch, first, proven)[0]
-                second, fallback_fraction = _fall_back(rest, ch, *_screen(rest, ch))
-                blk["screen"] = fallback_fraction <= MAX_FALLBACK_FRACTION
-                part = PosteriorPartial(*(torch.cat(pair) for pair in zip(first.to_tuple(), second.to_tuple())))
+            if size:  # a spread posterior on a few queries of the first chunk: the whole block in float64
+                vals, _, error = _screen_chunk(_select(blk, slice(0, size)), ch)
+                blk["screen"] = 1.0 - float(_proven(vals, error).double().mean()) <= MAX_FALLBACK_FRACTION
+        if blk["screen"]:  # phase 1: keep each query's best screened rows over all chunks
+            vals, rows, error = _screen_chunk(blk, ch)
+            vals = torch.cat([blk["cand_val"], vals], dim=1)
+            vals, pos = vals.topk(min(SCREEN_TOP + 1, vals.shape[1]), dim=1)
+            blk["cand_val"], blk["cand_row"] = vals, torch.cat([blk["cand_row"], rows], dim=1).gather(1, pos)
+            blk["error"] = torch.maximum(blk["error"], error)
+            blk["max_norm"] = torch.maximum(blk["max_norm"], ch.max_norm)
         else:
-            part, fallback_fraction = _fall_back(blk, ch, *_screen(blk, ch))
-            blk["screen"] = fallback_fraction <= MAX_FALLBACK_FRACTION  # spread posteriors: screening does not pay
-        blk["out"] = part if blk["out"] is None else merge_partials(blk["out"], part)
+            _add_float64_chunk(blk, ch)
 
     _stream(data, device, chunk, index_offset, blocks, add_chunk)
+    for blk in blocks:
+        if blk["screen"] and N:  # phase 2: exact top rows once per block, float64 where unproven
+            blk["out"] = _refine(blk, data, N, lambda sub: _stream(data, device, chunk, index_offset, [sub], _add_float64_chunk))
     parts = [blk["out"] for blk in blocks]
     if len(parts) == 1:
         return parts[0]
     return PosteriorPartial(*(torch.cat(fields) for fields in zip(*(p.to_tuple() for p in parts))))
 
 
+def _add_float64_chunk(blk: dict, ch: "_Chunk") -> None:
+    part = _chunk_partial(blk, ch)
+    blk["out"] = part if blk.get("out") is None else merge_partials(blk["out"], part)
+
+
 def _stream(data: Tensor, device: torch.device, chunk: int, first_index: int, blocks: list, visit) -> None:
     """visit(block, chunk) for every query block and data chunk, moving each chunk to ``device`` once."""
     def chunks():
         for start in range(0, data.shape[0], chunk):
-            yield _Chunk(data[start:start + chunk].to(device=device, non_blocking=True), first_index + start)
+            yield _Chunk(data[start:start + chunk].to(device=device, non_blocking=True), start, first_index + start)
 
     if data.device == device:  # data resident: query blocks outside, so each block streams long chunks
         for blk in blocks:
@@ -408,48 +415,75 @@ def _stream(data: Tensor, device: torch.device, chunk: int, first_index: int, bl
                 visit(blk, ch)
 
 
-def _screen(queries: dict, ch: _Chunk) -> tuple[PosteriorPartial, Tensor]:
-    """One chunk by screen and refine: the partial of each query's top rows and whether it is proven
-    to be the whole chunk's partial (``proven`` (b,) bool).
+def _screen_chunk(queries: dict, ch: _Chunk) -> tuple[Tensor, Tensor, Tensor]:
+    """Screened logits of one chunk: each query's SCREEN_TOP + 1 best (values (b, <= 17), descending;
+    their row positions in ``data``) and the bound E (b,) on every screened logit's error.
 
     The screening distances ||x||^2 + a^2 ||y||^2 - 2 (a x).y take x.y from one fp32-accurate GEMM and
     ||y||^2 in float32, so each logit is within E = gamma(D) (2 ||a x|| + a^2 max ||y||) max ||y|| /
-    (2 sigma^2) of the truth. If the best logit beats the (SCREEN_TOP + 1)-th by more than
-    2 E + NEGLIGIBLE_NATS, every row outside the top SCREEN_TOP is truly more than NEGLIGIBLE_NATS below
-    the best one, and the top rows, recomputed exactly, are the whole partial.
+    (2 sigma^2) of the truth (the bias shifts every row of a query alike and is left out).
     """
-    n, inv_two_var, alpha = ch.n, queries["inv_two_var"], queries["alpha"]
+    inv_two_var, alpha = queries["inv_two_var"], queries["alpha"]
     products = _screen_products(queries["ax_screen"], ch.screen_operand)
     dist = (queries["xsq"][:, None] + alpha.square()[:, None] * ch.ysq32[None, :]).sub_(products.double(), alpha=2.0)
     del products
-    logits = dist.clamp_min_(0.0).mul_(-inv_two_var[:, None])  # the bias shifts every row alike: not needed here
+    logits = dist.clamp_min_(0.0).mul_(-inv_two_var[:, None])
     _mask_excluded(logits, ch.exclusion(queries))
     error = screen_error_factor(ch.rows.shape[1]) * (2.0 * queries["ax_norm"] + alpha.square() * ch.max_norm) \
         * ch.max_norm * inv_two_var
-    top = min(SCREEN_TOP, n)
-    best, index = logits.topk(min(top + 1, n), dim=1)
-    del logits, dist
-    if n > top:
-        proven = best[:, top] + (2.0 * error + NEGLIGIBLE_NATS) < best[:, 0]
-        proven |= best[:, 0] == float("-inf")  # every row excluded: nothing to add
-    else:
-        proven = torch.ones_like(best[:, 0], dtype=torch.bool)
-    return _exact_rows_partial(queries, ch.rows, index[:, :top], best[:, :top] > float("-inf")), proven
+    vals, index = logits.topk(min(SCREEN_TOP + 1, ch.n), dim=1)
+    return vals, index + ch.start, error
 
 
-def _fall_back(queries: dict, ch: _Chunk, part: PosteriorPartial, proven: Tensor) -> tuple[PosteriorPartial, float]:
-    """Replace the unproven queries' partials by the float64 engine's; returns the fraction replaced."""
-    fallback = ~proven
-    count = int(fallback.sum())  # the one host sync per chunk
-    if count:
-        rows = fallback.nonzero().squeeze(1)
-        sub = _chunk_partial(_select(queries, rows), ch)
-        part = PosteriorPartial(*(full.index_copy(0, rows, patch) for full, patch in zip(part.to_tuple(), sub.to_tuple())))
-    return part, count / max(1, fallback.numel())
+def _proven(vals: Tensor, error: Tensor) -> Tensor:
+    """Whether the SCREEN_TOP best rows hold each query's whole posterior (up to e^-NEGLIGIBLE_NATS).
+
+    ``vals``: the best screened logits (descending), of all rows seen. If the best beats the
+    (SCREEN_TOP + 1)-th by more than 2 E + NEGLIGIBLE_NATS, every row outside the top SCREEN_TOP is
+    truly more than NEGLIGIBLE_NATS below the best one.
+    """
+    if vals.shape[1] <= SCREEN_TOP:  # no other rows
+        return torch.ones_like(vals[:, 0], dtype=torch.bool)
+    proven = vals[:, SCREEN_TOP] + (2.0 * error + NEGLIGIBLE_NATS) < vals[:, 0]
+    return proven | (vals[:, 0] == float("-inf"))  # every row excluded: nothing to add
+
+
+def _refine(blk: dict, data: Tensor, N: int, float64_pass) -> PosteriorPartial:
+    """Phase 2 of screen and refine for one query block: the exact partial of each query's best rows,
+    and ``float64_pass(sub_block)`` (the float64 engine over all the data) for unproven queries.
+
+    Beyond the margin of :func:`_proven`, the dropped rows must also be negligible for the variance:
+    each weighs at most e^(v_17 - v_1 + 2E) of the best row and lies within 2 max ||y|| of the mean, so
+    N of them move the variance by at most N e^(v_17 - v_1 + 2E) (2 max ||y||)^2, which must stay below
+    1e-6 of the variance of the rows kept (a near-delta posterior whose variance comes from a flat tail
+    of rows ~50 nats down is not proven by the margin alone).
+    """
+    vals, rows = blk["cand_val"], blk["cand_row"]
+    top = min(SCREEN_TOP, vals.shape[1])
+    part = _exact_rows_partial(blk, data, rows[:, :top], vals[:, :top] > float("-inf"))
+    proven = _proven(vals, blk["error"])
+    if vals.shape[1] > SCREEN_TOP:
+        dropped = N * (vals[:, SCREEN_TOP] - vals[:, 0] + 2.0 * blk["error"]).exp() * (2.0 * blk["max_norm"]).square()
+        kept = part.finalize().variance
+        proven &= (dropped <= 1e-6 * kept) | (vals[:, SCREEN_TOP] == float("-inf"))
+    unproven = ~proven
+    if int(unproven.sum()):  # one host sync per block
+        index = unproven.nonzero().squeeze(1)
+        sub = _select(blk, index)
+        float64_pass(sub)
+        part = PosteriorPartial(*(full.index_copy(0, index, patch) for full, patch in zip(part.to_tuple(), sub["out"].to_tuple())))
+    return part
+
+
+def _gather_rows(y: Tensor, index: Tensor, device: torch.device) -> Tensor:
+    """y[index] in float64 on ``device`` (y may live elsewhere, e.g. in host memory)."""
+    if y.device != index.device:
+        return y[index.to(y.device)].to(device=device, dtype=torch.float64)
+    return y[index].to(torch.float64)
 
 
 def _exact_rows_partial(queries: dict, y: Tensor, index: Tensor, valid: Tensor) -> PosteriorPartial:
-    """The partial of a few rows per query (``index`` (b, k) into y, any float dtype; ``valid`` (b, k)).
+    """The partial of a few rows per query (``index`` (b, k) into y: any float dtype and device; ``valid`` (b, k)).
 
     Distances relative to a row c near the posterior mass: with offsets o = y - c and x - alpha c both
     direct differences, ||x - alpha y||^2 = ||x - alpha c||^2 + alpha^2 ||o||^2 - 2 alpha <x - alpha c, o>
@@ -468,8 +502,8 @@ def _exact_rows_partial(queries: dict, y: Tensor, index: Tensor, valid: Tensor) 
         idx, a_r = index[r], alpha[r, None]
 
         def offsets_from(center_index):
-            center = y[center_index].double()
-            return center, y[idx].double().sub_(center[:, None, :])  # (per, k, D)
+            center = _gather_rows(y, center_index, x.device)
+            return center, _gather_rows(y, idx, x.device).sub_(center[:, None, :])  # (per, k, D)
 
         def exact_logits(center, offsets):
             from_center = x[r] - a_r * center
@@ -556,7 +590,7 @@ def posterior_mean(
     return stats.mean.to(dtype), stats.logsumexp, stats.variance
 
 
-KNN_EXTRA = 8  # candidates beyond k per query and chunk that the knn screen recomputes exactly
+KNN_EXTRA = 8  # candidates beyond k per query that the knn screen recomputes exactly
 
 
 def knn(queries: Tensor, data: Tensor, k: int, *, chunk_size: Optional[int] = None,
@@ -582,77 +616,89 @@ def knn(queries: Tensor, data: Tensor, k: int, *, chunk_size: Optional[int] = No
     blocks = []
     for a in range(0, M, block):
         xb = x[a:a + block]
-        blk = dict(x=xb, xsq=xb.square().sum(dim=1), screen=engine == "auto",
-                   best_d=torch.full((xb.shape[0], 0), float("inf"), dtype=torch.float64, device=device),
-                   best_i=torch.zeros((xb.shape[0], 0), dtype=torch.int64, device=device))
+        blk = dict(x=xb, xsq=xb.square().sum(dim=1), best_d=xb.new_empty(xb.shape[0], 0),
+                   best_i=torch.zeros_like(xb, dtype=torch.int64)[:, :0])
         if engine == "auto":
-            blk.update(ax_screen=_screen_operand(xb.float(), left=True), ax_norm=xb.norm(dim=1))
+            blk.update(ax_screen=_screen_operand(xb.float(), left=True), ax_norm=xb.norm(dim=1),
+                       error=torch.zeros_like(blk["xsq"]))
         blocks.append(blk)
+    candidates = k + KNN_EXTRA
 
     def add_chunk(blk, ch: _Chunk):
-        if blk["screen"]:
-            d, i, fallback_fraction = _knn_screened_chunk(blk, ch, k)
-            blk["screen"] = fallback_fraction <= MAX_FALLBACK_FRACTION
+        if engine == "auto":  # phase 1: each query's best screened rows over all chunks
+            d, i = _knn_screen_chunk(blk, ch, candidates + 1)
+            blk["error"] = torch.maximum(blk["error"], _knn_screen_error(blk, ch))
+            keep = candidates + 1
         else:
             d, i = _knn_chunk(blk, ch, k)
+            keep = k
         best_d = torch.cat([blk["best_d"], d], dim=1)
-        best_i = torch.cat([blk["best_i"], i + ch.first_index], dim=1)
-        if best_d.shape[1] > k or ch.first_index + ch.n >= N:
-            best_d, pos = torch.topk(best_d, min(k, best_d.shape[1]), dim=1, largest=False, sorted=True)
-            best_i = best_i.gather(1, pos)
-        blk["best_d"], blk["best_i"] = best_d, best_i
+        best_i = torch.cat([blk["best_i"], i + ch.start], dim=1)
+        best_d, pos = torch.topk(best_d, min(keep, best_d.shape[1]), dim=1, largest=False, sorted=True)
+        blk["best_d"], blk["best_i"] = best_d, best_i.gather(1, pos)
+
+    def float64_pass(sub):
+        _stream(data, device, chunk, 0, [sub], add_float64_chunk)
+
+    def add_float64_chunk(sub, ch):
+        d, i = _knn_chunk(sub, ch, k)
+        best_d = torch.cat([sub["best_d"], d], dim=1)
+        best_i = torch.cat([sub["best_i"], i + ch.start], dim=1)
+        best_d, pos = torch.topk(best_d, min(k, best_d.shape[1]), dim=1, largest=False, sorted=True)
+        sub["best_d"], sub["best_i"] = best_d, best_i.gather(1, pos)
 
     _stream(data, device, chunk, 0, blocks, add_chunk)
+    if engine == "auto":  # phase 2: exact distances of the candidates, float64 where unproven
+        for blk in blocks:
+            screened, rows = blk["best_d"], blk["best_i"]
+            top = min(candidates, rows.shape[1])
+            exact = _gathered_sq_distances(blk["x"], data, rows[:, :top])
+            d, pos = torch.topk(exact, k, dim=1, largest=False, sorted=True)
+            i = rows.gather(1, pos)
+            proven = torch.ones_like(d[:, 0], dtype=torch.bool) if rows.shape[1] <= candidates else \
+                screened[:, candidates] - blk["error"] >= d[:, -1]
+            unproven = ~proven
+            if int(unproven.sum()):  # one host sync per block
+                index = unproven.nonzero().squeeze(1)
+                sub = dict(x=blk["x"][index], xsq=blk["xsq"][index], best_d=d.new_empty(len(index), 0),
+                           best_i=i.new_empty(len(index), 0))
+                float64_pass(sub)
+                d, i = d.index_copy(0, index, sub["best_d"]), i.index_copy(0, index, sub["best_i"])
+            blk["best_d"], blk["best_i"] = d, i
     distances = torch.cat([blk["best_d"] for blk in blocks])
     return distances.to(torch.promote_types(queries.dtype, torch.float32)), torch.cat([blk["best_i"] for blk in blocks])
 
 
 def _knn_chunk(queries: dict, ch: _Chunk, k: int) -> tuple[Tensor, Tensor]:
-    """The float64 engine's k nearest rows of one chunk (unsorted), by the expanded form in float64."""
+    """The float64 engine's k nearest rows of one chunk (unsorted, local indices), by the expanded form."""
     x, y = queries["x"], ch.y
     d = torch.addmm(queries["xsq"][:, None] + ch.ysq[None, :], x, y.T, alpha=-2.0).clamp_min_(0.0)
     return torch.topk(d, min(k, ch.n), dim=1, largest=False, sorted=False)
 
 
-def _knn_screened_chunk(queries: dict, ch: _Chunk, k: int) -> tuple[Tensor, Tensor, float]:
-    """k nearest rows of one chunk by screen and refine: (distances, local indices, fallback fraction).
-
-    Screened distances are within e = gamma(D) (2 ||x|| + max ||y||) max ||y|| of the truth (as in
-    :func:`_screen`); the k + KNN_EXTRA best are recomputed by direct differences,
-    and a query is proven when the next screened distance minus e is still >= its exact k-th.
-    """
-    n = ch.n
+def _knn_screen_chunk(queries: dict, ch: _Chunk, keep: int) -> tuple[Tensor, Tensor]:
+    """The ``keep`` smallest screened squared distances of one chunk (unsorted, local indices)."""
     products = _screen_products(queries["ax_screen"], ch.screen_operand)
     approx = (queries["xsq"][:, None] + ch.ysq32[None, :]).sub_(products.double(), alpha=2.0)
-    del products
-    error = screen_error_factor(ch.rows.shape[1]) * (2.0 * queries["ax_norm"] + ch.max_norm) * ch.max_norm
-    candidates = min(k + KNN_EXTRA, n)
-    screened, index = torch.topk(approx, min(candidates + 1, n), dim=1, largest=False, sorted=True)
-    del approx
-    index = index[:, :candidates]
-    exact = _gathered_sq_distances(queries["x"], ch.rows, index)
-    d, pos = torch.topk(exact, min(k, n), dim=1, largest=False, sorted=False)
-    i = index.gather(1, pos)
-    if n > candidates:
-        proven = screened[:, candidates] - error >= d.max(dim=1).values
-    else:
-        proven = torch.ones_like(d[:, 0], dtype=torch.bool)
-    fallback = ~proven
-    count = int(fallback.sum())  # the one host sync per chunk
-    if count:
-        rows = fallback.nonzero().squeeze(1)
-        sub_d, sub_i = _knn_chunk(_select(queries, rows), ch, k)
-        d, i = d.index_copy(0, rows, sub_d), i.index_copy(0, rows, sub_i)
-    return d, i, count / max(1, fallback.numel())
+    return torch.topk(approx, min(keep, ch.n), dim=1, largest=False, sorted=False)
+
+
+def _knn_screen_error(queries: dict, ch: _Chunk) -> Tensor:
+    """Bound e (b,) on the screened squared distances' error: gamma(D) (2 ||x|| + max ||y||) max ||y||.
+
+    A query is proven when the best screened distance outside its k + KNN_EXTRA candidates, minus e,
+    is still >= its exact k-th distance: no other row can be nearer.
+    """
+    return screen_error_factor(ch.rows.shape[1]) * (2.0 * queries["ax_norm"] + ch.max_norm) * ch.max_norm
 
 
 def _gathered_sq_distances(x: Tensor, y: Tensor, index: Tensor) -> Tensor:
-    """||x_b - y[index[b, j]]||^2 (b, j) in float64 by direct differences, in tile-sized slabs."""
+    """||x_b - y[index[b, j]]||^2 (b, j) in float64 by direct differences, in tile-sized slabs (y: any device)."""
     b, k = index.shape
-    tile = TILE_ELEMENTS_CUDA if y.device.type == "cuda" else TILE_ELEMENTS_CPU
+    tile = TILE_ELEMENTS_CUDA if x.device.type == "cuda" else TILE_ELEMENTS_CPU
     per = max(1, tile // max(1, k * y.shape[1]))
     out = []
     for a in range(0, b, per):
-        diff = y[index[a:a + per]].double().sub_(x[a:a + per, None, :])
+        diff = _gather_rows(y, index[a:a + per], x.device).sub_(x[a:a + per, None, :])
         out.append(torch.linalg.vecdot(diff, diff))
     return torch.cat(out)
