@@ -139,6 +139,21 @@ def test_screening_gemm_error_is_within_its_bound(device, split, D, monkeypatch,
         assert ratio <= 0.1, f"error at {ratio:.2f} of the bound: the bound has too little margin"
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_screen_keeps_the_variance_of_a_delta_posterior_with_a_flat_tail(device, gen):
+    """One row at the query and 40 rows ~50 nats down: the margin proof alone would drop 24 of the 40
+    rows that make up the whole (tiny) variance; the variance check must send the query to float64."""
+    D, r = 8, 3.0
+    tail = torch.randn(40, D, generator=gen, dtype=torch.float64)
+    tail = r * (1.0 + 1e-3 * torch.rand(40, 1, generator=gen, dtype=torch.float64)) * tail / tail.norm(dim=1, keepdim=True)
+    data = torch.cat([torch.zeros(1, D, dtype=torch.float64), tail,
+                      10.0 + torch.randn(200, D, generator=gen, dtype=torch.float64)])
+    queries = 1e-6 * torch.randn(3, D, generator=gen, dtype=torch.float64)
+    sigma = r / 10.0  # r^2 / (2 sigma^2) = 50 nats
+    out = posterior_mean(queries.to(device), data.to(device), sigma, return_stats=True, precision="auto")
+    assert_close_to_oracle(*out, queries, data, sigma)
+
+
 def test_precision_is_checked():
     with pytest.raises(ValueError, match="precision must be one of"):
         posterior_mean(torch.randn(2, 3), torch.randn(4, 3), 1.0, precision="tf32")
