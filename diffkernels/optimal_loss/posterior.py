@@ -376,9 +376,8 @@ def posterior_partial(
                 blk["screen"] = 1.0 - float(_proven(vals, error).double().mean()) <= MAX_FALLBACK_FRACTION
         if blk["screen"]:  # phase 1: keep each query's best screened rows over all chunks
             vals, rows, error = _screen_chunk(blk, ch)
-            vals = torch.cat([blk["cand_val"], vals], dim=1)
-            vals, pos = vals.topk(min(SCREEN_TOP + 1, vals.shape[1]), dim=1)
-            blk["cand_val"], blk["cand_row"] = vals, torch.cat([blk["cand_row"], rows], dim=1).gather(1, pos)
+            blk["cand_val"], blk["cand_row"] = _merge_best(blk["cand_val"], blk["cand_row"], vals, rows,
+                                                           SCREEN_TOP + 1, largest=True)
             blk["error"] = torch.maximum(blk["error"], error)
             blk["max_norm"] = torch.maximum(blk["max_norm"], ch.max_norm)
         else:
@@ -397,6 +396,13 @@ def posterior_partial(
 def _add_float64_chunk(blk: dict, ch: "_Chunk") -> None:
     part = _chunk_partial(blk, ch)
     blk["out"] = part if blk.get("out") is None else merge_partials(blk["out"], part)
+
+
+def _merge_best(vals: Tensor, rows: Tensor, new_vals: Tensor, new_rows: Tensor, keep: int, largest: bool):
+    """The ``keep`` best of two (values, row numbers) sets per query, sorted (the running top-k over chunks)."""
+    vals = torch.cat([vals, new_vals], dim=1)
+    vals, pos = vals.topk(min(keep, vals.shape[1]), dim=1, largest=largest, sorted=True)
+    return vals, torch.cat([rows, new_rows], dim=1).gather(1, pos)
 
 
 def _stream(data: Tensor, device: torch.device, chunk: int, first_index: int, blocks: list, visit) -> None:
@@ -624,28 +630,21 @@ def knn(queries: Tensor, data: Tensor, k: int, *, chunk_size: Optional[int] = No
         blocks.append(blk)
     candidates = k + KNN_EXTRA
 
+    def add_float64_chunk(blk, ch: _Chunk):
+        d, i = _knn_chunk(blk, ch, k)
+        blk["best_d"], blk["best_i"] = _merge_best(blk["best_d"], blk["best_i"], d, i + ch.start, k, largest=False)
+
     def add_chunk(blk, ch: _Chunk):
-        if engine == "auto":  # phase 1: each query's best screened rows over all chunks
-            d, i = _knn_screen_chunk(blk, ch, candidates + 1)
-            blk["error"] = torch.maximum(blk["error"], _knn_screen_error(blk, ch))
-            keep = candidates + 1
-        else:
-            d, i = _knn_chunk(blk, ch, k)
-            keep = k
-        best_d = torch.cat([blk["best_d"], d], dim=1)
-        best_i = torch.cat([blk["best_i"], i + ch.start], dim=1)
-        best_d, pos = torch.topk(best_d, min(keep, best_d.shape[1]), dim=1, largest=False, sorted=True)
-        blk["best_d"], blk["best_i"] = best_d, best_i.gather(1, pos)
+        if engine != "auto":
+            return add_float64_chunk(blk, ch)
+        # Phase 1: each query's best screened rows over all chunks.
+        d, i = _knn_screen_chunk(blk, ch, candidates + 1)
+        blk["error"] = torch.maximum(blk["error"], _knn_screen_error(blk, ch))
+        blk["best_d"], blk["best_i"] = _merge_best(blk["best_d"], blk["best_i"], d, i + ch.start, candidates + 1,
+                                                   largest=False)
 
     def float64_pass(sub):
         _stream(data, device, chunk, 0, [sub], add_float64_chunk)
-
-    def add_float64_chunk(sub, ch):
-        d, i = _knn_chunk(sub, ch, k)
-        best_d = torch.cat([sub["best_d"], d], dim=1)
-        best_i = torch.cat([sub["best_i"], i + ch.start], dim=1)
-        best_d, pos = torch.topk(best_d, min(k, best_d.shape[1]), dim=1, largest=False, sorted=True)
-        sub["best_d"], sub["best_i"] = best_d, best_i.gather(1, pos)
 
     _stream(data, device, chunk, 0, blocks, add_chunk)
     if engine == "auto":  # phase 2: exact distances of the candidates, float64 where unproven
