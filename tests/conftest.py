@@ -46,3 +46,12 @@ def gen():
     g = torch.Generator()
     g.seed()
     return g
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: tiny tensors, where OpenMP only adds overhead on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

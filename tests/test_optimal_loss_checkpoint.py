@@ -18,12 +18,7 @@ SIGMAS = [0.05, 0.2, 0.8, 3.0, 10.0]
 KW = dict(estimator="cdol", num_queries=128, subset_size=40, seed=5, progress=False)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: no OpenMP overhead
 
 
 def _data():

@@ -17,12 +17,7 @@ from diffkernels.optimal_loss.io import DataError, load_data
 FAST = ["--num-sigmas", "3", "--sigma-min", "0.1", "--sigma-max", "2", "--queries", "64", "--quiet"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: no OpenMP overhead
 
 
 @pytest.fixture

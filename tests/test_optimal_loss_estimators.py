@@ -17,13 +17,7 @@ from diffkernels.optimal_loss import estimators as E
 from diffkernels.reference.posterior import posterior_stats
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: one thread avoids OpenMP overhead on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: no OpenMP overhead
 
 
 def _data(N, D, seed=0, scale=1.0):
