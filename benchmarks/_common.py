@@ -64,6 +64,21 @@ def base_parser(doc: str | None, *, quick_help: str, out_default=str(RESULTS_DIR
     return ap
 
 
+def add_timing_options(ap: argparse.ArgumentParser) -> None:
+    """The timing-loop options shared by the adaptive-timing benchmarks (bench_sparse_mse, bench_mdm)."""
+    ap.add_argument("--max-reps", type=int, default=400)
+    ap.add_argument("--min-sample", type=float, default=None, help="seconds per timed sample (calls are batched)")
+    ap.add_argument("--warmup", type=float, default=None, help="seconds of warm-up per method")
+    ap.add_argument("--idle-wait", type=float, default=None,
+                    help="CPU only: wait up to this many seconds per row for other processes to go idle")
+    ap.add_argument("--max-total-wait", type=float, default=None,
+                    help="CPU only: total seconds the run may spend waiting for an idle machine")
+    ap.add_argument("--retries", type=int, default=None,
+                    help="CPU only: repeat a measurement up to this many times when other processes interfered")
+    ap.add_argument("--keep-samples", action="store_true", help="store every timing sample in the JSON")
+    ap.add_argument("--suffix", default="", help="appended to the output file names")
+
+
 def default_device(name: str | None = None) -> torch.device:
     """``name``, or cuda when available, else cpu."""
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -46,6 +46,7 @@ from benchmarks._common import (  # noqa: E402  -- shared helpers (machine, timi
     LoadMonitor,
     MiB,
     bandwidth_ceilings,
+    add_timing_options,
     base_parser,
     cache_bytes,
     default_device,
@@ -457,19 +458,9 @@ def parse_args(argv=None):
     ap.add_argument("--budget-strategy", type=float, default=None, help="seconds of timing per row (A/B strategy)")
     ap.add_argument("--budget-reference", type=float, default=None, help="seconds of timing for the reference")
     ap.add_argument("--min-reps", type=int, default=None)
-    ap.add_argument("--max-reps", type=int, default=400)
-    ap.add_argument("--min-sample", type=float, default=None, help="seconds per timed sample (calls are batched)")
-    ap.add_argument("--warmup", type=float, default=None, help="seconds of warm-up per method")
-    ap.add_argument("--idle-wait", type=float, default=None,
-                    help="CPU only: wait up to this many seconds per row for other processes to go idle")
-    ap.add_argument("--max-total-wait", type=float, default=None,
-                    help="CPU only: total seconds the run may spend waiting for an idle machine")
-    ap.add_argument("--retries", type=int, default=None,
-                    help="CPU only: repeat a measurement up to this many times when other processes interfered")
+    add_timing_options(ap)
     ap.add_argument("--no-rotate", action="store_true", help="do not rotate input copies to defeat caches")
     ap.add_argument("--no-reference", action="store_true", help="skip the float64 reference")
-    ap.add_argument("--keep-samples", action="store_true", help="store every timing sample in the JSON")
-    ap.add_argument("--suffix", default="", help="appended to the output file names")
     args = ap.parse_args(argv)
 
     args.device = default_device(args.device)
