@@ -792,39 +792,30 @@ def main(argv=None) -> int:
     print(f"[bench] ceilings {ceil}", file=sys.stderr)
 
     image_rows, lm_rows, curve, part_errors = [], [], None, {}
+    def run_row(label, bench, rows):
+        """One timed row: appended to ``rows``, or its error recorded under ``label``; the others go on."""
+        t0 = time.perf_counter()
+        try:
+            row = bench()
+        except Exception as exc:  # noqa: BLE001 -- record, go on with the other rows
+            traceback.print_exc()
+            part_errors[label] = err_s(exc)
+            return
+        finally:
+            free(device)
+        rows.append(row)
+        msg = " ".join(f"{k}={v['median_ms']:.3f}ms" for k, v in row["time"].items())
+        rr = " ".join(f"{k}={v['median']:.3f}" for k, v in row["ratio"].items())
+        print(f"[bench] {label}: {msg} | {rr} | check {row['check']['fused'].get('ok')} | "
+              f"{time.perf_counter() - t0:.1f}s", file=sys.stderr)
+
     if "image" in args.parts:
         for cfg in args.image_configs:
             for eta in args.etas:
-                t0 = time.perf_counter()
-                try:
-                    row = bench_image(cfg, eta, device, args)
-                except Exception as exc:  # noqa: BLE001 -- record, go on with the other rows
-                    traceback.print_exc()
-                    part_errors[f"image {cfg} η={eta}"] = err_s(exc)
-                    continue
-                finally:
-                    free(device)
-                image_rows.append(row)
-                msg = " ".join(f"{k}={v['median_ms']:.3f}ms" for k, v in row["time"].items())
-                rr = " ".join(f"{k}={v['median']:.3f}" for k, v in row["ratio"].items())
-                print(f"[bench] image {cfg} eta={eta}: {msg} | {rr} | check {row['check']['fused'].get('ok')} | "
-                      f"{time.perf_counter() - t0:.1f}s", file=sys.stderr)
+                run_row(f"image {cfg} η={eta}", lambda: bench_image(cfg, eta, device, args), image_rows)
     if "lm" in args.parts:
         for cfg in args.lm_configs:
-            t0 = time.perf_counter()
-            try:
-                row = bench_lm(cfg, device, args)
-            except Exception as exc:  # noqa: BLE001
-                traceback.print_exc()
-                part_errors[f"lm {cfg}"] = err_s(exc)
-                continue
-            finally:
-                free(device)
-            lm_rows.append(row)
-            msg = " ".join(f"{k}={v['median_ms']:.3f}ms" for k, v in row["time"].items())
-            rr = " ".join(f"{k}={v['median']:.3f}" for k, v in row["ratio"].items())
-            print(f"[bench] lm {cfg}: {msg} | {rr} | check {row['check']['fused'].get('ok')} | "
-                  f"{time.perf_counter() - t0:.1f}s", file=sys.stderr)
+            run_row(f"lm {cfg}", lambda: bench_lm(cfg, device, args), lm_rows)
     if "curve" in args.parts:
         t0 = time.perf_counter()
         try:
