@@ -26,8 +26,7 @@ def check_mask_ratio(mask_ratio) -> float:
 
 
 def check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be a Python int, got {type(seed).__name__}")
+    """Any integer seed (Python int or numpy integer), taken modulo 2**64, as a signed int64."""
     return seed_to_int64(seed)
 
 

@@ -9,12 +9,14 @@ float32 by ``4.6566127342e-10``. One Philox call yields four uniforms, so
 neighbouring elements share a call (a quarter of the integer multiplies of one
 call per element).
 
-Seeds are any Python int; they are taken modulo 2**64 (so -1 and 2**64 - 1 are
+Seeds are any integer (Python int or numpy integer); they are taken modulo 2**64 (so -1 and 2**64 - 1 are
 the same seed). ``fold_seed`` derives independent streams, e.g. per training
 step and per data-parallel rank.
 """
 
 from __future__ import annotations
+
+import numbers
 
 import torch
 
@@ -36,9 +38,11 @@ UNIFORM_SCALE = 4.6566127342e-10  # largest scale with INT32_MAX * scale < 1 in 
 
 
 def _as_uint64(seed: int) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be a Python int, got {type(seed).__name__}")
-    return seed % (1 << 64)
+    # Any integer type (Python int, numpy integers, 0-d integer tensors via __index__); bool is
+    # rejected because True as a seed is almost always a bug.
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an integer (Python int or numpy integer), got {type(seed).__name__}")
+    return int(seed) % (1 << 64)
 
 
 def seed_to_int64(seed: int) -> int:
