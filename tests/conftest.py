@@ -55,3 +55,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# --- hypothesis profiles (tests/test_properties_*.py) ------------------------------------------
+# "ci" (default): few examples, derandomized so CI runs the same examples every time; "long": a
+# deeper random search, run by hand: HYPOTHESIS_PROFILE=long python -m pytest tests/test_properties_*.py
+try:
+    from hypothesis import HealthCheck, settings as _hyp_settings
+except ImportError:  # hypothesis is a test extra; the other test files do not need it
+    pass
+else:
+    _hyp_settings.register_profile("ci", max_examples=20, deadline=None, derandomize=True, database=None,
+                                   suppress_health_check=[HealthCheck.too_slow])
+    _hyp_settings.register_profile("long", max_examples=500, deadline=None, print_blob=True,
+                                   suppress_health_check=[HealthCheck.too_slow])
+    _hyp_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
