@@ -1,6 +1,6 @@
 """``diffkernels demo``: train a tiny EDM diffusion model on scikit-learn's digits with the sparse loss.
 
-The loss is :func:`diffkernels.sparse_mse_loss` (METHODS.md section 1): each step supervises only a
+The loss is :func:`diffkernels.sparse_mse_loss`: each step supervises only a
 random ``1 - mask_ratio`` of the pixels, with a fresh counter-RNG mask per step
 (``fold_seed(seed, step)``); the network still sees the whole noisy image. Everything else is plain
 EDM (Karras et al., 2022): log-normal noise levels, preconditioning with sigma_data = 0.5, the
@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import numbers
 import os
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _backend, backends, fold_seed, posterior_mean, sparse_mse_loss
+from ._validate import check_mask_ratio
 
 # EDM constants (Karras et al. 2022, Table 1).
 SIGMA_DATA = 0.5
@@ -182,7 +184,7 @@ def memorization(samples: Tensor, train: Tensor, threshold: float = 1.0 / 3.0) -
     }
 
 
-# --- the optimal loss J*(sigma) (METHODS.md section 3) ---------------------------------------
+# --- the optimal loss J*(sigma) -------------------------------------------------------------
 
 OPTIMAL_LEVELS = 24  # Gauss-Hermite nodes in log sigma: J* is computed exactly where the quadrature needs it
 
@@ -304,13 +306,38 @@ def save_gap_plot(optimal: dict, bin_sigma: list, bin_mse: list, path: Path, tit
 # --- training ---------------------------------------------------------------------------------
 
 
+def _check_int(value, name: str, lo: int, hi: Optional[int] = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < lo or (hi is not None and value > hi):
+        raise ValueError(f"{name} must be >= {lo}, got {value}" if hi is None
+                         else f"{name} must be between {lo} and {hi}, got {value}")
+
+
+def check_demo_args(*, steps: int, mask_ratio: float, seed: int, threads: Optional[int] = None,
+                    batch_size: int = 128, n_samples: int = 64, sample_steps: int = 18,
+                    optimal_queries: int = 512, log_every: int = 50) -> None:
+    """Raise ValueError / TypeError naming the argument unless :func:`run_demo` accepts these settings."""
+    _check_int(steps, "steps", 1)
+    check_mask_ratio(mask_ratio)
+    _check_int(seed, "seed", 0, 2**64 - 1)  # torch's generators take seeds below 2**64
+    if threads is not None:
+        _check_int(threads, "threads", 1)
+    _check_int(batch_size, "batch_size", 1)
+    _check_int(n_samples, "n_samples", 1)
+    _check_int(sample_steps, "sample_steps", 2)  # the Heun schedule divides by sample_steps - 1
+    _check_int(optimal_queries, "optimal_queries", 1)
+    _check_int(log_every, "log_every", 1)
+
+
 def run_demo(steps: int = 400, mask_ratio: float = 0.9, seed: int = 0, out="diffkernels_demo",
              device: Optional[str] = None, *, batch_size: int = 128, lr: float = 5e-3, channels: int = 32,
              blocks: int = 2, ema_decay: float = 0.999, n_samples: int = 64, sample_steps: int = 18,
-             log_every: int = 50, progress: bool = True, optimal_queries: int = 512) -> dict:
+             log_every: int = 50, progress: bool = True, optimal_queries: int = 512,
+             threads: Optional[int] = None) -> dict:
     """Train a tiny EDM denoiser on the digits with ``sparse_mse_loss``, sample, and write figures.
 
-    Loss (METHODS.md section 1 with EDM). For clean images y, sigma ~ exp(N(P_mean, P_std^2)) and
+    Loss (sparse supervision with EDM). For clean images y, sigma ~ exp(N(P_mean, P_std^2)) and
     x = y + sigma * n, the *denoiser output* D(x; sigma) is compared with the *clean image* y and
     each sample is weighted by lambda(sigma) = (sigma^2 + sigma_d^2) / (sigma sigma_d)^2::
 
@@ -331,7 +358,7 @@ def run_demo(steps: int = 400, mask_ratio: float = 0.9, seed: int = 0, out="diff
     seeded with ``seed`` for batches, noise levels and noise (the same data on CPU and CUDA), and
     ``fold_seed(seed, step)`` for the mask of each step.
 
-    The optimal loss (METHODS.md section 3): J*(sigma) of the digits themselves, from
+    The optimal loss: J*(sigma) of the digits themselves, from
     ``posterior_mean`` with ``optimal_queries`` queries per noise level, gives the smallest value the
     training loss can reach, E_sigma[lambda(sigma) J*(sigma) / D]; the summary reports the final loss's
     gap to it, and ``gap.png`` plots the model's per-element x0 error per noise level (second half of
@@ -343,12 +370,31 @@ def run_demo(steps: int = 400, mask_ratio: float = 0.9, seed: int = 0, out="diff
     steps, ``loss_window = clamp(steps // 8, 1, 50)``), ``losses`` (per step), ``out_dir``,
     ``optimal_loss`` and ``loss_gap``, ``memorized_fraction`` and ``mean_d1`` (Gu et al. 2023, generated samples vs the 1797 training
     images on the 0..255 scale), ``backend``, timings and the config.
+
+    ``threads``: torch's CPU threads during the run (restored afterwards); None keeps the current
+    setting. The demo's tensors are tiny, so on a CPU one thread is usually the fastest.
+    Every argument is checked (:func:`check_demo_args`) before anything is built or written.
     """
-    t_start = time.perf_counter()
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    check_demo_args(steps=steps, mask_ratio=mask_ratio, seed=seed, threads=threads, batch_size=batch_size,
+                    n_samples=n_samples, sample_steps=sample_steps, optimal_queries=optimal_queries,
+                    log_every=log_every)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    out_dir = Path(out)
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run(steps, mask_ratio, seed, Path(out), device, batch_size=batch_size, lr=lr, channels=channels,
+                    blocks=blocks, ema_decay=ema_decay, n_samples=n_samples, sample_steps=sample_steps,
+                    log_every=log_every, progress=progress, optimal_queries=optimal_queries)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(steps: int, mask_ratio: float, seed: int, out_dir: Path, device: torch.device, *, batch_size: int,
+         lr: float, channels: int, blocks: int, ema_decay: float, n_samples: int, sample_steps: int,
+         log_every: int, progress: bool, optimal_queries: int) -> dict:
+    """The body of :func:`run_demo`, with checked arguments."""
+    t_start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     backend = backends()["default"].get(device.type, "torch")
     used = _backend.select(device)  # differs from the default only if DIFFKERNELS_BACKEND / use_backend forces one
@@ -366,7 +412,8 @@ def run_demo(steps: int = 400, mask_ratio: float = 0.9, seed: int = 0, out="diff
     n_params = sum(p.numel() for p in model.parameters())
 
     print(f"diffkernels demo: EDM on scikit-learn digits ({data.shape[0]} images, 8x8), {n_params} parameters, "
-          f"{steps} steps x batch {batch_size}, mask_ratio={mask_ratio}, device={device}, backend={backend}")
+          f"{steps} steps x batch {batch_size}, mask_ratio={mask_ratio}, device={device}, backend={backend}, "
+          f"{torch.get_num_threads()} CPU thread(s)")
 
     from tqdm.auto import tqdm
 
@@ -457,7 +504,7 @@ def run_demo(steps: int = 400, mask_ratio: float = 0.9, seed: int = 0, out="diff
         "sigma_min": SIGMA_MIN, "sigma_max": SIGMA_MAX, "rho": RHO,
         "loss": "sparse_mse_loss(D(x; sigma), y, mask_ratio, fold_seed(seed, step), weight=lambda(sigma)), "
                 "normalize='expected', granularity='element'",
-        "loss_window": window,
+        "loss_window": window, "threads": torch.get_num_threads(),
     }
     result = {
         "initial_loss": initial_loss,
@@ -484,7 +531,7 @@ def run_demo(steps: int = 400, mask_ratio: float = 0.9, seed: int = 0, out="diff
 
     print(f"\nsummary: loss {initial_loss:.4f} -> {final_loss:.4f} (mean over the first / last {window} steps)")
     print(f"  optimal loss of the digits under this schedule {optimal['optimal_loss']:.4f} "
-          f"(E_sigma[lambda J*(sigma)/D], METHODS.md section 3): gap {final_loss - optimal['optimal_loss']:.4f}")
+          f"(E_sigma[lambda J*(sigma)/D]): gap {final_loss - optimal['optimal_loss']:.4f}")
     print(f"  mask ratio {mask_ratio}: each step supervised ~{100 * (1 - mask_ratio):.0f}% of the pixels")
     print(f"  backend {backend} on {device}; {steps} steps in {train_seconds:.1f} s, "
           f"{n_samples} samples in {sample_seconds:.1f} s, {total_seconds:.1f} s in all")

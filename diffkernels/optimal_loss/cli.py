@@ -1,22 +1,26 @@
 """``diffkernels optimal-loss DATA`` and ``diffkernels memorization SAMPLES TRAIN``.
 
-Bad input (unreadable file, wrong rank, NaN/Inf rows, empty data, bad options) prints one line,
-``diffkernels <command>: error: <what>``, to stderr and exits with code 2, like argparse's own errors.
+Bad input (unreadable file, wrong rank, NaN/Inf rows, empty data, bad options, an output path that
+cannot be written, an unavailable device) prints one line, ``diffkernels <command>: error: <what>``,
+to stderr and exits with code 2 before any estimation starts or any output is created.
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 
+from ..cli import (CliError, HelpFormatter, check_dependencies, check_out_path, check_writable_dir, device, fail,
+                   float_range, int_range, positive_float)
+
+DEFAULT_OUT = "optimal_loss_out/optimal_loss"
+MAX_SIGMAS = 10_000  # far more levels than a smooth curve needs; each one costs a pass over the data
+MAX_QUERIES = 10**9  # per level; the per-level statistics keep a few numbers per 64 queries
+
 _DATA_HELP = ".npy (memory-mapped), .npz, .pt, .safetensors, or 'digits' (scikit-learn's bundled set, in [-1, 1])"
 _RANGES = {"255": "0..255 (as is)", "unit": "0..1 (x 255)", "signed": "-1..1 ((x + 1) x 127.5)"}
-
-
-def _fail(command: str, message: str) -> int:
-    print(f"diffkernels {command}: error: {message}", file=sys.stderr)
-    return 2
 
 
 def _out_prefix(out: str) -> Path:
@@ -50,45 +54,79 @@ def _plot(result, path: Path) -> None:
     plt.close(fig)
 
 
+def _check_out(text: str) -> Path:
+    """The output prefix, checked before any work: its folder can be created or written, and none
+    of the files a run writes is a folder."""
+    prefix = _out_prefix(str(check_out_path(text)))
+    check_writable_dir(prefix.parent, f"--out {text}")
+    for ext in (".csv", ".json", ".png", ".ckpt.json"):
+        if Path(str(prefix) + ext).is_dir():
+            raise CliError(f"--out {text}: {prefix}{ext} is a directory")
+    return prefix
+
+
 def cmd_optimal_loss(args) -> int:
     import numpy as np
 
     from .estimators import estimate_curve
-    from .io import DataError, load_data
+    from .io import DIGITS, load_data
 
     name = "optimal-loss"
-    try:
-        if not (0 < args.sigma_min <= args.sigma_max):
-            raise DataError(f"need 0 < --sigma-min <= --sigma-max, got {args.sigma_min} and {args.sigma_max}")
-        if args.num_sigmas < 1:
-            raise DataError(f"--num-sigmas must be >= 1, got {args.num_sigmas}")
-        data = load_data(args.data, key=args.key)
-        sigmas = np.geomspace(args.sigma_min, args.sigma_max, args.num_sigmas)
-        prefix = _out_prefix(args.out)
-        prefix.parent.mkdir(parents=True, exist_ok=True)
+    try:  # the options, the output path and the data, before any work
+        if args.sigma_min > args.sigma_max:
+            raise CliError(f"need --sigma-min <= --sigma-max, got {args.sigma_min} and {args.sigma_max}")
+        if args.estimator == "full" and args.subset is not None:
+            raise CliError("--subset applies only to the subset estimators (--estimator snis, dol or cdol)")
+        if args.estimator != "full" and args.subset is None:
+            raise CliError(f"--estimator {args.estimator} needs --subset L (the subset size)")
+        if args.C is not None and args.estimator != "cdol":
+            raise CliError(f"--C applies only to --estimator cdol, not {args.estimator}")
+        if args.key is not None and args.data == DIGITS:
+            raise CliError("--key does not apply to 'digits'")
+        if args.plot:
+            check_dependencies("--plot", ("matplotlib",))
+        prefix = _check_out(args.out)
         ckpt = Path(str(prefix) + ".ckpt.json")
+        data = load_data(args.data, key=args.key)
+        if args.subset is not None and args.subset > data.shape[0]:
+            raise CliError(f"--subset {args.subset} is larger than the number of data rows N = {data.shape[0]}")
+    except (ValueError, TypeError, OSError) as exc:  # CliError and DataError are ValueErrors
+        return fail(name, str(exc))
+
+    sigmas = np.geomspace(args.sigma_min, args.sigma_max, args.num_sigmas)
+    try:
+        prefix.parent.mkdir(parents=True, exist_ok=True)
         if not args.resume and ckpt.exists():
             ckpt.unlink()  # a fresh run; --resume would continue from it
         result = estimate_curve(data, sigmas, estimator=args.estimator, num_queries=args.queries,
                                 subset_size=args.subset, C=args.C, seed=args.seed, batch_size=args.batch_size,
                                 progress=not args.quiet, checkpoint=ckpt, device=args.device,
                                 precision=args.precision)
-    except (ValueError, TypeError, RuntimeError) as exc:  # DataError is a ValueError
-        return _fail(name, str(exc).splitlines()[0])
-    result.extra = {"data": args.data, "command": "diffkernels optimal-loss " + " ".join(sys.argv[2:])}
-    result.to_csv(str(prefix) + ".csv")
-    Path(str(prefix) + ".json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+    except (ValueError, TypeError, OSError, RuntimeError) as exc:  # e.g. a checkpoint of other settings
+        return fail(name, str(exc))
+    except KeyboardInterrupt:
+        done = f"the finished noise levels are in {ckpt}; " if ckpt.exists() else ""
+        print(f"diffkernels {name}: interrupted; {done}rerun the same command with --resume to continue",
+              file=sys.stderr)
+        return 130
+
+    result.extra = {"data": args.data, "command": "diffkernels " + shlex.join(args.argv)}
     written = [str(prefix) + ".csv", str(prefix) + ".json"]
-    if args.plot:
-        _plot(result, Path(str(prefix) + ".png"))
-        written.append(str(prefix) + ".png")
+    try:
+        result.to_csv(written[0])
+        Path(written[1]).write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+        if args.plot:
+            _plot(result, Path(str(prefix) + ".png"))
+            written.append(str(prefix) + ".png")
+    except OSError as exc:
+        return fail(name, f"cannot write the results: {exc}")
     if not args.quiet:
         print(f"J*(s) of {args.data}: N = {result.num_data}, D = {result.dim}, estimator {result.estimator}, "
               f"{result.num_queries} queries per level")
         print(f"{'sigma':>12} {'J*/D':>12} {'stderr/D':>12}")
         for s, j, se in zip(result.sigmas, result.j_star_per_element, result.stderr_per_element):
             print(f"{s:12.4g} {j:12.5g} {se:12.3g}")
-    print("wrote " + ", ".join(written))
+    print("wrote " + ", ".join(written + [f"{ckpt} (checkpoint)"]))
     return 0
 
 
@@ -112,14 +150,19 @@ def cmd_memorization(args) -> int:
 
     name = "memorization"
     try:
+        if args.per_sample and not args.json:
+            raise CliError("--per-sample needs --json")
+        for which in ("samples", "train"):
+            if getattr(args, f"{which}_key") is not None and getattr(args, which) == DIGITS:
+                raise CliError(f"--{which}-key does not apply to 'digits'")
         samples = load_data(args.samples, key=args.samples_key)
         train = load_data(args.train, key=args.train_key)
         samples_range = args.samples_range or ("signed" if args.samples == DIGITS else "255")
         train_range = args.train_range or ("signed" if args.train == DIGITS else "255")
         train_px = train if train_range == "255" else _to_pixels(train, train_range)
         result = memorization(_to_pixels(samples, samples_range), train_px, args.threshold, device=args.device)
-    except (ValueError, TypeError, RuntimeError) as exc:
-        return _fail(name, str(exc).splitlines()[0])
+    except (ValueError, TypeError, OSError, RuntimeError) as exc:
+        return fail(name, str(exc))
     if args.json:
         print(json.dumps(result.to_dict(per_sample=args.per_sample), indent=1))
     else:
@@ -132,46 +175,58 @@ def cmd_memorization(args) -> int:
 
 def add_subcommands(sub) -> None:
     """Register ``optimal-loss`` and ``memorization`` on the main parser's subparsers."""
-    p = sub.add_parser("optimal-loss", help="estimate the optimal loss curve J*(s) of a dataset",
-                       description="Estimate the optimal x0-loss J*(s) of a dataset on a log grid of VE noise "
-                                   "levels (METHODS.md section 3). Writes OUT.csv and OUT.json (and OUT.png with "
-                                   "--plot); a checkpoint OUT.ckpt.json is kept after every level for --resume.")
+    p = sub.add_parser(
+        "optimal-loss", help="estimate the optimal loss curve J*(s) of a dataset", formatter_class=HelpFormatter,
+        description="Estimate the optimal x0-loss J*(s) of a dataset on a log grid of VE noise levels.\n"
+                    "Writes OUT.csv and OUT.json (and OUT.png with --plot); the checkpoint OUT.ckpt.json is\n"
+                    "updated after every noise level, and --resume continues from it.",
+        epilog="examples:\n"
+               "  diffkernels optimal-loss digits --num-sigmas 16 --plot\n"
+               "  diffkernels optimal-loss train.npy --queries 4096 --out results/train\n"
+               "  diffkernels optimal-loss train.npy --queries 4096 --out results/train --resume   # after a crash\n"
+               "  diffkernels optimal-loss train.npz --key images --estimator cdol --subset 1000")
     p.add_argument("data", metavar="DATA", help=_DATA_HELP)
     p.add_argument("--key", default=None, help="array name inside .npz/.pt/.safetensors (default: the first)")
-    p.add_argument("--sigma-min", type=float, default=0.002)
-    p.add_argument("--sigma-max", type=float, default=80.0)
-    p.add_argument("--num-sigmas", type=int, default=32, help="noise levels, log-spaced (default 32)")
-    p.add_argument("--estimator", choices=("full", "snis", "dol", "cdol"), default="full")
-    p.add_argument("--queries", type=int, default=1024, help="queries per noise level (default 1024)")
-    p.add_argument("--subset", type=int, default=None, help="subset size L for snis/dol/cdol")
-    p.add_argument("--C", type=float, default=None, help="cDOL's constant (default 4N/L)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--sigma-min", type=positive_float, default=0.002, help="smallest noise level s")
+    p.add_argument("--sigma-max", type=positive_float, default=80.0, help="largest noise level s")
+    p.add_argument("--num-sigmas", type=int_range(1, MAX_SIGMAS), default=32, help="noise levels, log-spaced")
+    p.add_argument("--estimator", choices=("full", "snis", "dol", "cdol"), default="full",
+                   help="full: every data row per query; snis, dol, cdol: a random subset of --subset rows")
+    p.add_argument("--queries", type=int_range(1, MAX_QUERIES), default=1024, help="queries per noise level")
+    p.add_argument("--subset", type=int_range(1), default=None,
+                   help="subset size L for snis/dol/cdol (default: none; those estimators need it)")
+    p.add_argument("--C", type=positive_float, default=None, help="cDOL's constant (default: 4N/L)")
+    p.add_argument("--seed", type=int_range(0, 2**64 - 1), default=0, help="seed of every random draw")
+    p.add_argument("--batch-size", type=int_range(1), default=None,
                    help="queries per pass over the data (default: 4096 on CUDA, 1024 on CPU)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--device", type=device, default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--precision", choices=("auto", "float64"), default=None,
                    help="posterior engine: auto = screen with an fp32-accurate GEMM and recompute the top rows "
                         "exactly, float64 = float64 GEMMs; both exact to float64 rounding "
                         "(default: auto on the CPU, float64 on CUDA)")
-    p.add_argument("--out", default="optimal_loss", help="output prefix (default: optimal_loss)")
+    p.add_argument("--out", default=DEFAULT_OUT, help="output prefix: writes OUT.csv, OUT.json, OUT.ckpt.json")
     p.add_argument("--plot", action="store_true", help="also write OUT.png: J*(s) per element, log axes")
     p.add_argument("--resume", action="store_true", help="continue from OUT.ckpt.json (same settings)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no table")
     p.set_defaults(func=cmd_optimal_loss)
 
     p = sub.add_parser("memorization", help="fraction of generated samples that memorise the training set",
-                       description="Gu et al. (2023): a sample is memorised iff d1/d2 < threshold, d1 <= d2 the "
-                                   "distances to its two nearest training images on the 0..255 scale divided "
-                                   "by sqrt(D).")
+                       formatter_class=HelpFormatter,
+                       description="Gu et al. (2023): a sample is memorised iff d1/d2 < threshold, d1 <= d2 the\n"
+                                   "distances to its two nearest training images on the 0..255 scale divided by "
+                                   "sqrt(D).",
+                       epilog="example:\n  diffkernels memorization samples.npy train.npy --samples-range signed --json")
     p.add_argument("samples", metavar="SAMPLES", help=_DATA_HELP)
     p.add_argument("train", metavar="TRAIN", help=_DATA_HELP)
-    p.add_argument("--threshold", type=float, default=1.0 / 3.0)
+    p.add_argument("--threshold", type=float_range(0.0, 1.0), default=1.0 / 3.0,
+                   help="memorised iff d1/d2 < threshold, in (0, 1] (default: 1/3)")
     for which in ("samples", "train"):
         p.add_argument(f"--{which}-range", choices=tuple(_RANGES), default=None,
                        help=f"value range of {which.upper()}: " + ", ".join(f"{k} = {v}" for k, v in _RANGES.items())
                        + " (default: signed for 'digits', else 255)")
-        p.add_argument(f"--{which}-key", default=None, help=f"array name inside {which.upper()}'s file")
-    p.add_argument("--device", default=None)
+        p.add_argument(f"--{which}-key", default=None,
+                       help=f"array name inside {which.upper()}'s file (default: the first)")
+    p.add_argument("--device", type=device, default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--per-sample", action="store_true", help="with --json: also d1, d2, ratio, nearest per sample")
     p.set_defaults(func=cmd_memorization)
