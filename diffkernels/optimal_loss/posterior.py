@@ -29,6 +29,8 @@ never of two large ones.
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -60,6 +62,24 @@ def screen_error_factor(D: int) -> float:
     classical worst case of blocked summation; a loose bound only widens the screening margin.
     """
     return 2.0**-24 * (256 + D)
+
+
+# The screen's float32 range: with every norm <= SCREEN_MAX_NORM, no product, partial sum or squared
+# norm of the float32 GEMM comes near float32's overflow (2^128). Beyond it the screen is not used.
+SCREEN_MAX_NORM = 2.0**50
+
+
+def _screen_sq_error(D: int, a_norm: Tensor, alpha_sq: Tensor, max_norm: Tensor) -> Tensor:
+    """Bound on the error of screened squared distances ||a||^2 + alpha^2 ||y||^2 - 2 a.y (per query),
+    +inf where the operands leave the screen's float32 range (the query then takes the float64 path).
+
+    Relative part: gamma(D) (2 ||a|| + alpha^2 max ||y||) max ||y||. Absolute part: below 2^-126
+    float32 rounds to multiples of 2^-149, so each converted element, product, sum and square may be
+    off by 2^-150 more; with norms <= 2^50 that adds < D 2^-97 (1 + alpha^2), bounded by D 2^-96 (1 + alpha^2).
+    """
+    bound = screen_error_factor(D) * (2.0 * a_norm + alpha_sq * max_norm) * max_norm + D * 2.0**-96 * (1.0 + alpha_sq)
+    safe = (a_norm <= SCREEN_MAX_NORM) & (max_norm <= SCREEN_MAX_NORM)  # False for inf and NaN too
+    return torch.where(safe, bound, float("inf"))
 
 
 def _round_tf32(x: Tensor) -> Tensor:
@@ -184,31 +204,53 @@ def empty_partial(M: int, D: int, device) -> PosteriorPartial:
 
 
 def _per_query(value, name: str, M: int, device, positive: bool = True) -> Tensor:
-    """A scalar or (M,) tensor as a float64 (M,) tensor on ``device``, checked."""
+    """A finite scalar or (M,) tensor as a float64 (M,) tensor on ``device``, checked (one host sync
+    for a tensor: a non-finite or non-positive value would otherwise give a silent wrong answer)."""
     if isinstance(value, Tensor):
+        _check_device(value, name)
         if value.dim() == 0:
             value = value.reshape(1).expand(M)
         if value.shape != (M,):
             raise ValueError(f"{name} must be a scalar or have shape (M,) = ({M},), got {tuple(value.shape)}")
         if not value.dtype.is_floating_point:
             raise TypeError(f"{name} must be floating point, got {value.dtype}")
-        out = value.to(device=device, dtype=torch.float64)
-    else:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
-        out = torch.full((M,), float(value), dtype=torch.float64, device=device)
-        if positive and not float(value) > 0:
-            raise ValueError(f"{name} must be > 0, got {value}")
+        out = value.detach().to(device=device, dtype=torch.float64)
+        if not bool(torch.isfinite(out).all()):
+            raise ValueError(f"{name} must be finite everywhere")
+        if positive and not bool((out > 0).all()):
+            raise ValueError(f"{name} must be > 0 everywhere")
         return out
-    if positive and out.device.type == "cpu" and not bool((out > 0).all()):  # no host sync on the GPU
-        raise ValueError(f"{name} must be > 0 everywhere")
-    return out
+    # numbers.Real: Python and numpy scalars; not bool (a flag passed by mistake) nor str.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if positive and not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return torch.full((M,), value, dtype=torch.float64, device=device)
+
+
+def _check_device(x: Tensor, name: str) -> None:
+    if x.device.type == "meta":
+        raise ValueError(f"{name} is a meta tensor: meta tensors are not supported (the result depends on the values)")
+
+
+def _check_chunk_size(chunk_size) -> Optional[int]:
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
+        raise TypeError(f"chunk_size must be an int or None, got {type(chunk_size).__name__}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return int(chunk_size)
 
 
 def _check_inputs(queries: Tensor, data: Tensor) -> None:
     for x, name, shape in ((queries, "queries", "(M, D)"), (data, "data", "(N, D)")):
         if not isinstance(x, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        _check_device(x, name)
         if not x.dtype.is_floating_point:
             raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
         if x.dim() != 2:
@@ -277,7 +319,10 @@ class _Chunk:
 
     @functools.cached_property
     def max_norm(self) -> Tensor:
-        return self.ysq32.max().sqrt() * (1.0 + 1e-6)
+        """An upper bound on every row's norm: ysq32 is within gamma(D) relative of ||y||^2, less up to
+        D 2^-149 where float32 squares underflow (tiny rows); inf or NaN where float32 overflows."""
+        D = self.rows.shape[1]
+        return ((self.ysq32.max() + D * 2.0**-148) * (1.0 + screen_error_factor(D))).sqrt()
 
     def exclusion(self, queries: dict):
         """(hit (b,), column (b,)) of each query's excluded row in this chunk, or None."""
@@ -310,6 +355,24 @@ PROBE_QUERIES = 32
 MAX_FALLBACK_FRACTION = 0.15
 
 
+def _check_exclude(exclude_index, M: int, device, upper: Optional[int] = None) -> Optional[Tensor]:
+    """exclude_index as int64 on ``device``: shape (M,), values >= -1 (-1: none) and < ``upper`` if given."""
+    if exclude_index is None:
+        return None
+    if not isinstance(exclude_index, Tensor) or exclude_index.dtype not in (torch.int32, torch.int64):
+        raise TypeError("exclude_index must be an int32/int64 tensor of shape (M,)")
+    _check_device(exclude_index, "exclude_index")
+    if exclude_index.shape != (M,):
+        raise ValueError(f"exclude_index must have shape (M,) = ({M},), got {tuple(exclude_index.shape)}")
+    if M:  # one host sync: an index out of range would silently exclude nothing
+        lo, hi = int(exclude_index.min()), int(exclude_index.max())
+        if lo < -1 or (upper is not None and hi >= upper):
+            allowed = f"[-1, {upper})" if upper is not None else ">= -1"
+            raise ValueError(f"exclude_index values must be {allowed} (-1: exclude nothing), got {lo if lo < -1 else hi}")
+    return exclude_index.to(device=device, dtype=torch.int64)
+
+
+@torch.no_grad()
 def posterior_partial(
     queries: Tensor,
     data: Tensor,
@@ -321,16 +384,20 @@ def posterior_partial(
     logit_bias: Optional[Scalar] = None,
     chunk_size: Optional[int] = None,
     precision: Optional[str] = None,
+    data_shift: Optional[Tensor] = None,
 ) -> PosteriorPartial:
     """Softmax statistics of ``queries`` (M, D) over the rows of ``data`` (N, D), as a mergeable partial.
 
-    Logits: -||x_m - alpha_m y_n||^2 / (2 sigma_m^2) (+ ``logit_bias``, a scalar or (M,) added to every
-    row of this data, e.g. -log C for cDOL's source row). ``exclude_index`` (M,) int64 drops data row
-    ``exclude_index[m]`` for query m; rows are numbered from ``index_offset`` (the position of ``data``
-    in the whole dataset when it is one chunk of it; -1 excludes nothing). ``data`` may live on another
-    device than ``queries`` (e.g. host memory): it is moved chunk by chunk. ``precision``: "auto"
-    (screen and refine, see the module docstring), "float64", or None (auto on the CPU, float64 on
-    CUDA); both are exact to float64 rounding. "auto" syncs with the host once per chunk.
+    Logits: -||x_m - alpha_m y_n||^2 / (2 sigma_m^2) (+ ``logit_bias``, a finite scalar or (M,) added to
+    every row of this data, e.g. -log C for cDOL's source row). ``exclude_index`` (M,) int64 drops data
+    row ``exclude_index[m]`` for query m; rows are numbered from ``index_offset`` (the position of
+    ``data`` in the whole dataset when it is one chunk of it; -1 excludes nothing). ``data_shift`` (D,):
+    a vector subtracted from every data row as it is read (the result is that of ``data - data_shift``
+    without a copy of the data; e.g. the data mean, so that all sums stay small). ``data`` may live on
+    another device than ``queries`` (e.g. host memory): it is moved chunk by chunk. ``precision``:
+    "auto" (screen and refine, see the module docstring), "float64", or None (auto on the CPU, float64
+    on CUDA); both are exact to float64 rounding. "auto" syncs with the host once per chunk. Not
+    differentiable: the result carries no gradient. M = 0 queries give an empty partial.
     """
     _check_inputs(queries, data)
     M, D = queries.shape
@@ -340,17 +407,23 @@ def posterior_partial(
     sig = _per_query(sigma, "sigma", M, device)
     alp = _per_query(alpha, "alpha", M, device)
     bias = None if logit_bias is None else _per_query(logit_bias, "logit_bias", M, device, positive=False)
-    if exclude_index is not None:
-        if not isinstance(exclude_index, Tensor) or exclude_index.dtype not in (torch.int32, torch.int64):
-            raise TypeError("exclude_index must be an int32/int64 tensor of shape (M,)")
-        if exclude_index.shape != (M,):
-            raise ValueError(f"exclude_index must have shape (M,) = ({M},), got {tuple(exclude_index.shape)}")
-        exclude_index = exclude_index.to(device=device, dtype=torch.int64)
+    exclude_index = _check_exclude(exclude_index, M, device)
+    if isinstance(index_offset, bool) or not isinstance(index_offset, numbers.Integral) or index_offset < 0:
+        raise ValueError(f"index_offset must be an int >= 0, got {index_offset!r}")
+    shift = None
+    if data_shift is not None:
+        if not isinstance(data_shift, Tensor) or not data_shift.dtype.is_floating_point:
+            raise TypeError("data_shift must be a floating-point tensor of shape (D,)")
+        _check_device(data_shift, "data_shift")
+        if data_shift.shape != (D,):
+            raise ValueError(f"data_shift must have shape (D,) = ({D},), got {tuple(data_shift.shape)}")
+        shift = data_shift.to(device=device, dtype=torch.float64)
+        if not bool(torch.isfinite(shift).all()):
+            raise ValueError("data_shift must be finite")
     block, chunk = default_block_sizes(M, device)
-    if chunk_size is not None:
-        if int(chunk_size) < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        chunk = int(chunk_size)
+    chunk = _check_chunk_size(chunk_size) or chunk
+    if M == 0:
+        return empty_partial(0, D, device)
 
     x = queries.to(torch.float64)
     blocks = []
@@ -383,10 +456,11 @@ def posterior_partial(
         else:
             _add_float64_chunk(blk, ch)
 
-    _stream(data, device, chunk, index_offset, blocks, add_chunk)
+    _stream(data, device, chunk, index_offset, blocks, add_chunk, shift)
     for blk in blocks:
         if blk["screen"] and N:  # phase 2: exact top rows once per block, float64 where unproven
-            blk["out"] = _refine(blk, data, N, lambda sub: _stream(data, device, chunk, index_offset, [sub], _add_float64_chunk))
+            blk["out"] = _refine(blk, data, N, shift,
+                                 lambda sub: _stream(data, device, chunk, index_offset, [sub], _add_float64_chunk, shift))
     parts = [blk["out"] for blk in blocks]
     if len(parts) == 1:
         return parts[0]
@@ -405,11 +479,16 @@ def _merge_best(vals: Tensor, rows: Tensor, new_vals: Tensor, new_rows: Tensor, 
     return vals, torch.cat([rows, new_rows], dim=1).gather(1, pos)
 
 
-def _stream(data: Tensor, device: torch.device, chunk: int, first_index: int, blocks: list, visit) -> None:
-    """visit(block, chunk) for every query block and data chunk, moving each chunk to ``device`` once."""
+def _stream(data: Tensor, device: torch.device, chunk: int, first_index: int, blocks: list, visit,
+            shift: Optional[Tensor] = None) -> None:
+    """visit(block, chunk) for every query block and data chunk (less ``shift``, in float64, if given),
+    moving each chunk to ``device`` once."""
     def chunks():
         for start in range(0, data.shape[0], chunk):
-            yield _Chunk(data[start:start + chunk].to(device=device, non_blocking=True), start, first_index + start)
+            rows = data[start:start + chunk].to(device=device, non_blocking=True)
+            if shift is not None:
+                rows = rows.to(torch.float64) - shift  # a new tensor: the caller's data is never written
+            yield _Chunk(rows, start, first_index + start)
 
     if data.device == device:  # data resident: query blocks outside, so each block streams long chunks
         for blk in blocks:
@@ -435,8 +514,7 @@ def _screen_chunk(queries: dict, ch: _Chunk) -> tuple[Tensor, Tensor, Tensor]:
     del products
     logits = dist.clamp_min_(0.0).mul_(-inv_two_var[:, None])
     _mask_excluded(logits, ch.exclusion(queries))
-    error = screen_error_factor(ch.rows.shape[1]) * (2.0 * queries["ax_norm"] + alpha.square() * ch.max_norm) \
-        * ch.max_norm * inv_two_var
+    error = _screen_sq_error(ch.rows.shape[1], queries["ax_norm"], alpha.square(), ch.max_norm) * inv_two_var
     vals, index = logits.topk(min(SCREEN_TOP + 1, ch.n), dim=1)
     return vals, index + ch.start, error
 
@@ -448,13 +526,13 @@ def _proven(vals: Tensor, error: Tensor) -> Tensor:
     (SCREEN_TOP + 1)-th by more than 2 E + NEGLIGIBLE_NATS, every row outside the top SCREEN_TOP is
     truly more than NEGLIGIBLE_NATS below the best one.
     """
-    if vals.shape[1] <= SCREEN_TOP:  # no other rows
-        return torch.ones_like(vals[:, 0], dtype=torch.bool)
+    if vals.shape[1] <= SCREEN_TOP:  # no other rows (unless the screen was out of its range: inf error)
+        return torch.isfinite(error)
     proven = vals[:, SCREEN_TOP] + (2.0 * error + NEGLIGIBLE_NATS) < vals[:, 0]
     return proven | (vals[:, 0] == float("-inf"))  # every row excluded: nothing to add
 
 
-def _refine(blk: dict, data: Tensor, N: int, float64_pass) -> PosteriorPartial:
+def _refine(blk: dict, data: Tensor, N: int, shift: Optional[Tensor], float64_pass) -> PosteriorPartial:
     """Phase 2 of screen and refine for one query block: the exact partial of each query's best rows,
     and ``float64_pass(sub_block)`` (the float64 engine over all the data) for unproven queries.
 
@@ -466,7 +544,7 @@ def _refine(blk: dict, data: Tensor, N: int, float64_pass) -> PosteriorPartial:
     """
     vals, rows = blk["cand_val"], blk["cand_row"]
     top = min(SCREEN_TOP, vals.shape[1])
-    part = _exact_rows_partial(blk, data, rows[:, :top], vals[:, :top] > float("-inf"))
+    part = _exact_rows_partial(blk, data, rows[:, :top], vals[:, :top] > float("-inf"), shift)
     proven = _proven(vals, blk["error"])
     if vals.shape[1] > SCREEN_TOP:
         dropped = N * (vals[:, SCREEN_TOP] - vals[:, 0] + 2.0 * blk["error"]).exp() * (2.0 * blk["max_norm"]).square()
@@ -481,15 +559,19 @@ def _refine(blk: dict, data: Tensor, N: int, float64_pass) -> PosteriorPartial:
     return part
 
 
-def _gather_rows(y: Tensor, index: Tensor, device: torch.device) -> Tensor:
-    """y[index] in float64 on ``device`` (y may live elsewhere, e.g. in host memory)."""
+def _gather_rows(y: Tensor, index: Tensor, device: torch.device, shift: Optional[Tensor] = None) -> Tensor:
+    """y[index] (less ``shift`` if given) in float64 on ``device`` (y may live elsewhere, e.g. in host memory)."""
     if y.device != index.device:
-        return y[index.to(y.device)].to(device=device, dtype=torch.float64)
-    return y[index].to(torch.float64)
+        rows = y[index.to(y.device)].to(device=device, dtype=torch.float64)
+    else:
+        rows = y[index].to(torch.float64)
+    return rows if shift is None else rows.sub_(shift)  # indexing made a copy: safe in place
 
 
-def _exact_rows_partial(queries: dict, y: Tensor, index: Tensor, valid: Tensor) -> PosteriorPartial:
-    """The partial of a few rows per query (``index`` (b, k) into y: any float dtype and device; ``valid`` (b, k)).
+def _exact_rows_partial(queries: dict, y: Tensor, index: Tensor, valid: Tensor,
+                        shift: Optional[Tensor] = None) -> PosteriorPartial:
+    """The partial of a few rows per query (``index`` (b, k) into y: any float dtype and device; ``valid``
+    (b, k)); rows less ``shift`` if given.
 
     Distances relative to a row c near the posterior mass: with offsets o = y - c and x - alpha c both
     direct differences, ||x - alpha y||^2 = ||x - alpha c||^2 + alpha^2 ||o||^2 - 2 alpha <x - alpha c, o>
@@ -508,8 +590,8 @@ def _exact_rows_partial(queries: dict, y: Tensor, index: Tensor, valid: Tensor) 
         idx, a_r = index[r], alpha[r, None]
 
         def offsets_from(center_index):
-            center = _gather_rows(y, center_index, x.device)
-            return center, _gather_rows(y, idx, x.device).sub_(center[:, None, :])  # (per, k, D)
+            center = _gather_rows(y, center_index, x.device, shift)
+            return center, _gather_rows(y, idx, x.device, shift).sub_(center[:, None, :])  # (per, k, D)
 
         def exact_logits(center, offsets):
             from_center = x[r] - a_r * center
@@ -565,6 +647,7 @@ def _chunk_partial(queries: dict, ch: _Chunk) -> PosteriorPartial:
                             part.sum_wyy + tail_wyy)
 
 
+@torch.no_grad()
 def posterior_mean(
     queries: Tensor,
     data: Tensor,
@@ -584,10 +667,15 @@ def posterior_mean(
     log-sum-exp of the logits (M,) and the posterior variance tr Cov[x0 | x] (M,), both float64 (at
     small sigma variances fall far below float32's range). A query whose rows are all excluded gets NaN.
     ``precision``: the engine ("auto", "float64", None = auto on the CPU, float64 on CUDA), see
-    :func:`posterior_partial`; both agree to float64 rounding.
+    :func:`posterior_partial`; both agree to float64 rounding. M = 0 queries give empty results.
+
+    Not differentiable: the results never carry a gradient (``requires_grad`` False, no ``grad_fn``),
+    even for inputs that require one.
     """
-    if isinstance(data, Tensor) and data.dim() == 2 and data.shape[0] == 0:
+    _check_inputs(queries, data)
+    if data.shape[0] == 0:
         raise ValueError("data has no rows (N = 0): the posterior over an empty dataset is undefined")
+    _check_exclude(exclude_index, queries.shape[0], queries.device, upper=data.shape[0])
     stats = posterior_partial(queries, data, sigma, alpha=alpha, exclude_index=exclude_index,
                               chunk_size=chunk_size, precision=precision).finalize()
     dtype = torch.promote_types(queries.dtype, torch.float32)
@@ -599,6 +687,7 @@ def posterior_mean(
 KNN_EXTRA = 8  # candidates beyond k per query that the knn screen recomputes exactly
 
 
+@torch.no_grad()
 def knn(queries: Tensor, data: Tensor, k: int, *, chunk_size: Optional[int] = None,
         precision: Optional[str] = None) -> tuple[Tensor, Tensor]:
     """Exact k nearest data rows of each query: (squared distances (M, k) ascending, indices (M, k) int64).
@@ -608,16 +697,21 @@ def knn(queries: Tensor, data: Tensor, k: int, *, chunk_size: Optional[int] = No
     GEMM distances, error ~1e-16 of the squared norms), "auto" (an fp32-accurate GEMM screens, the
     k + KNN_EXTRA best candidates are recomputed by direct differences, and every other row is
     proven farther than the k-th; unproven queries fall back to float64), or None (auto on the CPU,
-    float64 on CUDA). Either way ties and near-duplicates are ordered correctly.
+    float64 on CUDA). Either way ties and near-duplicates are ordered correctly. M = 0 queries give
+    empty (0, k) results. Not differentiable: the distances never carry a gradient.
     """
     _check_inputs(queries, data)
     M, N = queries.shape[0], data.shape[0]
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= min(32, N):
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= min(32, N):
         raise ValueError(f"k must be an int in [1, min(32, N) = {min(32, N)}], got {k!r}")
+    k = int(k)
     device = queries.device
     engine = _check_precision(precision, device)
     block, chunk = default_block_sizes(M, device)
-    chunk = max(int(chunk_size) if chunk_size else chunk, k)
+    chunk = max(_check_chunk_size(chunk_size) or chunk, k)
+    dtype = torch.promote_types(queries.dtype, torch.float32)
+    if M == 0:
+        return queries.new_empty(0, k, dtype=dtype), torch.empty(0, k, dtype=torch.int64, device=device)
     x = queries.to(torch.float64)
     blocks = []
     for a in range(0, M, block):
@@ -665,7 +759,7 @@ def knn(queries: Tensor, data: Tensor, k: int, *, chunk_size: Optional[int] = No
                 d, i = d.index_copy(0, index, sub["best_d"]), i.index_copy(0, index, sub["best_i"])
             blk["best_d"], blk["best_i"] = d, i
     distances = torch.cat([blk["best_d"] for blk in blocks])
-    return distances.to(torch.promote_types(queries.dtype, torch.float32)), torch.cat([blk["best_i"] for blk in blocks])
+    return distances.to(dtype), torch.cat([blk["best_i"] for blk in blocks])
 
 
 def _knn_chunk(queries: dict, ch: _Chunk, k: int) -> tuple[Tensor, Tensor]:
@@ -683,12 +777,12 @@ def _knn_screen_chunk(queries: dict, ch: _Chunk, keep: int) -> tuple[Tensor, Ten
 
 
 def _knn_screen_error(queries: dict, ch: _Chunk) -> Tensor:
-    """Bound e (b,) on the screened squared distances' error: gamma(D) (2 ||x|| + max ||y||) max ||y||.
+    """Bound e (b,) on the screened squared distances' error (:func:`_screen_sq_error` with alpha = 1).
 
     A query is proven when the best screened distance outside its k + KNN_EXTRA candidates, minus e,
     is still >= its exact k-th distance: no other row can be nearer.
     """
-    return screen_error_factor(ch.rows.shape[1]) * (2.0 * queries["ax_norm"] + ch.max_norm) * ch.max_norm
+    return _screen_sq_error(ch.rows.shape[1], queries["ax_norm"], 1.0, ch.max_norm)
 
 
 def _gathered_sq_distances(x: Tensor, y: Tensor, index: Tensor) -> Tensor:
