@@ -29,8 +29,12 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def _brute_level(data, sigma, level, estimator, M, L, C, seed, device="cpu"):
-    """Per-query A - B values and (full) posterior variances, and the block of each query."""
+    """Per-query A - B values and (full) posterior variances, and the block of each query.
+
+    A - B about the data mean mu: ||x_src - mu||^2 - ||D - mu||^2 (the documented definition, which
+    makes every estimator invariant to shifting the data)."""
     N, D = data.shape
+    mu = data.mean(dim=0)
     ab, var, block_of = [], [], []
     for b in range(-(-M // E.QUERY_BLOCK)):
         size = min(E.QUERY_BLOCK, M - b * E.QUERY_BLOCK)
@@ -52,7 +56,7 @@ def _brute_level(data, sigma, level, estimator, M, L, C, seed, device="cpu"):
                 logits[-1] -= math.log(C)
                 w = torch.softmax(logits, 0)
                 mean[m] = w @ rows
-        ab.append(x_src.square().sum(1) - mean.square().sum(1))
+        ab.append((x_src - mu).square().sum(1) - (mean - mu).square().sum(1))
         block_of.append(torch.full((size,), b))
     return torch.cat(ab), (torch.cat(var) if var else None), torch.cat(block_of)
 

@@ -4,6 +4,10 @@ How it works. Rank r holds rows [offset_r, offset_r + n_r) of the global dataset
 in rank order; :func:`shard_bounds` gives an even split). Every rank passes the same arguments and
 seed, so every rank draws the same queries: source rows n_m and subsets are global indices. Then:
 
+- Before the first level every rank sums its rows (float64) and checksums them; the sums and
+  checksums are gathered and added in rank order, so every rank centres the data on the same mean
+  and records the same data checksum in a checkpoint.
+
 - A query's source row x_{n_m} lives on one rank. Each rank writes the rows it owns into a zero
   (M, D) float64 tensor and an ``all_reduce(SUM)`` gives every rank all of them; adding zeros is
   exact, so the rows arrive bit for bit.

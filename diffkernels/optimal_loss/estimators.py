@@ -15,7 +15,11 @@ n_m uniform over the data and eps_m ~ N(0, I). Four estimators of J*(s) = E||x0 
 
 The A of the A - B form is taken over the queries' own source rows, not over the whole dataset:
 both terms then share the data noise, and their difference stays accurate at small s where
-J* << E||x0||^2. Each query's difference is computed as (x_src - D) . (x_src + D) in float64.
+J* << E||x0||^2. Everything is computed on the data centred on its mean mu (A = ||x_src - mu||^2,
+B = ||D - mu||^2; the identity E||x0 - D||^2 = A - B holds about any fixed point), so every
+estimator is invariant to adding a constant vector to the data: uncentred, the subset estimators'
+A - B picks up 2 mu . (x_src - D), whose mean is not zero for a biased D and whose spread grows with
+||mu||. Each query's difference is computed as (x_src - D) . (x_src + D) in float64, centred.
 
 Reproducibility. Queries come in fixed blocks of ``QUERY_BLOCK`` queries. Block b of noise level k
 draws its source rows (and, for the subset estimators, its subset of L rows, shared by the block's
@@ -36,18 +40,20 @@ the per-query formula.
 Data. A tensor on any device (streamed to the compute device tile by tile), or a numpy array /
 ``np.memmap`` of any size (read in host chunks of ``HOST_CHUNK_ELEMENTS`` elements and streamed
 through :func:`posterior_partial`; partials merge exactly). Integer data is converted to float32.
-With ``distributed=True`` (see :mod:`.distributed`) ``data`` is this rank's shard.
+With ``distributed=True`` (see :mod:`.distributed`) ``data`` is this rank's shard. One pass over
+the data before the first level rejects NaN / Inf rows and computes the mean mu (summed over all
+ranks, so every rank uses the same one) and a checksum of every value (:func:`data_checksum`).
 
 Checkpoints. With ``checkpoint=path`` the results of each finished noise level are written to a
 JSON file atomically (temporary file in the same directory, fsync, ``os.replace``), so a crash
-never leaves a corrupt file; a later call with the same settings loads the finished levels and
-computes only the rest, and the result equals an uninterrupted run exactly (JSON keeps floats
-exactly). Different settings are an error.
+never leaves a corrupt file; a later call with the same settings and data loads the finished
+levels and computes only the rest, and the result equals an uninterrupted run exactly (JSON keeps
+floats exactly). Different settings, different data (the checksum of all values) or a malformed
+file are an error.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -60,6 +66,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._validate import check_seed
 from ..rng import fold_seed
 from .posterior import PosteriorPartial, merge_partials, posterior_partial
 
@@ -68,7 +75,9 @@ __all__ = ["CurveResult", "estimate_curve", "ESTIMATORS", "QUERY_BLOCK"]
 ESTIMATORS = ("full", "snis", "dol", "cdol")
 QUERY_BLOCK = 64  # queries per RNG block (and per subset for the subset estimators)
 HOST_CHUNK_ELEMENTS = 1 << 25  # numpy data is read in chunks of this many elements (128 MiB of float32)
-CHECKPOINT_FORMAT = "diffkernels.optimal_loss.curve/1"
+CHECKPOINT_FORMAT = "diffkernels.optimal_loss.curve/2"
+SCAN_ELEMENTS_CPU = 1 << 16  # the data pass (finiteness, mean, checksum) in cache-sized pieces
+SCAN_ELEMENTS_CUDA = 1 << 24
 
 # Stream tags folded into the seed so that index and noise draws never share a stream.
 _INDEX_STREAM = 0x4A53_4958  # "JSIX": source rows and subsets (CPU generator)
@@ -173,38 +182,78 @@ def _check_sigmas(sigmas) -> np.ndarray:
     return s
 
 
-def _as_2d(data):
-    """(N, ...) tensor or numpy array -> (N, D) view, checked."""
+def _as_2d(data, name: str = "data"):
+    """(N, ...) tensor or numpy array -> (N, D) view, checked; errors name the argument ``name``."""
     if isinstance(data, Tensor):
+        if data.device.type == "meta":
+            raise ValueError(f"{name} is a meta tensor: meta tensors are not supported (the result depends on the values)")
         ok_dtype = data.dtype.is_floating_point or not (data.dtype.is_complex or data.dtype == torch.bool)
     elif isinstance(data, np.ndarray):
         ok_dtype = data.dtype.kind in "fiu"
     else:
-        raise TypeError(f"data must be a torch.Tensor or a numpy array, got {type(data).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor or a numpy array, got {type(data).__name__}")
     if not ok_dtype:
-        raise TypeError(f"data must be real numbers, got dtype {data.dtype}")
+        raise TypeError(f"{name} must be real numbers, got dtype {data.dtype}")
     if data.ndim < 2:
-        raise ValueError(f"data must have shape (N, ...) with at least 2 dimensions, got {tuple(data.shape)}")
+        raise ValueError(f"{name} must have shape (N, ...) with at least 2 dimensions, got {tuple(data.shape)}")
     N = data.shape[0]
     D = int(np.prod(data.shape[1:]))
     if N == 0 or D == 0:
-        raise ValueError(f"data is empty: shape {tuple(data.shape)}")
+        raise ValueError(f"{name} is empty: shape {tuple(data.shape)}")
     return data.reshape(N, D)
+
+
+# --- the data checksum -------------------------------------------------------------------------
+
+_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)  # splitmix64's multipliers, as signed int64
+_MIX2 = 0x94D049BB133111EB - (1 << 64)
+_LOW32 = (1 << 32) - 1
+_COLUMN_SALT, _ROW_SALT = 0x636F6C, 0x726F77
+
+
+def _mix64(v: Tensor) -> Tensor:
+    """A bijective scramble of int64 values (in place; multiplications wrap mod 2^64): multiply, fold
+    the high half into the low half, multiply, so every output bit depends on every input bit."""
+    v.mul_(_MIX1)
+    v.bitwise_xor_(v.bitwise_right_shift(32).bitwise_and_(_LOW32))  # a logical shift by 32
+    return v.mul_(_MIX2)
+
+
+def data_checksum(rows: Tensor, first_row: int) -> int:
+    """64-bit checksum (in [0, 2^64)) of float64 ``rows`` (n, D) that are rows first_row.. of a dataset.
+
+    The sum mod 2^64 of a scramble of each value's bits, its column and its row: exact integer
+    arithmetic, so pieces and shards add up to the same number whatever the split, device or
+    storage dtype (values are compared as float64); any change of values or order changes it
+    except with probability ~2^-64.
+    """
+    n, D = rows.shape
+    device = rows.device
+    columns = _mix64(torch.arange(D, dtype=torch.int64, device=device) + _COLUMN_SALT)
+    per_row = _mix64(rows.contiguous().view(torch.int64).bitwise_xor(columns)).sum(dim=1)
+    keys = _mix64(torch.arange(first_row, first_row + n, dtype=torch.int64, device=device) + _ROW_SALT)
+    return int(_mix64(per_row.bitwise_xor_(keys)).sum()) % (1 << 64)
 
 
 # --- this process's rows -----------------------------------------------------------------------
 
 
 class _LocalRows:
-    """The rows this process holds: a tensor on any device or a numpy array / memmap on the host."""
+    """The rows this process holds: a tensor on any device or a numpy array / memmap on the host.
 
-    def __init__(self, data, device: torch.device):
+    ``center`` (set by the owner once the whole dataset's mean is known) is subtracted from the rows
+    that :meth:`rows` returns; :meth:`chunks` gives the stored rows (posterior_partial subtracts it).
+    """
+
+    def __init__(self, data, device: torch.device, name: str = "data"):
         self.is_numpy = isinstance(data, np.ndarray)
         if not self.is_numpy and not data.dtype.is_floating_point:
             data = data.float()  # integer tensors: once here, not per pass
         self.data = data
         self.device = device
+        self.name = name
         self.n, self.D = data.shape
+        self.center: Optional[Tensor] = None
 
     def _to_tensor(self, a) -> Tensor:
         """A host numpy block -> a float CPU tensor (copied: memmaps are read-only)."""
@@ -222,34 +271,33 @@ class _LocalRows:
             yield start, self._to_tensor(self.data[start:start + step])
 
     def rows(self, idx: Tensor) -> Tensor:
-        """Rows ``idx`` (CPU int64, local numbering) as float64 on the compute device."""
+        """Rows ``idx`` (CPU int64, local numbering) as float64 on the compute device, less ``center``."""
         if self.is_numpy:
             out = self._to_tensor(self.data[idx.numpy()])
         else:
             out = self.data[idx.to(self.data.device)]
-        return out.to(device=self.device, dtype=_F64)
+        out = out.to(device=self.device, dtype=_F64)
+        return out if self.center is None else out.sub_(self.center)  # indexing made a copy: safe in place
 
-    def fingerprint(self) -> str:
-        """A cheap identity of the data for checkpoints: the shape and a hash of a few rows."""
-        h = hashlib.sha1(f"{self.n}x{self.D}".encode())
-        for i in sorted({0, 1, 2, self.n // 2, self.n - 1}):
-            if i < self.n:
-                row = self.data[i]
-                row = row.double().cpu().numpy() if isinstance(row, Tensor) else np.asarray(row, dtype=np.float64)
-                h.update(np.ascontiguousarray(row).tobytes())
-        return h.hexdigest()
-
-    def check_finite(self) -> None:
-        step = max(1, HOST_CHUNK_ELEMENTS // self.D)
+    def scan(self, first_row: int = 0, checksum: bool = True) -> tuple[np.ndarray, int]:
+        """One pass over the rows, numbered from ``first_row`` in the whole dataset: (the float64 sum
+        of the rows (D,), their :func:`data_checksum` or 0 without ``checksum``); ValueError naming
+        the first row with NaN or Inf."""
+        on_cuda = not self.is_numpy and self.data.device.type == "cuda"
+        step = max(1, (SCAN_ELEMENTS_CUDA if on_cuda else SCAN_ELEMENTS_CPU) // self.D)
+        total, code = None, 0
         for start in range(0, self.n, step):
             block = self.data[start:start + step]
-            if isinstance(block, Tensor):
-                bad = (~torch.isfinite(block)).any(dim=1).nonzero().flatten().cpu().numpy()
-            else:
-                bad = np.flatnonzero(~np.isfinite(block).all(axis=1)) if block.dtype.kind == "f" else []
-            if len(bad):
-                raise ValueError(f"data row {start + int(bad[0])} contains NaN or Inf ({len(bad)} bad rows in "
-                                 f"rows {start}..{start + len(block) - 1})")
+            block = (self._to_tensor(block) if self.is_numpy else block).to(_F64)
+            bad = ~torch.isfinite(block).all(dim=1)
+            if bool(bad.any()):
+                first = start + int(bad.nonzero()[0, 0])
+                raise ValueError(f"{self.name} row {first} contains NaN or Inf")
+            part = block.sum(dim=0)
+            total = part if total is None else total + part
+            if checksum:
+                code = (code + data_checksum(block, first_row + start)) % (1 << 64)
+        return total.cpu().numpy(), code
 
 
 class _Dataset:
@@ -257,10 +305,11 @@ class _Dataset:
 
     Everything an estimator needs goes through two operations, ``rows`` (gather rows by global
     index) and ``partial`` (softmax statistics over all rows or a subset), which a distributed
-    dataset completes across ranks (see :mod:`.distributed`).
+    dataset completes across ranks (see :mod:`.distributed`). Both work on the rows less the
+    dataset's mean ``center`` (the same on every rank).
     """
 
-    def __init__(self, local: _LocalRows, group=None, precision: Optional[str] = None):
+    def __init__(self, local: _LocalRows, group=None, precision: Optional[str] = None, checksum: bool = True):
         self.local = local
         self.group = group
         self.precision = precision
@@ -271,6 +320,16 @@ class _Dataset:
             from .distributed import shard_layout
 
             self.offset, self.N = shard_layout(local.n, local.D, local.device, group)
+        # Every rank scans its rows; the sums and checksums are combined in rank order, so every rank
+        # gets the same mean and fingerprint (and a bad shard raises on every rank).
+        scans = _on_all_ranks(lambda: local.scan(self.offset, checksum), group, gather=True)
+        total = scans[0][0]
+        for part, _ in scans[1:]:
+            total = total + part
+        code = sum(c for _, c in scans) % (1 << 64)
+        self.center = torch.as_tensor(total / self.N, dtype=_F64, device=local.device)
+        local.center = self.center
+        self.fingerprint = f"{self.N}x{self.D}:{code:016x}"
 
     def rows(self, idx: Tensor) -> Tensor:
         """Rows with global indices ``idx`` (CPU int64), float64 on the compute device, on every rank."""
@@ -291,7 +350,8 @@ class _Dataset:
         if subset is None:
             part = None
             for start, rows in self.local.chunks():  # merged as they come: memory of one partial
-                new = posterior_partial(queries, rows, sigma, index_offset=start, precision=self.precision)
+                new = posterior_partial(queries, rows, sigma, index_offset=start, precision=self.precision,
+                                        data_shift=self.center)
                 part = new if part is None else merge_partials(part, new)
         else:
             lo = int(torch.searchsorted(subset, self.offset))
@@ -405,7 +465,7 @@ def _level(ds: _Dataset, sigma: float, level: int, *, estimator: str, M: int, L:
         source = torch.cat([d[0] for d in draws])
         eps = torch.cat([d[2] for d in draws])
         sizes = [d[0].numel() for d in draws]
-        x_src = ds.rows(source)
+        x_src = ds.rows(source)  # centred on the data mean, as is everything below
         queries = x_src + sigma * eps
         if subset_estimator:
             subset = draws[0][1]
@@ -417,7 +477,7 @@ def _level(ds: _Dataset, sigma: float, level: int, *, estimator: str, M: int, L:
         else:
             part = ds.partial(queries, sigma)
         post = part.finalize()
-        # A - B per query: ||x_src||^2 - ||D||^2 as a product of sum and difference (no cancellation).
+        # A - B per query: ||x_src - mu||^2 - ||D - mu||^2 as a product of sum and difference (no cancellation).
         ab = ((x_src - post.mean) * (x_src + post.mean)).sum(dim=1)
         cols = slice(blocks.start, blocks.stop)
         stats_ab[:, cols] = _block_stats(ab, sizes)
@@ -462,32 +522,71 @@ def atomic_write_json(path, obj) -> None:
         pass
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_levels(levels, settings: dict) -> dict:
+    """The saved levels as {index: level dict}; ValueError (without the path) if anything is malformed."""
+    if not isinstance(levels, dict):
+        raise ValueError(f"'levels' is a {type(levels).__name__}, not an object")
+    keys = ("sigma", "j_ab", "se_ab") + (("j_var", "se_var") if settings["estimator"] == "full" else ())
+    sigmas = settings["sigmas"]
+    out = {}
+    for name, level in levels.items():
+        if not (isinstance(name, str) and name.isdigit() and int(name) < len(sigmas)):
+            raise ValueError(f"level {name!r} is not an index into the {len(sigmas)} noise levels")
+        if not isinstance(level, dict):
+            raise ValueError(f"level {name} is a {type(level).__name__}, not an object")
+        for key in keys:
+            if not _is_number(level.get(key)):
+                raise ValueError(f"level {name} has no number {key!r}")
+        if level["sigma"] != sigmas[int(name)]:
+            raise ValueError(f"level {name} is for sigma {level['sigma']!r}, not {sigmas[int(name)]!r}")
+        out[int(name)] = {key: float(level[key]) for key in keys}
+    return out
+
+
 def _load_checkpoint(path: Path, settings: dict) -> dict:
-    """Finished levels {index: level dict} from ``path`` if it exists; error if its settings differ."""
+    """Finished levels {index: level dict} from ``path`` if it exists; ValueError naming the file if it
+    is not a checkpoint of this format, is malformed, or was written with other settings or data."""
     if not path.exists():
         return {}
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise ValueError(f"checkpoint {path} is not readable JSON ({exc}); delete it to start over") from exc
-    if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
+    fmt = saved.get("format") if isinstance(saved, dict) else None
+    if not (isinstance(fmt, str) and fmt.startswith(CHECKPOINT_FORMAT.rsplit("/", 1)[0] + "/")):
         raise ValueError(f"{path} is not a diffkernels optimal-loss checkpoint")
-    old = saved.get("settings", {})
+    if fmt != CHECKPOINT_FORMAT:
+        raise ValueError(f"checkpoint {path} has format {fmt!r}, this version reads {CHECKPOINT_FORMAT!r}; "
+                         "delete it to start over")
+    old = saved.get("settings")
+    if not isinstance(old, dict):
+        raise ValueError(f"checkpoint {path} is malformed: 'settings' is missing or not an object; delete it to start over")
+    if old.get("data") != settings["data"] and all(old.get(k) == v for k, v in settings.items() if k != "data"):
+        raise ValueError(f"checkpoint {path} was written for other data (the checksum of the values differs: "
+                         f"{old.get('data')!r} != {settings['data']!r}); delete it or use another checkpoint path")
     diff = [f"{k}: {old.get(k)!r} != {v!r}" for k, v in settings.items() if old.get(k) != v]
     if diff:
         raise ValueError(f"checkpoint {path} was written with other settings ({'; '.join(diff)}); "
                          "delete it or use another checkpoint path")
-    return {int(k): v for k, v in saved.get("levels", {}).items()}
+    try:
+        return _check_levels(saved.get("levels", {}), settings)
+    except ValueError as exc:
+        raise ValueError(f"checkpoint {path} is malformed: {exc}; delete it to start over") from None
 
 
 # --- the public function -----------------------------------------------------------------------
 
 
-def _on_all_ranks(fn, group, only_rank0: bool = False):
+def _on_all_ranks(fn, group, only_rank0: bool = False, gather: bool = False):
     """Run ``fn`` (on rank 0 only if ``only_rank0``) and share its result or its error with every rank,
-    so that an error on one rank raises everywhere instead of leaving the others in a collective."""
+    so that an error on one rank raises everywhere instead of leaving the others in a collective.
+    Returns rank 0's result, or with ``gather`` the list of every rank's results in rank order."""
     if group is None:
-        return fn()
+        return [fn()] if gather else fn()
     import torch.distributed as dist
 
     rank = dist.get_rank(group)
@@ -502,7 +601,7 @@ def _on_all_ranks(fn, group, only_rank0: bool = False):
     errors = [f"rank {r}: {err}" for r, (_, err) in enumerate(every) if err]
     if errors:
         raise ValueError("; ".join(errors))
-    return every[0][0]
+    return [result for result, _ in every] if gather else every[0][0]
 
 
 
@@ -534,7 +633,8 @@ def estimate_curve(
         num_queries: queries M per noise level.
         subset_size: L, the subset size of the subset estimators (1 <= L <= N).
         C: cDOL's constant (> 0); default 4N/L. Only for ``"cdol"``.
-        seed: the seed of every draw (module docstring: per level and block derived seeds).
+        seed: the seed of every draw (module docstring: per level and block derived seeds); any
+            integer (Python or numpy), taken modulo 2**64.
         batch_size: queries per pass over the data for ``"full"`` (rounded down to a multiple of
             ``QUERY_BLOCK``, at least one block; default 4096 on CUDA, 1024 on CPU); memory
             ~ 6 * batch_size * D float64 plus the kernel's tile.
@@ -552,13 +652,15 @@ def estimate_curve(
     data = _as_2d(data)
     s = _check_sigmas(sigmas)
     M = _check_int(num_queries, "num_queries", 1)
-    seed = _check_int(seed, "seed", 0)
+    seed = check_seed(seed) % (1 << 64)  # any integer; -1 and 2**64 - 1 are the same seed
     if device is None:
         if isinstance(data, Tensor) and data.device.type != "cpu":
             device = data.device
         else:
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
+    if device.type == "meta":
+        raise ValueError("device='meta' is not supported: the estimates depend on the values")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     if batch_size is None:
@@ -573,8 +675,8 @@ def estimate_curve(
             raise RuntimeError("distributed=True needs an initialised torch.distributed process group")
         group = dist.group.WORLD if distributed is True else distributed
     local = _LocalRows(data, device)
-    _on_all_ranks(local.check_finite, group)  # a bad shard stops every rank, not just its own
-    ds = _Dataset(local, group, precision)
+    # One pass over the data: NaN / Inf rows, the mean, and the checksum that a checkpoint records.
+    ds = _Dataset(local, group, precision, checksum=checkpoint is not None)
     N = ds.N
 
     if estimator == "full":
@@ -601,7 +703,7 @@ def estimate_curve(
 
     settings = {
         "estimator": estimator, "sigmas": [float(v) for v in s], "num_queries": M, "subset_size": L, "C": C,
-        "seed": seed, "num_data": N, "dim": ds.D, "noise_device": device.type, "data": local.fingerprint(),
+        "seed": seed, "num_data": N, "dim": ds.D, "noise_device": device.type, "data": ds.fingerprint,
     }
     rank = 0 if group is None else torch.distributed.get_rank(group)
     path = None if checkpoint is None else Path(checkpoint)
