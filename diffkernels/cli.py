@@ -222,11 +222,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _subparsers(parser: argparse.ArgumentParser) -> dict:
+    """{command name: its parser}."""
+    return next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+
 def main(argv=None) -> int:
     """Run the command line and return its exit code (0 success, 2 bad input, 130 interrupted)."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # reported by the command's own parser, so that the error names the command
+            owner = parser if args.command is None else _subparsers(parser)[args.command]
+            owner.error(f"unrecognized arguments: {' '.join(unknown)}")
     except SystemExit as exc:  # --help (0) or a bad option (2), already printed
         return exc.code if isinstance(exc.code, int) else 2
     if args.command is None:  # a bare `diffkernels`: the help, like git

@@ -70,3 +70,30 @@ def test_cli_demo(tmp_path):
     for name in FILES:
         assert (out_dir / name).is_file(), name
     assert "summary:" in proc.stdout
+
+
+@pytest.mark.parametrize("bad", [dict(steps=0), dict(steps=-1), dict(mask_ratio=1.0), dict(mask_ratio=-0.5),
+                                 dict(mask_ratio=float("nan")), dict(seed=-1), dict(seed=2**64), dict(threads=0),
+                                 dict(sample_steps=1), dict(batch_size=0), dict(steps=2.5)])
+def test_demo_checks_arguments_before_any_work(tmp_path, bad):
+    with pytest.raises((ValueError, TypeError), match=next(iter(bad))):
+        run_demo(out=tmp_path / "never", device="cpu", progress=False, **bad)
+    assert not (tmp_path / "never").exists()
+
+
+def test_demo_threads_apply_to_the_run_only(tmp_path, monkeypatch):
+    import torch
+
+    import diffkernels.demo as demo
+
+    seen = []
+    monkeypatch.setattr(demo, "_run", lambda *args, **kwargs: seen.append(torch.get_num_threads()) or {})
+    before = torch.get_num_threads()
+    inside = 1 if before > 1 else 2  # a value that differs from the current one
+    try:
+        run_demo(out=tmp_path / "t", device="cpu", threads=inside)
+        assert seen == [inside] and torch.get_num_threads() == before
+        run_demo(out=tmp_path / "t", device="cpu")  # threads=None: the current setting
+        assert seen == [inside, before]
+    finally:
+        torch.set_num_threads(before)

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -170,3 +171,65 @@ def test_entry_point_exit_code(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "diffkernels", "optimal-loss", "--help"],
                           capture_output=True, text=True, env=env)
     assert proc.returncode == 0 and "--sigma-min" in proc.stdout and "--resume" in proc.stdout
+
+
+def test_checkpoint_named_and_command_recorded(tmp_path, arr, capsys):
+    """The 'wrote' line names the checkpoint; the JSON records this command line, not the host's sys.argv."""
+    np.save(tmp_path / "d.npy", arr)
+    argv = ["optimal-loss", str(tmp_path / "d.npy"), *FAST, "--out", str(tmp_path / "run")]
+    assert main(argv) == 0
+    wrote = capsys.readouterr().out.strip().splitlines()[-1]
+    ckpt = tmp_path / "run.ckpt.json"
+    assert wrote.startswith("wrote ") and f"{ckpt} (checkpoint)" in wrote and ckpt.is_file()
+    saved = json.loads((tmp_path / "run.json").read_text())
+    assert saved["extra"]["command"].split() == ["diffkernels", *argv]
+
+
+def test_interrupt_names_the_checkpoint(tmp_path, arr, capsys, monkeypatch):
+    import diffkernels.optimal_loss.estimators as estimators
+
+    def interrupted(*args, checkpoint, **kwargs):
+        Path(checkpoint).write_text("{}")  # as if some levels had finished
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(estimators, "estimate_curve", interrupted)
+    np.save(tmp_path / "d.npy", arr)
+    assert main(["optimal-loss", str(tmp_path / "d.npy"), *FAST, "--out", str(tmp_path / "run")]) == 130
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "interrupted" in err
+    assert str(tmp_path / "run.ckpt.json") in err and "--resume" in err
+
+
+@pytest.mark.parametrize("damage", ["not json", "list", "format", "no settings", "levels list", "level not object",
+                                    "level key missing", "level index", "level value"])
+def test_malformed_checkpoint_is_one_line(tmp_path, arr, capsys, damage):
+    np.save(tmp_path / "d.npy", arr)
+    argv = ["optimal-loss", str(tmp_path / "d.npy"), *FAST, "--out", str(tmp_path / "run")]
+    assert main(argv) == 0
+    ckpt = tmp_path / "run.ckpt.json"
+    good = json.loads(ckpt.read_text())
+    bad = json.loads(ckpt.read_text())
+    level = bad["levels"]["0"]
+    if damage == "not json":
+        bad = "{not json"
+    elif damage == "list":
+        bad = [1, 2]
+    elif damage == "format":
+        bad["format"] = "something else"
+    elif damage == "no settings":
+        del bad["settings"]
+    elif damage == "levels list":
+        bad["levels"] = [level]
+    elif damage == "level not object":
+        bad["levels"]["0"] = 5
+    elif damage == "level key missing":
+        del level[next(k for k in level if k != "sigma")]
+    elif damage == "level index":
+        bad["levels"]["x"] = level
+    elif damage == "level value":
+        level[next(k for k in level if k != "sigma")] = "abc"
+    ckpt.write_text(bad if isinstance(bad, str) else json.dumps(bad))
+    capsys.readouterr()
+    err = _error(capsys, argv + ["--resume"])
+    assert str(ckpt) in err, err
+    assert good != bad
