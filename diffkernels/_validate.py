@@ -3,6 +3,9 @@ for the ops' eager fast path."""
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -16,10 +19,24 @@ def check_float_tensor(x, name: str) -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
 
 
+def check_real(value, name: str) -> float:
+    """A real number (Python or numpy int/float; not bool, str or tensor) as a Python float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number (int or float), got {type(value).__name__}")
+    return float(value)
+
+
+def check_finite(value, name: str, *, minimum: float = -math.inf, strict: bool = False) -> float:
+    """A finite real number >= ``minimum`` (> with ``strict``) as a Python float."""
+    value = check_real(value, name)
+    if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+        bound = f"> {minimum}" if strict else f">= {minimum}"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value}")
+    return value
+
+
 def check_mask_ratio(mask_ratio) -> float:
-    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float)):
-        raise TypeError(f"mask_ratio must be a Python float in [0, 1), got {type(mask_ratio).__name__}")
-    mask_ratio = float(mask_ratio)
+    mask_ratio = check_real(mask_ratio, "mask_ratio")
     if not (0.0 <= mask_ratio < 1.0):  # also rejects NaN
         raise ValueError(f"mask_ratio must lie in [0, 1), got {mask_ratio}")
     return mask_ratio
@@ -35,6 +52,55 @@ def check_choice(value, name: str, choices) -> None:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
+def check_devices(tensors: dict, reference: str | None = None) -> torch.device:
+    """All the tensors of ``tensors`` (name -> tensor or None) on one device, that of
+    ``tensors[reference]`` (default: the first), and not meta outside tracing; returns the device.
+
+    Checked before an op is dispatched: a tensor on another device would otherwise pick the
+    dispatcher's kernel (a meta tensor selects the shape-only fake kernel, whose outputs hold
+    uninitialised memory). Meta tensors (as after an empty-weights model init) hold no data, so
+    the ops reject them in eager mode; under fake tensors and compile tracing they stay allowed.
+    """
+    reference = reference or next(iter(tensors))
+    device = tensors[reference].device
+    for name, t in tensors.items():
+        if t is not None and t.device != device:
+            raise ValueError(f"{name} must be on the device of {reference} ({device}), got {t.device}")
+    if device.type == "meta" and not intercepted():
+        raise ValueError(f"{reference} is a meta tensor: meta tensors are not supported (they hold no data; "
+                         "materialise the tensors, e.g. load the weights, before calling)")
+    return device
+
+
+def check_fake_devices(op: str, *tensors) -> None:
+    """In a fake (shape-only) kernel: every tensor on one device. The dispatcher runs the fake kernel
+    for real tensors too when one argument is a meta tensor; it must fail rather than return
+    uninitialised memory on the other device."""
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"{op}: all tensor arguments must be on one device, got {sorted(map(str, devices))}")
+
+
+def check_on_device(condition: Tensor, message: str) -> None:
+    """A data-dependent check: a ValueError for CPU tensors; on the GPU, inside torch.compile or on
+    fake tensors an asynchronous device-side assert instead, because reading the result would be a
+    host sync (or impossible: a fake tensor holds no data)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    if condition.device.type == "cpu" and not torch.compiler.is_compiling() and not is_fake(condition):
+        if not bool(condition):
+            raise ValueError(message)
+    else:
+        torch._assert_async(condition, message)
+
+
+def intercepted() -> bool:
+    """Whether something intercepts the ops: torch.compile, export, make_fx or jit tracing, dispatch
+    modes (FakeTensorMode, ...) or functorch transforms (vmap, grad)."""
+    return bool(torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+                or torch._C._are_functorch_transforms_active() or torch._C._is_tracing())
+
+
 _PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
 
 
@@ -46,8 +112,7 @@ def eager_fast_path(*tensors) -> bool:
     tracing, dispatch modes (FakeTensorMode, ...), functorch transforms (vmap, grad) and tensor
     subclasses; plain eager calls on CPU or CUDA tensors skip it. ``None`` entries are ignored.
     """
-    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
-            or torch._C._are_functorch_transforms_active() or torch._C._is_tracing()):
+    if intercepted():
         return False
     for t in tensors:
         if t is not None and (type(t) not in _PLAIN_TENSORS or not (t.is_cpu or t.is_cuda)):

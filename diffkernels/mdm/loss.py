@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._validate import check_choice
+from .._validate import check_choice, check_devices, check_finite
 from ..ops.masked_ce import _masked_ce_hidden, _masked_ce_logits
 from .masking import MaskedTokens
 
@@ -38,41 +38,78 @@ def masked_cross_entropy(
     tokens, 0 elsewhere, divided by the normaliser). Accumulates in float32 (float64 for float64
     inputs); the gradients are produced in the forward pass. One host sync per call (the number of
     tokens with a loss sizes the chunk loop).
+
+    Every token with ``coef != 0`` needs a target in [0, V) (elsewhere targets are not read):
+    a ValueError for CPU tensors, an asynchronous device-side assert for CUDA tensors. All tensors
+    must be on one device (meta tensors are rejected outside fake-tensor tracing). No tokens give
+    a loss of 0. The gradients are computed once, as constants: no second-order gradients.
     """
-    if (logits is None) == (hidden is None):
-        raise ValueError("give exactly one of logits or hidden (with lm_head_weight)")
-    lead = targets.shape
-    if targets.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"targets must hold integer token ids, got {targets.dtype}")
-    if not isinstance(coef, Tensor) or not coef.dtype.is_floating_point or coef.shape != lead:
-        raise ValueError(f"coef must be a floating tensor shaped like targets {tuple(lead)}")
-    source = logits if logits is not None else hidden
-    name = "logits" if logits is not None else "hidden"
-    if not isinstance(source, Tensor) or not source.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a floating-point tensor")
-    if source.shape[:-1] != lead:
-        raise ValueError(f"{name} must have shape {tuple(lead)} + (last dim,), got {tuple(source.shape)}")
-    if targets.device != source.device or coef.device != source.device:
-        raise ValueError(f"targets, coef and {name} must be on one device")
-    flat_targets = targets.reshape(-1).to(torch.int64)
-    flat_coef = coef.reshape(-1).to(torch.float32 if source.dtype != torch.float64 else torch.float64)
+    flat_targets, flat_coef, source, name = _check_inputs(targets, coef, logits, hidden, lm_head_weight,
+                                                          lm_head_bias, chunk_size)
+    chunk = chunk_size or 0  # 0: the op's default, which depends on the path and dtype
     if logits is not None:
         V = logits.shape[-1]
-        chunk = chunk_size or 0  # 0: the op's default, which depends on the path and dtype
-        loss, _, _ = _masked_ce_logits(logits.reshape(-1, V), flat_targets, flat_coef, chunk, _needs_grad(logits))
+        loss, _, _ = _masked_ce_logits(logits.reshape(flat_targets.numel(), V), flat_targets, flat_coef, chunk,
+                                       _needs_grad(logits))
         return loss
-    if lm_head_weight is None or lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"lm_head_weight must have shape (V, H) with H = {hidden.shape[-1]}")
-    if lm_head_weight.dtype != hidden.dtype or lm_head_weight.device != hidden.device:
-        raise ValueError("lm_head_weight must have hidden's dtype and device")
-    V = lm_head_weight.shape[0]
-    if lm_head_bias is not None and (lm_head_bias.shape != (V,) or lm_head_bias.dtype != hidden.dtype):
-        raise ValueError(f"lm_head_bias must have shape ({V},) and hidden's dtype")
-    chunk = chunk_size or 0
     need = _needs_grad(hidden, lm_head_weight, lm_head_bias)
-    loss, *_ = _masked_ce_hidden(hidden.reshape(-1, hidden.shape[-1]), lm_head_weight, lm_head_bias,
-                                 flat_targets, flat_coef, chunk, need)
+    loss, *_ = _masked_ce_hidden(hidden.reshape(flat_targets.numel(), hidden.shape[-1]), lm_head_weight,
+                                 lm_head_bias, flat_targets, flat_coef, chunk, need)
     return loss
+
+
+def _check_tensor(x, name: str, *, floating: bool) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if floating and not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+
+
+def _check_inputs(targets, coef, logits, hidden, lm_head_weight, lm_head_bias, chunk_size):
+    """Checks the arguments of masked_cross_entropy; returns (flat int64 targets, flat coef in the
+    accumulation dtype, the logits or hidden tensor, its name)."""
+    if (logits is None) == (hidden is None):
+        raise ValueError("give exactly one of logits or hidden (with lm_head_weight)")
+    _check_tensor(targets, "targets", floating=False)
+    if targets.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"targets must hold integer token ids (int32 or int64), got {targets.dtype}")
+    lead = targets.shape
+    _check_tensor(coef, "coef", floating=True)
+    if coef.shape != lead:
+        raise ValueError(f"coef must be shaped like targets {tuple(lead)}, got {tuple(coef.shape)}")
+    source = logits if logits is not None else hidden
+    name = "logits" if logits is not None else "hidden"
+    _check_tensor(source, name, floating=True)
+    if source.dim() < 1 or source.shape[:-1] != lead:
+        raise ValueError(f"{name} must have shape {tuple(lead)} + (last dim,), got {tuple(source.shape)}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 0):
+        raise TypeError(f"chunk_size must be None or an int >= 0, got {chunk_size!r}")
+    if logits is None:
+        _check_tensor(lm_head_weight, "lm_head_weight", floating=True)
+        if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != hidden.shape[-1]:
+            raise ValueError(f"lm_head_weight must have shape (V, H) with H = {hidden.shape[-1]}, "
+                             f"got {tuple(lm_head_weight.shape)}")
+        if lm_head_weight.dtype != hidden.dtype:
+            raise TypeError(f"lm_head_weight must have hidden's dtype {hidden.dtype}, got {lm_head_weight.dtype}")
+        V = lm_head_weight.shape[0]
+        if lm_head_bias is not None:
+            _check_tensor(lm_head_bias, "lm_head_bias", floating=True)
+            if lm_head_bias.shape != (V,):
+                raise ValueError(f"lm_head_bias must have shape ({V},), got {tuple(lm_head_bias.shape)}")
+            if lm_head_bias.dtype != hidden.dtype:
+                raise TypeError(f"lm_head_bias must have hidden's dtype {hidden.dtype}, got {lm_head_bias.dtype}")
+    else:
+        if lm_head_weight is not None or lm_head_bias is not None:
+            raise ValueError("lm_head_weight and lm_head_bias go with hidden, not with logits")
+        V = logits.shape[-1]
+    if V == 0:
+        raise ValueError("the vocabulary must not be empty (V = 0)")
+    check_devices({name: source, "targets": targets, "coef": coef, "lm_head_weight": lm_head_weight,
+                   "lm_head_bias": lm_head_bias}, reference=name)
+    # contiguous: the Triton kernel indexes targets and coef as flat arrays
+    flat_targets = targets.reshape(-1).to(torch.int64).contiguous()
+    flat_coef = coef.reshape(-1).to(torch.float32 if source.dtype != torch.float64 else torch.float64).contiguous()
+    return flat_targets, flat_coef, source, name
 
 
 def masked_diffusion_loss(
@@ -104,30 +141,45 @@ def masked_diffusion_loss(
       (e.g. the eligible tokens of the global batch over all micro-batches and ranks), so the
       gradient does not change with gradient accumulation or data-parallel size. Sum the losses
       of the micro-batches (do not average them).
-    ``row_clamp``: clamp each l_b (after normalisation) at this value; clamped rows get no
-    gradient. Biased; needs ``normalizer="row"``; costs a second pass over the masked tokens.
+    ``row_clamp``: clamp each l_b (after normalisation) at this finite value >= 0; clamped rows
+    get no gradient. Biased; needs ``normalizer="row"``; costs a second pass over the masked tokens.
+
+    An empty batch (B = 0, L = 0 or no eligible token) gives a loss of 0.
     """
     if not isinstance(masked, MaskedTokens):
         raise TypeError("masked must be the MaskedTokens returned by diffkernels.mdm.mask_tokens")
     check_choice(normalizer, "normalizer", NORMALIZERS)
     R, L = masked.noisy_ids.shape
     B = masked.eligible_count.shape[0]
+    _check_tensor(targets, "targets", floating=False)
     if targets.shape != (B, L):
         raise ValueError(f"targets must be the clean ids of the B input rows, shape ({B}, {L}), got {tuple(targets.shape)}")
-    dev = masked.weights.device
-    row_factor = masked.row_weight.double()
     if importance is not None:
+        _check_tensor(importance, "importance", floating=True)
         if importance.shape != (B,):
             raise ValueError(f"importance must have shape (B,) = ({B},), got {tuple(importance.shape)}")
-        row_factor = row_factor * importance.to(dev).double()[masked.source_row]
+    dev = check_devices({"masked.weights": masked.weights, "targets": targets, "importance": importance,
+                         "masked.row_weight": masked.row_weight, "masked.eligible_count": masked.eligible_count,
+                         "masked.source_row": masked.source_row})
+    if normalizer == "global":
+        if num_tokens is None:
+            raise ValueError("normalizer='global' needs num_tokens > 0 (fixed for the whole optimizer step)")
+        num_tokens = check_finite(num_tokens, "num_tokens", minimum=0.0, strict=True)
+    elif num_tokens is not None:
+        raise ValueError("num_tokens applies to normalizer='global' only")
+    if row_clamp is not None:
+        if normalizer != "row":
+            raise ValueError("row_clamp needs normalizer='row' (it clamps each sequence's normalised loss)")
+        row_clamp = check_finite(row_clamp, "row_clamp", minimum=0.0)
+    row_factor = masked.row_weight.double()
+    if importance is not None:
+        row_factor = row_factor * importance.double()[masked.source_row]
     if normalizer == "row":
         row_factor = row_factor / (masked.eligible_count.clamp(min=1).double()[masked.source_row] * B)
     elif normalizer == "batch":
         row_factor = row_factor / masked.eligible_count.sum().clamp(min=1).double()
     else:
-        if num_tokens is None or not float(num_tokens) > 0:
-            raise ValueError("normalizer='global' needs num_tokens > 0 (fixed for the whole optimizer step)")
-        row_factor = row_factor / float(num_tokens)
+        row_factor = row_factor / num_tokens
     coef = masked.weights.double() * row_factor[:, None]
     row_targets = targets[masked.source_row]
     kw = dict(logits=logits, hidden=hidden, lm_head_weight=lm_head_weight, lm_head_bias=lm_head_bias, chunk_size=chunk_size)
@@ -136,8 +188,6 @@ def masked_diffusion_loss(
 
     # Clamp: a first pass without gradients finds each sequence's loss l_b; clamped sequences
     # keep the clamp value as a constant and drop out of the gradient pass.
-    if normalizer != "row":
-        raise ValueError("row_clamp needs normalizer='row' (it clamps each sequence's normalised loss)")
     with torch.no_grad():
         per_token = _per_token_ce(row_targets, coef, **kw)
         per_sequence = torch.zeros(B, dtype=torch.float64, device=dev).index_add_(
@@ -157,6 +207,6 @@ def _per_token_ce(targets, coef, *, logits, hidden, lm_head_weight, lm_head_bias
         V = logits.shape[-1]
         _, ce, _ = _masked_ce_logits(logits.reshape(-1, V), flat_t, flat_c, chunk_size or 0, False)
     else:
-        _, ce, *_ = _masked_ce_hidden(hidden.reshape(-1, hidden.shape[-1]), lm_head_weight, lm_head_bias, flat_t,
-                                      flat_c, chunk_size or 0, False)
+        _, ce, *_ = _masked_ce_hidden(hidden.reshape(flat_t.numel(), hidden.shape[-1]), lm_head_weight,
+                                      lm_head_bias, flat_t, flat_c, chunk_size or 0, False)
     return ce.view(targets.shape)

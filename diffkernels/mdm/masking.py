@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .._validate import check_choice, check_seed
+from .._validate import check_choice, check_devices, check_on_device, check_real, check_seed
 from ..ops.mdm_mask import _row_table, mask_tokens_op
 
 MODES = ("standard", "mirror")
@@ -44,14 +45,13 @@ class MaskedTokens:
 
 def _check_p(p, B: int, device) -> Tensor:
     """p as a contiguous (B,) float32 tensor."""
-    if isinstance(p, bool):
-        raise TypeError("p must be a float or a (B,) floating tensor, got bool")
-    if isinstance(p, (int, float)):
-        if not (0.0 < float(p) <= 1.0):
+    if not isinstance(p, Tensor):
+        p = check_real(p, "p")
+        if not (0.0 < p <= 1.0):
             raise ValueError(f"p must lie in (0, 1], got {p}")
-        return torch.full((B,), float(p), dtype=torch.float32, device=device)
-    if not isinstance(p, Tensor) or not p.dtype.is_floating_point:
-        raise TypeError(f"p must be a float or a (B,) floating tensor, got {type(p).__name__}")
+        return torch.full((B,), p, dtype=torch.float32, device=device)
+    if not p.dtype.is_floating_point:
+        raise TypeError(f"p must be a float or a (B,) floating tensor, got dtype {p.dtype}")
     if p.shape != (B,):
         raise ValueError(f"p must have shape (B,) = ({B},), got {tuple(p.shape)}")
     if p.device != device:
@@ -66,21 +66,38 @@ def _check_p(p, B: int, device) -> Tensor:
 def _check_on_device(condition: Tensor, message: str) -> None:
     """A data-dependent check: a ValueError on CPU; on the GPU or inside torch.compile an
     asynchronous device-side assert instead, because reading the result would be a host sync."""
-    if condition.device.type == "cpu" and not torch.compiler.is_compiling():
-        if not bool(condition):
-            raise ValueError(message)
-    else:
-        torch._assert_async(condition, f"diffkernels.mdm.mask_tokens: {message}")
+    check_on_device(condition, message if condition.is_cpu else f"diffkernels.mdm.mask_tokens: {message}")
 
 
-def _rare_ids(rare, dtype: torch.dtype, device) -> Tensor:
+_INT64 = torch.iinfo(torch.int64)
+_RARE_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32)
+
+
+def _rare_ids(rare, device) -> Optional[Tensor]:
+    """The rare token ids as an integer tensor on ``device`` (None if there are none), in their own
+    dtype: torch.isin then compares them with the ids in a common dtype, so an id that the ids'
+    dtype cannot represent never matches (it is not cast to it, where it would wrap around)."""
     if isinstance(rare, Tensor):
-        rare_ids = rare
-    else:  # built here, so it may be copied to the GPU without the blocking copy's stream sync
-        rare_ids = torch.as_tensor(rare)
-    if rare_ids.dtype.is_floating_point or rare_ids.dtype == torch.bool:
+        if rare.dtype not in _RARE_DTYPES:
+            raise TypeError(f"rare must hold integer token ids (int8 to int64, uint8 to uint32), got dtype {rare.dtype}")
+        if rare.device != device:
+            raise ValueError(f"rare must be on input_ids' device {device}, got {rare.device}")
+        if rare.numel() == 0:
+            return None
+        # isin does not promote uint16/uint32 with signed types; int64 holds every value exactly
+        return rare.reshape(-1) if rare.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32,
+                                                 torch.int64) else rare.reshape(-1).to(torch.int64)
+    if isinstance(rare, (str, bytes)) or not hasattr(rare, "__iter__"):
+        raise TypeError(f"rare must be a collection of integer token ids, got {type(rare).__name__}")
+    values = list(rare.reshape(-1).tolist() if hasattr(rare, "reshape") else rare)  # numpy arrays flattened
+    if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in values):
         raise TypeError("rare must be a collection of integer token ids")
-    return rare_ids.to(device=device, dtype=dtype, non_blocking=rare_ids is not rare)
+    # ids beyond int64 cannot occur in input_ids: dropped rather than overflowing
+    values = [int(v) for v in values if _INT64.min <= int(v) <= _INT64.max]
+    if not values:
+        return None
+    # built here, so it may be copied to the GPU without the blocking copy's stream sync
+    return torch.tensor(values, dtype=torch.int64).to(device=device, non_blocking=True)
 
 
 def mask_tokens(
@@ -104,8 +121,11 @@ def mask_tokens(
     p_b < mirror_max_t get a second copy (the paper's tau = 0.9; p = (1 - eps) t + eps ~ t); the
     others keep an all-unmasked copy 2 with row_weight 0, so shapes never depend on the data.
     ``eligible`` (B, L) bool excludes prompt and padding. ``rare``: token ids (ISAD) masked with
-    q = min(1, p + rare_delta) and weighted 1/q. ``union_weights`` (mirror only): Horvitz-Thompson
-    weights of the union of the two masks. All thresholds and weights are float32.
+    q = min(1, p + rare_delta) and weighted 1/q: a collection of ints or an integer tensor on
+    input_ids' device; an id that input_ids' dtype cannot hold never matches, and an empty ``rare``
+    means no rare tokens. ``union_weights`` (mirror only): Horvitz-Thompson weights of the union of
+    the two masks. All thresholds and weights are float32. B = 0 or L = 0 give empty results.
+    Meta tensors are rejected outside fake-tensor tracing.
 
     The masks are bit-identical across the Triton, C++ and reference backends. The check that
     eligible tokens do not already equal ``mask_id`` runs on CPU tensors only (it would need a
@@ -131,20 +151,27 @@ def mask_tokens(
         if eligible.shape != input_ids.shape or eligible.device != device:
             raise ValueError(f"eligible must have input_ids' shape {tuple(input_ids.shape)} and device {device}, "
                              f"got {tuple(eligible.shape)} on {eligible.device}")
-    if isinstance(rare_delta, bool) or not isinstance(rare_delta, (int, float)) or not (0.0 <= rare_delta <= 1.0):
-        raise ValueError(f"rare_delta must be a float in [0, 1], got {rare_delta!r}")
+    rare_delta = check_real(rare_delta, "rare_delta")
+    if not (0.0 <= rare_delta <= 1.0):
+        raise ValueError(f"rare_delta must lie in [0, 1], got {rare_delta!r}")
+    if not isinstance(union_weights, bool):
+        raise TypeError(f"union_weights must be a bool, got {type(union_weights).__name__}")
     mirror = mode == "mirror"
     if not mirror and (union_weights or mirror_max_t is not None):
         raise ValueError("union_weights and mirror_max_t apply to mode='mirror' only")
-    if mirror_max_t is not None and not (0.0 < float(mirror_max_t) <= 1.0):
-        raise ValueError(f"mirror_max_t must lie in (0, 1], got {mirror_max_t}")
+    if mirror_max_t is not None:
+        mirror_max_t = check_real(mirror_max_t, "mirror_max_t")
+        if not (0.0 < mirror_max_t <= 1.0):
+            raise ValueError(f"mirror_max_t must lie in (0, 1], got {mirror_max_t}")
+    check_devices({"input_ids": input_ids, "eligible": eligible, "p": p if isinstance(p, Tensor) else None})
     p = _check_p(p, B, device)
     ids = input_ids.contiguous()
     eligible = eligible.contiguous() if eligible is not None else None
-    rare_flags = torch.isin(ids, _rare_ids(rare, ids.dtype, device)) if rare is not None else None
+    rare_ids = _rare_ids(rare, device) if rare is not None else None
+    rare_flags = torch.isin(ids, rare_ids) if rare_ids is not None else None
     # Which rows get a second copy: all (True), none (False: standard mode) or, with mirror_max_t,
     # those in a (B,) bool tensor.
-    copy2 = p < float(mirror_max_t) if mirror and mirror_max_t is not None else mirror
+    copy2 = p < mirror_max_t if mirror and mirror_max_t is not None else mirror
     if input_ids.is_cpu:
         collides = ids == mask_id
         if eligible is not None:

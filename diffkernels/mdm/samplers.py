@@ -15,9 +15,9 @@ therefore keeps the training objective unchanged while the samplers change its v
 - :class:`PPOTSSampler` (P-POTS): t ~ p(t), weight 1/p(t), with p estimated once before
   training (:func:`estimate_ppots_grid`, then optionally :func:`fit_epr`).
 
-Reproducibility and data parallelism. Seeds are Python ints; a sampler derives its stream with
-:func:`diffkernels.rng.fold_seed` and draws with a CPU ``torch.Generator`` (bit-identical on every
-machine), then moves the result to ``device``. ``sample(n, seed, rank=, world_size=,
+Reproducibility and data parallelism. Seeds are integers (Python or numpy, taken modulo 2**64); a
+sampler derives its stream with :func:`diffkernels.rng.fold_seed` and draws with a CPU
+``torch.Generator`` (bit-identical on every machine), then moves the result to ``device``. ``sample(n, seed, rank=, world_size=,
 micro_batch=, num_micro_batches=)`` always draws the whole global batch
 G = n * world_size * num_micro_batches from ``seed`` and returns one slice of it, so every rank
 must pass the same seed (e.g. ``fold_seed(base_seed, step)``, *without* the rank): the slices of
@@ -41,6 +41,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from .._validate import check_seed
 from ..rng import fold_seed
 
 __all__ = [
@@ -95,9 +96,9 @@ def _check_k(k) -> Optional[int]:
 
 
 def _generator(seed: int) -> torch.Generator:
-    """A CPU generator for the t stream of ``seed`` (fold_seed checks that seed is an int)."""
+    """A CPU generator for the t stream of ``seed`` (any integer, Python or numpy)."""
     gen = torch.Generator(device="cpu")
-    gen.manual_seed(fold_seed(seed, _T_STREAM))
+    gen.manual_seed(fold_seed(check_seed(seed), _T_STREAM))
     return gen
 
 
@@ -352,7 +353,7 @@ def estimate_ppots_grid(loss_fn: Callable[[Any, float, int], Any], examples: Seq
         raise TypeError(f"examples must support len() and integer indexing, got {type(examples).__name__}") from None
     if a > num_examples:
         raise ValueError(f"a must be <= len(examples)={num_examples} (examples are drawn without replacement), got {a}")
-    fold_seed(seed)  # checks the seed's type
+    check_seed(seed)
 
     gen = torch.Generator(device="cpu")
     gen.manual_seed(fold_seed(seed, _GRID_EXAMPLES))
@@ -475,7 +476,7 @@ def fit_epr(grid: PPOTSGrid, restarts: int = 8, seed: int = 0) -> EPRFit:
     if not isinstance(grid, PPOTSGrid):
         raise TypeError(f"grid must be a PPOTSGrid, got {type(grid).__name__}")
     restarts = _check_int(restarts, "restarts", minimum=1)
-    fold_seed(seed)  # checks the seed's type
+    check_seed(seed)
     if not bool((grid.w > 0).all()):
         raise ValueError("grid.w must be positive at every grid point to fit a density to it")
     optimize = _import_scipy_optimize()

@@ -29,6 +29,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from .._validate import check_seed
 from ..rng import fold_seed
 from .samplers import Uniform
 
@@ -350,7 +351,7 @@ def variance_decomposition(
         raise TypeError(f"t_sampler must have a method sample(n, seed) -> (t, weight), got {type(t_sampler).__name__}")
     if mask_mode is not None and not isinstance(mask_mode, str):
         raise TypeError(f"mask_mode must be a str or None, got {type(mask_mode).__name__}")
-    fold_seed(seed)  # checks the seed's type
+    check_seed(seed)
     if not isinstance(grad, bool):
         raise TypeError(f"grad must be a bool, got {type(grad).__name__}")
     if not isinstance(progress, bool):
@@ -364,7 +365,7 @@ def variance_decomposition(
         k = _check_count(num_projections, "num_projections", 1)
         if projection_seed is None:
             projection_seed = fold_seed(seed, _PROJ_STREAM)
-        fold_seed(projection_seed)
+        check_seed(projection_seed)
         projection = _Projection(params, k, projection_seed)
     elif projection_seed is not None:
         raise ValueError("projection_seed needs num_projections")

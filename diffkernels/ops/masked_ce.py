@@ -29,6 +29,12 @@ their gradient row is written as zeros): no compaction, no host sync, no chunks.
 path compacts and chunks as above.
 
 float64 inputs always take the plain-PyTorch path (the kernel accumulates in float32).
+
+Targets of tokens with a loss must lie in [0, V) (tokens with coef == 0 are never read, so any id,
+e.g. -100 padding, is fine there): a ValueError for CPU tensors on every path; for CUDA tensors an
+asynchronous device-side assert (reading the check on the host would cost a sync). The gradients
+are constants of the forward pass, so there are no second-order gradients (``create_graph=True``
+is an error).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
+from .._validate import check_fake_devices
 from ._inplace import saved_tensors
 
 CHUNK_BYTES = 1 << 31  # logits per chunk, in the input dtype: 2 GiB
@@ -81,6 +88,25 @@ def _use_triton(device: torch.device, dtype: torch.dtype) -> bool:
         _backend.select(device)  # a clear error when Triton cannot run on these tensors
         return True
     return False
+
+
+def _check_targets(targets: Tensor, coef: Tensor, V: int) -> None:
+    """Every token with a loss (coef != 0) has a target in [0, V); V >= 1.
+
+    CPU tensors: a ValueError naming the first bad token. CUDA tensors: an asynchronous
+    device-side assert, since reading the result on the host would be a sync."""
+    if V < 1:
+        raise ValueError("the vocabulary must not be empty (V = 0)")
+    if targets.numel() == 0:
+        return
+    bad = (coef != 0) & ((targets < 0) | (targets >= V))
+    message = f"targets must be token ids in [0, V) = [0, {V}) wherever coef != 0"
+    if targets.is_cpu and not torch.compiler.is_compiling():
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"{message}; token {i} has target {int(targets[i])}")
+    else:
+        torch._assert_async(~bad.any(), message)
 
 
 def _active(coef: Tensor) -> Tensor:
@@ -196,6 +222,7 @@ def _masked_ce_logits(logits: Tensor, targets: Tensor, coef: Tensor, chunk_size:
                       need_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, per-token CE (N,) float32 with 0 where coef == 0, gradient w.r.t. logits or empty)."""
     N, V = logits.shape
+    _check_targets(targets, coef, V)
     acc = _acc(logits.dtype)
     if _use_triton(logits.device, logits.dtype) and logits.is_contiguous():
         from ..triton.masked_ce import masked_ce_rows
@@ -219,6 +246,7 @@ def _masked_ce_logits(logits: Tensor, targets: Tensor, coef: Tensor, chunk_size:
 
 @_masked_ce_logits.register_fake
 def _(logits, targets, coef, chunk_size, need_grad):
+    check_fake_devices("diffkernels::masked_ce_logits", logits, targets, coef)
     N = logits.shape[0]
     acc = _acc(logits.dtype)
     return (logits.new_empty((), dtype=acc), logits.new_empty(N, dtype=acc),
@@ -231,6 +259,7 @@ def _masked_ce_hidden(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ta
     """(loss, per-token CE, grad hidden (N, H), grad weight (V, H), grad bias (V,)); grads empty without need_grad."""
     N, H = hidden.shape
     V = weight.shape[0]
+    _check_targets(targets, coef, V)
     dev = hidden.device
     dtype = hidden.dtype
     acc = _acc(dtype)
@@ -271,6 +300,7 @@ def _masked_ce_hidden(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ta
 
 @_masked_ce_hidden.register_fake
 def _(hidden, weight, bias, targets, coef, chunk_size, need_grad):
+    check_fake_devices("diffkernels::masked_ce_hidden", hidden, weight, bias, targets, coef)
     N = hidden.shape[0]
     acc = _acc(hidden.dtype)
     loss = hidden.new_empty((), dtype=acc)
@@ -296,6 +326,18 @@ SECOND_BACKWARD = (
 )
 
 
+CREATE_GRAPH = (
+    "diffkernels masked cross-entropy gives no second-order gradients (create_graph=True): its gradients "
+    "are computed in the forward pass, as constants. For second-order gradients compute the loss from full "
+    "logits with torch.nn.functional.cross_entropy (as diffkernels.reference.masked_ce does)."
+)
+
+
+def _check_first_order() -> None:
+    if torch.is_grad_enabled():  # backward runs with grad mode on only under create_graph=True
+        raise RuntimeError(CREATE_GRAPH)
+
+
 def _setup_logits(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1], output[2])
     ctx.set_materialize_grads(False)  # no zero gradients for the auxiliary outputs
@@ -303,6 +345,7 @@ def _setup_logits(ctx, inputs, output):
 
 
 def _backward_logits(ctx, grad_loss, _ce, _grad):
+    _check_first_order()
     (grad,) = saved_tensors(ctx, SECOND_BACKWARD)
     if grad_loss is None or not ctx.needs_input_grad[0]:
         return None, None, None, None, None
@@ -318,6 +361,7 @@ def _setup_hidden(ctx, inputs, output):
 
 
 def _backward_hidden(ctx, grad_loss, *_):
+    _check_first_order()
     grads = saved_tensors(ctx, SECOND_BACKWARD)
     if grad_loss is None:
         return (None,) * 7

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._validate import eager_fast_path
+from .._validate import check_fake_devices, eager_fast_path
 from . import _kernels
 
 MIRROR_DISABLED = 2.0  # a copy-2 threshold no uniform in [0, 1) exceeds
@@ -73,5 +73,6 @@ def _mask_tokens(ids: Tensor, table: Tensor, seed: int, mask_id: int, eligible: 
 
 @_mask_tokens.register_fake
 def _(ids, table, seed, mask_id, eligible, rare, mirror):
+    check_fake_devices("diffkernels::mask_tokens", ids, table, eligible, rare)
     shape = (2 if mirror else 1, *ids.shape)
     return ids.new_empty(shape), ids.new_empty(shape, dtype=torch.bool), ids.new_empty(shape, dtype=torch.float32)

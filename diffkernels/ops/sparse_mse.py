@@ -4,8 +4,10 @@ Default (backward="fused"): one pass over pred and target produces the per-sampl
 when an input needs a gradient, the gradient itself (already scaled for an upstream gradient of
 1). Backward then only rescales it in place, in a kernel that skips rows whose factor is exactly
 1, so the usual ``loss.backward()`` costs no second pass and no host sync. backward="recompute"
-regenerates the mask in backward instead, for graphs differentiated more than once. The
-keep-mask is regenerated from (seed, index) inside every kernel and never stored.
+regenerates the mask in backward instead, for graphs differentiated more than once and for
+second-order gradients (``create_graph=True``: backward is then written in differentiable tensor
+ops, with the mask materialised). The keep-mask is regenerated from (seed, index) inside every
+kernel and never stored.
 
 The custom op is what torch.compile, export and fake tensors see. Plain eager calls skip its
 Python dispatcher (about 100 us a call, more than the kernels at small shapes) through an
@@ -21,7 +23,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._validate import check_choice, check_float_tensor, check_mask_ratio, check_seed, eager_fast_path
+from .._validate import (check_choice, check_devices, check_fake_devices, check_float_tensor, check_mask_ratio,
+                         check_seed, eager_fast_path)
+from ..reference import sparse_mse as _reference
 from . import _kernels
 from ._inplace import saved_tensors
 
@@ -115,17 +119,56 @@ SECOND_BACKWARD = (
 )
 
 
+CREATE_GRAPH_FUSED = (
+    "diffkernels.sparse_mse_loss: backward='fused' (the default) cannot give second-order gradients "
+    "(create_graph=True, e.g. a gradient penalty or Hessian-vector products): its gradient is computed in the "
+    "forward pass, as a constant. Call sparse_mse_loss(..., backward='recompute'), whose backward is "
+    "differentiable."
+)
+
+
+def _differentiable_backward(ctx, pred, target, weight, kept, per_row, scale, kernels) -> tuple:
+    """backward='recompute' under create_graph=True: the gradients in differentiable tensor ops
+    (the keep-mask materialised), so that they can be differentiated again. The loss is quadratic:
+    d loss / d pred = c_b * keep * (pred - target) with c_b = 2 * scale * w_b * upstream_b / Z_b."""
+    mask_ratio, seed, channels, _, _ = ctx.options
+    B, n = ctx.rows
+    R = n // channels if channels else 0
+    if kernels is not None:
+        keep = kernels.sparse_mask(seed, B, channels, R, mask_ratio, pred.device)
+    else:  # plain tensor ops: traceable
+        keep = _reference.keep_mask(B, channels, R, mask_ratio, seed, pred.device)
+    keep = keep.reshape(B, n)
+    acc = _acc_dtype(pred.dtype)
+    diff = torch.where(keep, pred.reshape(B, n).to(acc) - target.reshape(B, n).to(acc), 0.0)
+    factor = (per_row if kept is None else per_row / kept).to(acc)
+    grad_pred = grad_target = grad_weight = None
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+        c = factor * (2.0 * scale) if weight is None else factor * weight.to(acc) * (2.0 * scale)
+        grad = (diff * c[:, None]).to(pred.dtype).reshape(pred.shape)
+        grad_pred = grad if ctx.needs_input_grad[0] else None
+        grad_target = -grad if ctx.needs_input_grad[1] else None
+    if ctx.needs_input_grad[2]:
+        sq_sum = (diff * diff).sum(dim=1, dtype=torch.float64)
+        grad_weight = (sq_sum * factor.double() * scale).to(weight.dtype)
+    return grad_pred, grad_target, grad_weight, None, None, None, None, None, None
+
+
 def _backward(ctx, grad_loss: Tensor, kernels) -> tuple:
     """Gradients for the 9 inputs, shared by the custom op and the eager fast path.
 
     The eager fast path passes the forward's ``kernels`` to call directly; the custom op passes None
     and goes through the helper custom ops, which torch.compile traces.
     """
+    if torch.is_grad_enabled() and ctx.fused_grad:  # create_graph=True: the gradient must be differentiable
+        raise RuntimeError(CREATE_GRAPH_FUSED)
     pred, target, grad, weight, kept, sq_sum = saved_tensors(ctx, SECOND_BACKWARD)
     mask_ratio, seed, channels, normalize, reduction = ctx.options
     B, n = ctx.rows
     scale = _loss_scale(B, n, mask_ratio, normalize, reduction)
     per_row = grad_loss if reduction == "none" else grad_loss.expand(B)  # upstream gradient of each row's loss
+    if torch.is_grad_enabled():
+        return _differentiable_backward(ctx, pred, target, weight, kept, per_row, scale, kernels)
     grad_pred = grad_target = grad_weight = None
     if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
         factor = per_row if kept is None else per_row / kept  # (B,), in the loss dtype = accumulation dtype
@@ -176,6 +219,7 @@ def _sparse_mse(
 
 @_sparse_mse.register_fake
 def _(pred, target, weight, mask_ratio, seed, channels, normalize, reduction, fused_grad):
+    check_fake_devices("diffkernels::sparse_mse", pred, target, weight)
     B = pred.shape[0]
     loss = pred.new_empty(_loss_shape(pred, reduction), dtype=_loss_dtype(pred.dtype))
     grad = torch.empty_like(pred) if fused_grad else pred.new_empty(0)
@@ -192,6 +236,7 @@ def _scale_rows_(grad: Tensor, factor: Tensor) -> None:
 
 @_scale_rows_.register_fake
 def _(grad, factor):
+    check_fake_devices("diffkernels::scale_rows_", grad, factor)
     return None
 
 
@@ -205,6 +250,7 @@ def _sparse_mse_grad(pred: Tensor, target: Tensor, grad_scale: Tensor, mask_rati
 
 @_sparse_mse_grad.register_fake
 def _(pred, target, grad_scale, mask_ratio, seed, channels):
+    check_fake_devices("diffkernels::sparse_mse_grad", pred, target, grad_scale)
     return torch.empty_like(pred)
 
 
@@ -289,10 +335,14 @@ def sparse_mse_loss(
 
     ``backward``: ``"fused"`` (default, fastest) computes the gradient in the forward pass and
     rescales it in place in backward (skipped when the upstream gradient is exactly 1), so the
-    graph can be differentiated once; for half/bfloat16 inputs with an upstream gradient other
-    than 1 the gradient is rounded twice (at most 1 ulp more). ``"recompute"`` computes only the
-    loss in forward and regenerates the mask in backward (one more read of pred and target); its
-    graph can be differentiated any number of times (retain_graph, gradcheck, Jacobians).
+    graph can be differentiated once and gives no second-order gradients (``create_graph=True``
+    is an error); for half/bfloat16 inputs with an upstream gradient other than 1 the gradient is
+    rounded twice (at most 1 ulp more). ``"recompute"`` computes only the loss in forward and
+    regenerates the mask in backward (one more read of pred and target); its graph can be
+    differentiated any number of times (retain_graph, gradcheck, Jacobians), and with
+    ``create_graph=True`` its backward is itself differentiable (gradient penalties, gradgradcheck).
+
+    All tensors must be on one device; meta tensors are rejected outside fake-tensor tracing.
     """
     check_float_tensor(pred, "pred")
     check_float_tensor(target, "target")
@@ -302,6 +352,9 @@ def sparse_mse_loss(
         raise TypeError(f"pred and target must have the same dtype, got {pred.dtype} and {target.dtype}")
     if pred.device != target.device:
         raise ValueError(f"pred and target must be on the same device, got {pred.device} and {target.device}")
+    if weight is not None:
+        check_float_tensor(weight, "weight")
+    check_devices({"pred": pred, "target": target, "weight": weight})
     if pred.dim() < 1:
         raise ValueError("pred must have a batch dimension (dim 0), got a 0-d tensor")
     mask_ratio = check_mask_ratio(mask_ratio)
@@ -313,11 +366,8 @@ def sparse_mse_loss(
     if B and math.prod(pred.shape[1:]) == 0:
         raise ValueError(f"pred has no elements per sample (shape {tuple(pred.shape)})")
     if weight is not None:
-        check_float_tensor(weight, "weight")
         if weight.shape != (B,):
             raise ValueError(f"weight must have shape (B,) = ({B},), one weight per sample, got {tuple(weight.shape)}")
-        if weight.device != pred.device:
-            raise ValueError(f"weight must be on pred's device {pred.device}, got {weight.device}")
         weight = weight.contiguous()
     check_choice(backward, "backward", BACKWARD_MODES)
     grad_enabled = torch.is_grad_enabled()
@@ -345,6 +395,8 @@ def sparse_mask(shape, mask_ratio: float, seed: int, *, granularity: str = "elem
     n = math.prod(shape[1:])
     R = n // C if C else 0
     device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "meta":
+        raise ValueError("device='meta': meta tensors are not supported (they hold no data)")
     if C == 0:
         return torch.zeros(shape, dtype=torch.bool, device=device)
     mask = _kernels.for_device(device).sparse_mask(seed, B, C, R, mask_ratio, device)
