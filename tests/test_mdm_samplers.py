@@ -474,8 +474,8 @@ def test_fit_epr_without_scipy(monkeypatch):
     (dict(n=-3), ValueError, "n must be >= 1"),
     (dict(n=2.0), TypeError, "n must be a Python int"),
     (dict(n=True), TypeError, "n must be a Python int"),
-    (dict(seed=1.5), TypeError, "seed must be a Python int"),
-    (dict(seed=None), TypeError, "seed must be a Python int"),
+    (dict(seed=1.5), TypeError, "seed must be an integer"),
+    (dict(seed=None), TypeError, "seed must be an integer"),
     (dict(world_size=0), ValueError, "world_size must be >= 1"),
     (dict(rank=-1), ValueError, "rank must be >= 0"),
     (dict(rank=2, world_size=2), ValueError, "rank must be < world_size=2"),
@@ -571,7 +571,7 @@ def test_grid_bad_arguments():
     for kwargs, exc, match in [(dict(T=1), ValueError, "T must be >= 2"), (dict(a=0), ValueError, "a must be >= 1"),
                                (dict(c=1), ValueError, "c must be >= 2"),
                                (dict(a=4), ValueError, r"a must be <= len\(examples\)=3"),
-                               (dict(seed="0"), TypeError, "seed must be a Python int")]:
+                               (dict(seed="0"), TypeError, "seed must be an integer")]:
         with pytest.raises(exc, match=match):
             estimate_ppots_grid(synthetic_loss, ex, **{"T": 4, "a": 2, "c": 2, "progress": False, **kwargs})
     with pytest.raises(TypeError, match="loss_fn must be callable"):
