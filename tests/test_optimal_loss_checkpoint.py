@@ -93,3 +93,56 @@ def test_mismatching_settings_are_an_error(tmp_path):
     (tmp_path / "other.json").write_text("{}")
     with pytest.raises(ValueError, match="not a diffkernels"):
         estimate_curve(_data(), SIGMAS[:2], checkpoint=tmp_path / "other.json", **KW)
+
+
+def test_resume_on_changed_data_is_an_error(tmp_path, monkeypatch):
+    """The checkpoint records a checksum of every value: a change anywhere (not only in a few sampled
+    rows) or a reordering stops the resume; the same values stored otherwise (float32 vs float64 of
+    exactly representable values, a memmap read in host chunks) resume."""
+    data = _data()
+    ckpt = tmp_path / "c.json"
+    estimate_curve(data, SIGMAS[:2], checkpoint=ckpt, **KW)
+    changed = data.clone()
+    changed[100, 2] += 1e-9  # row 100: not one of rows 0, 1, 2, N/2, N-1
+    swapped = data.clone()
+    swapped[[10, 20]] = data[[20, 10]]
+    for other in (changed, swapped):
+        with pytest.raises(ValueError, match="other data"):
+            estimate_curve(other, SIGMAS[:2], checkpoint=ckpt, **KW)
+    rounded = data.float()
+    ckpt32 = tmp_path / "c32.json"
+    first = estimate_curve(rounded.double(), SIGMAS[:2], checkpoint=ckpt32, **KW)
+    np.save(tmp_path / "d.npy", rounded.numpy())
+    monkeypatch.setattr(E, "HOST_CHUNK_ELEMENTS", 4 * 32)
+    monkeypatch.setattr(E, "SCAN_ELEMENTS_CPU", 4 * 7)
+    monkeypatch.setattr(E, "_level", lambda *a, **k: pytest.fail("a finished level was recomputed"))
+    again = estimate_curve(np.load(tmp_path / "d.npy", mmap_mode="r"), SIGMAS[:2], checkpoint=ckpt32, **KW)
+    np.testing.assert_array_equal(again.j_star, first.j_star)
+
+
+def _good_checkpoint(tmp_path):
+    ckpt = tmp_path / "good.json"
+    estimate_curve(_data(), SIGMAS[:2], checkpoint=ckpt, **KW)
+    return json.loads(ckpt.read_text())
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda c: [c], "not a diffkernels"),
+    (lambda c: {**c, "format": "diffkernels.optimal_loss.curve/1"}, "format"),
+    (lambda c: {k: v for k, v in c.items() if k != "settings"}, "settings"),
+    (lambda c: {**c, "settings": "x"}, "settings"),
+    (lambda c: {**c, "levels": [1, 2]}, "levels"),
+    (lambda c: {**c, "levels": {"0": "x"}}, "level 0"),
+    (lambda c: {**c, "levels": {"7": c["levels"]["0"]}}, "level '7'"),
+    (lambda c: {**c, "levels": {"zero": c["levels"]["0"]}}, "level 'zero'"),
+    (lambda c: {**c, "levels": {"0": {k: v for k, v in c["levels"]["0"].items() if k != "j_ab"}}}, "j_ab"),
+    (lambda c: {**c, "levels": {"0": {**c["levels"]["0"], "se_ab": "0.1"}}}, "se_ab"),
+    (lambda c: {**c, "levels": {"1": c["levels"]["0"]}}, "sigma"),
+])
+def test_malformed_checkpoint_is_a_clear_error(tmp_path, damage, match):
+    """Any damaged or foreign file is a ValueError that names the file (never a KeyError or TypeError)."""
+    ckpt = tmp_path / "damaged.json"
+    ckpt.write_text(json.dumps(damage(_good_checkpoint(tmp_path))))
+    with pytest.raises(ValueError, match=match) as info:
+        estimate_curve(_data(), SIGMAS[:2], checkpoint=ckpt, **KW)
+    assert str(ckpt) in str(info.value)

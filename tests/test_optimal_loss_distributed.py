@@ -1,4 +1,6 @@
-"""estimate_curve with the data sharded over 2 gloo processes on CPU matches one process to 1e-12."""
+"""estimate_curve with the data sharded over 2 gloo processes on CPU matches one process to 1e-12;
+shifted data gives the same curve (all ranks centre on the same mean); the checkpoint's data checksum
+is that of the whole dataset."""
 
 import json
 import socket
@@ -10,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from diffkernels.optimal_loss import estimate_curve, shard_bounds
+from diffkernels.optimal_loss import estimators as E
 
 SIGMAS = [0.05, 0.3, 2.0]
 RUNS = {
@@ -48,6 +51,9 @@ def _worker(rank, world, port, out_dir, ckpt):
             r = estimate_curve(shard, SIGMAS, seed=3, progress=False, distributed=True, device="cpu",
                                checkpoint=ckpt if name == "cdol" else None, **kw)
             results[name] = r.to_dict()
+        # +64 per element: the ranks' partial sums give one mean, so the curve does not move.
+        results["snis_shifted"] = estimate_curve(shard + 64.0, SIGMAS, seed=3, progress=False, distributed=True,
+                                                 device="cpu", **RUNS["snis"]).to_dict()
         # A NaN in rank 1's shard raises on both ranks (no rank is left waiting in a collective).
         bad = torch.as_tensor(shard).clone()
         if rank == 1:
@@ -75,8 +81,12 @@ def test_two_gloo_ranks_match_single_process(tmp_path):
             for key in ("j_star", "stderr", "j_star_ab", "stderr_ab"):
                 np.testing.assert_allclose(got[key], getattr(single, key), rtol=1e-12, atol=1e-300, err_msg=f"{name} {key}")
         assert ranks[0][name] == ranks[1][name]  # every rank holds the same result
+    single = estimate_curve(_data(), SIGMAS, seed=3, progress=False, device="cpu", **RUNS["snis"])
     for got in ranks:
         assert "rank 1" in got.get("error", "") and "row 3" in got["error"]
-    # Rank 0 wrote the checkpoint after every level.
+        for key in ("j_star", "stderr"):  # rounding of the centring: ~1e-16 * 64 per element
+            np.testing.assert_allclose(got["snis_shifted"][key], getattr(single, key), rtol=1e-9, err_msg=key)
+    # Rank 0 wrote the checkpoint after every level, with the checksum of all 211 rows.
     saved = json.loads(open(ckpt).read())
     assert sorted(saved["levels"]) == ["0", "1", "2"] and saved["settings"]["num_data"] == 211
+    assert saved["settings"]["data"] == E._Dataset(E._LocalRows(_data(), torch.device("cpu")), None).fingerprint

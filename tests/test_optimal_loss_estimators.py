@@ -248,3 +248,56 @@ def test_bad_data():
         estimate_curve(bad, [1.0], num_queries=4, progress=False)
     with pytest.raises(TypeError, match="numpy array"):
         estimate_curve([[1.0, 2.0]], [1.0], num_queries=4, progress=False)
+
+
+def _pixel_data(N, D, seed):
+    """Image-like data: values in [-1, 1] in steps of 1/8 (as digits scaled to [-1, 1]), a few clusters,
+    so that shifts by +10 or +128 are exact in float32."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randint(0, 17, (8, D), generator=g)
+    noise = torch.randint(-2, 3, (N, D), generator=g)
+    return ((centers[torch.randint(0, 8, (N,), generator=g)] + noise).clamp(0, 16) / 8.0 - 1.0).float()
+
+
+@pytest.mark.parametrize("estimator", ["full", "snis", "dol", "cdol"])
+def test_every_estimator_is_shift_invariant(tmp_path, monkeypatch, estimator):
+    """J*(s) depends only on the data's geometry: adding a constant to every pixel (+10, +128) must not
+    change any estimate or standard error beyond rounding (uncentred, the subset estimators' A - B
+    gained 2 mu . (x_src - D): negative J* and 20-30x standard errors). The shifted values are exact
+    in float32, so the only difference is the rounding of the centring, ~1e-16 * 128 per element."""
+    data = _pixel_data(400, 16, seed=3)
+    kw = dict(estimator=estimator, num_queries=192, subset_size=None if estimator == "full" else 40, seed=5,
+              progress=False)
+    sigmas = [0.05, 0.5, 2.0]
+    base = estimate_curve(data, sigmas, **kw)
+    assert (base.j_star > -1e-9).all()
+    monkeypatch.setattr(E, "HOST_CHUNK_ELEMENTS", 16 * 64)  # the memmap in several host chunks
+    for shift in (10.0, 128.0):
+        np.save(tmp_path / "shifted.npy", (data + shift).numpy())
+        for shifted in (data + shift, np.load(tmp_path / "shifted.npy", mmap_mode="r")):
+            got = estimate_curve(shifted, sigmas, checkpoint=tmp_path / f"{shift}.json", **kw)
+            for key in ("j_star", "j_star_ab", "stderr", "stderr_ab"):
+                np.testing.assert_allclose(getattr(got, key), getattr(base, key), rtol=1e-8, atol=1e-10,
+                                           err_msg=f"{key}, shift {shift}")
+
+
+def test_seed_accepts_any_integer():
+    """Every seed goes through check_seed: Python and numpy integers, taken modulo 2**64."""
+    data = _data(50, 3)
+    kw = dict(num_queries=64, progress=False)
+    a = estimate_curve(data, [0.5], seed=-1, **kw)
+    b = estimate_curve(data, [0.5], seed=np.uint64(2**64 - 1), **kw)
+    c = estimate_curve(data, [0.5], seed=2**64 - 1 + 2**64, **kw)
+    assert a.seed == b.seed == c.seed == 2**64 - 1
+    assert a.j_star[0] == b.j_star[0] == c.j_star[0]
+    assert estimate_curve(data, [0.5], seed=np.int32(7), **kw).j_star[0] == estimate_curve(data, [0.5], seed=7, **kw).j_star[0]
+    for bad in (1.5, True, "3"):
+        with pytest.raises(TypeError, match="seed"):
+            estimate_curve(data, [0.5], seed=bad, **kw)
+
+
+def test_meta_data_and_device_are_rejected():
+    with pytest.raises(ValueError, match="meta tensors are not supported"):
+        estimate_curve(torch.randn(10, 3, device="meta"), [1.0], num_queries=4, progress=False)
+    with pytest.raises(ValueError, match="meta"):
+        estimate_curve(torch.randn(10, 3), [1.0], num_queries=4, progress=False, device="meta")

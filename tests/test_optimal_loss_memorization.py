@@ -75,3 +75,28 @@ def test_agrees_with_the_demo_metric():
     demo = demo_memorization(samples, train)
     assert ours.fraction == pytest.approx(demo["memorized_fraction"])
     assert ours.mean_d1 == pytest.approx(demo["mean_d1"], rel=1e-7)  # the demo uses cdist (mm-based)
+
+
+@pytest.mark.parametrize("where", ["samples", "train"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_values_are_an_error(where, value, gen):
+    """A NaN sample has ratio NaN, which used to count as memorised (NaN -> 0 < 1/3): reject it."""
+    train = torch.rand(20, 6, generator=gen) * 255
+    samples = train[:5] + 1.0
+    bad = (samples if where == "samples" else train).clone()
+    bad[3, 4] = value
+    args = (bad, train) if where == "samples" else (samples, bad)
+    with pytest.raises(ValueError, match=f"{where} row 3 contains NaN or Inf"):
+        memorization(*args)
+    with pytest.raises(ValueError, match=f"{where} row 3"):  # numpy too (a memmap is scanned in chunks)
+        memorization(*(a.numpy() for a in args))
+
+
+def test_argument_names_in_errors():
+    with pytest.raises(ValueError, match="samples is empty"):
+        memorization(torch.zeros(0, 4), torch.zeros(3, 4))
+    with pytest.raises(TypeError, match="train must be"):
+        memorization(torch.zeros(2, 4), [[0.0] * 4] * 3)
+    with pytest.raises(ValueError, match="threshold"):
+        memorization(torch.zeros(2, 4), torch.zeros(3, 4), threshold=True)
+    assert memorization(torch.zeros(2, 4), torch.ones(3, 4), threshold=np.float32(0.5)).threshold == 0.5

@@ -300,3 +300,118 @@ def test_many_query_blocks(precision, gen):
     rd, ri = ref.knn(queries, data, 3)
     torch.testing.assert_close(d, rd, rtol=1e-12, atol=1e-12)
     assert (i == ri).float().mean() > 0.999  # random float64 data: exact ties have probability ~0
+
+
+# --- the fp32 screen outside float32's range, empty queries, bad input, gradients ----------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("N", [10, 60, 400])
+@pytest.mark.parametrize("scale", [1e19, 1e25, 1e-30])
+def test_screen_out_of_float32_range_falls_back_to_float64(device, N, scale, gen):
+    """Rows with norms beyond ~1.8e19 overflow the float32 screen (squares and products), rows near
+    1e-30 underflow it (products below float32's smallest number): precision="auto" must then give the
+    float64 engine's (exact) answer, not NaN or a wrong one, for the posterior and for knn."""
+    M, D = 40, 8
+    data = torch.randn(N, D, generator=gen, dtype=torch.float64) * scale
+    data32 = data.float()
+    src = torch.randint(0, N, (M,), generator=gen)
+    queries = data32[src].double() + 0.01 * scale * torch.randn(M, D, generator=gen, dtype=torch.float64)
+    sigma = 0.01 * scale
+    out = posterior_mean(queries.float().to(device), data32.to(device), sigma, return_stats=True, precision="auto")
+    assert_close_to_oracle(*out, queries.float(), data32, sigma)
+    # knn in float64 queries: squared distances ~1e39 overflow a float32 result.
+    d, i = knn(queries.to(device), data32.to(device), 3, precision="auto")
+    rd, ri = ref.knn(queries, data32, 3)
+    torch.testing.assert_close(d.cpu(), rd, rtol=1e-6, atol=0)  # as test_knn_matches_brute_force, scale-free
+    assert torch.equal(i.cpu(), ri)
+
+
+@pytest.mark.parametrize("precision", ["auto", "float64"])
+def test_zero_queries_give_empty_results(precision):
+    """M = 0 behaves like torch.cdist: empty results of the right shapes and dtypes."""
+    q, data = torch.randn(0, 5), torch.randn(30, 5)
+    mean, lse, var = posterior_mean(q, data, 0.5, return_stats=True, precision=precision)
+    assert mean.shape == (0, 5) and mean.dtype == torch.float32 and lse.shape == (0,) and var.shape == (0,)
+    assert posterior_mean(q.double(), data, 0.5, precision=precision).dtype == torch.float64
+    part = posterior_partial(q, data, torch.ones(0), exclude_index=torch.zeros(0, dtype=torch.int64),
+                             precision=precision)
+    assert part.center.shape == (0, 5) and part.sum_w.shape == (0,)
+    assert merge_partials(part, part).finalize().mean.shape == (0, 5)
+    d, i = knn(q, data, 3, precision=precision)
+    assert d.shape == (0, 3) and d.dtype == torch.float32 and i.shape == (0, 3) and i.dtype == torch.int64
+
+
+def test_meta_tensors_are_rejected():
+    meta = dict(device="meta")
+    for call in (lambda: posterior_mean(torch.randn(2, 3, **meta), torch.randn(4, 3, **meta), 1.0),
+                 lambda: posterior_mean(torch.randn(2, 3), torch.randn(4, 3, **meta), 1.0),
+                 lambda: posterior_mean(torch.randn(2, 3), torch.randn(4, 3), torch.ones(2, **meta)),
+                 lambda: posterior_partial(torch.randn(2, 3, **meta), torch.randn(4, 3), 1.0),
+                 lambda: knn(torch.randn(2, 3, **meta), torch.randn(4, 3, **meta), 2)):
+        with pytest.raises(ValueError, match="meta tensors are not supported"):
+            call()
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda q, d: posterior_mean(q, d, 1.0, exclude_index=torch.tensor([0, 5, 1, 2])), ValueError, "exclude_index"),
+    (lambda q, d: posterior_mean(q, d, 1.0, exclude_index=torch.tensor([0, -2, 1, 2])), ValueError, "exclude_index"),
+    (lambda q, d: posterior_partial(q, d, 1.0, exclude_index=torch.tensor([0, -2, 1, 2])), ValueError, "exclude_index"),
+    (lambda q, d: posterior_partial(q, d, 1.0, index_offset=-1), ValueError, "index_offset"),
+    (lambda q, d: posterior_mean(q, d, 1.0, chunk_size=0), ValueError, "chunk_size"),
+    (lambda q, d: posterior_mean(q, d, 1.0, chunk_size=-3), ValueError, "chunk_size"),
+    (lambda q, d: posterior_mean(q, d, 1.0, chunk_size=2.5), TypeError, "chunk_size"),
+    (lambda q, d: knn(q, d, 2, chunk_size=0), ValueError, "chunk_size"),
+    (lambda q, d: knn(q, d, 2, chunk_size=-3), ValueError, "chunk_size"),
+    (lambda q, d: knn(q, d, 2, chunk_size="3"), TypeError, "chunk_size"),
+    (lambda q, d: posterior_mean(q, d, "0.5"), TypeError, "sigma"),
+    (lambda q, d: posterior_mean(q, d, float("inf")), ValueError, "sigma must be finite"),
+    (lambda q, d: posterior_mean(q, d, float("nan")), ValueError, "sigma"),
+    (lambda q, d: posterior_mean(q, d, torch.tensor([1.0, float("inf"), 1.0, 1.0])), ValueError, "sigma must be finite"),
+    (lambda q, d: posterior_mean(q, d, 1.0, alpha=float("inf")), ValueError, "alpha must be finite"),
+    (lambda q, d: posterior_mean(q, d, 1.0, alpha="1"), TypeError, "alpha"),
+    (lambda q, d: posterior_partial(q, d, 1.0, logit_bias=float("nan")), ValueError, "logit_bias"),
+    (lambda q, d: posterior_partial(q, d, 1.0, data_shift=torch.zeros(4)), ValueError, "data_shift"),
+    (lambda q, d: posterior_partial(q, d, 1.0, data_shift=torch.full((3,), float("nan"))), ValueError, "data_shift"),
+])
+def test_more_bad_input_is_rejected(call, exc, match, gen):
+    with pytest.raises(exc, match=match):
+        call(torch.randn(4, 3, generator=gen), torch.randn(5, 3, generator=gen))
+
+
+def test_numpy_scalars_are_accepted(gen):
+    np = pytest.importorskip("numpy")
+    q, d = torch.randn(4, 3, generator=gen), torch.randn(5, 3, generator=gen)
+    expected = posterior_mean(q, d, 0.5, alpha=2.0)
+    torch.testing.assert_close(posterior_mean(q, d, np.float32(0.5), alpha=np.int64(2)), expected, rtol=0, atol=0)
+    torch.testing.assert_close(knn(q, d, np.int64(2), chunk_size=np.int32(2))[1], knn(q, d, 2)[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("precision", ["auto", "float64"])
+def test_results_carry_no_gradient(precision, gen):
+    """posterior_mean, posterior_partial and knn are not differentiable: for inputs that require a
+    gradient the results must not claim one (requires_grad False, no grad_fn)."""
+    q = torch.randn(6, 4, generator=gen, requires_grad=True)
+    data = torch.randn(20, 4, generator=gen, requires_grad=True)
+    sigma = torch.full((6,), 0.5, requires_grad=True)
+    outs = [*posterior_mean(q, data, sigma, alpha=torch.ones((), requires_grad=True), return_stats=True,
+                            precision=precision),
+            *posterior_partial(q, data, sigma, precision=precision).to_tuple(),
+            knn(q, data, 3, precision=precision)[0]]
+    for out in outs:
+        assert not out.requires_grad and out.grad_fn is None
+
+
+@pytest.mark.parametrize("precision", ["auto", "float64"])
+def test_data_shift_equals_shifting_the_data(precision, gen):
+    """data_shift subtracts a vector from every row as it is read: the oracle on data - shift, with
+    data far from the origin (norms ~1e4) and shifted by its mean; the caller's data is not written."""
+    N, M, D = 90, 12, 6
+    data = 1e3 + near_duplicate_data(N, D, gen)
+    shift = data.mean(dim=0)
+    centred = data - shift
+    queries = centred[:M] + 0.01 * torch.randn(M, D, generator=gen, dtype=torch.float64)
+    before = data.clone()
+    stats = posterior_partial(queries, data, 0.01, data_shift=shift, chunk_size=32, precision=precision).finalize()
+    assert torch.equal(data, before)
+    assert_close_to_oracle(stats.mean, stats.logsumexp, stats.variance, queries, centred, 0.01)

@@ -8,6 +8,7 @@ set has d1 = d2 = 0; we count it as memorised (ratio 0), as an exact copy should
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,16 +44,18 @@ class MemorizationResult:
         return out
 
 
+@torch.no_grad()
 def memorization(samples, train, threshold: float = 1.0 / 3.0, *, device=None) -> MemorizationResult:
     """Fraction of ``samples`` (M, ...) that memorise ``train`` (N, ...), both on the 0..255 scale.
 
     ``samples``, ``train``: tensors (any device) or numpy arrays; ``train`` may be a memmap larger than
     memory (streamed in host chunks). Exact float64 distances; ``device`` defaults to the samples'.
+    A NaN or Inf in either is an error (its distance ratio would be meaningless, not "memorised").
     """
-    if not (isinstance(threshold, (int, float)) and 0 < threshold <= 1):
+    if isinstance(threshold, bool) or not (isinstance(threshold, numbers.Real) and 0 < threshold <= 1):
         raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
-    samples = _as_2d(samples)
-    train = _as_2d(train)
+    samples = _as_2d(samples, "samples")
+    train = _as_2d(train, "train")
     if samples.shape[1] != train.shape[1]:
         raise ValueError(f"samples and train have different sizes per image: {samples.shape[1]} and {train.shape[1]}")
     if train.shape[0] < 2:
@@ -63,9 +66,13 @@ def memorization(samples, train, threshold: float = 1.0 / 3.0, *, device=None) -
         device = samples.device
     x = samples.to(device=device, dtype=torch.float64)
     D = x.shape[1]
+    bad = ~torch.isfinite(x).all(dim=1)
+    if bool(bad.any()):
+        raise ValueError(f"samples row {int(bad.nonzero()[0, 0])} contains NaN or Inf")
 
     best_d = best_i = None
-    rows = _LocalRows(train, torch.device(device))
+    rows = _LocalRows(train, torch.device(device), name="train")
+    rows.scan(checksum=False)  # NaN / Inf rows of train
     for start, chunk in rows.chunks():
         d, i = knn(x, chunk, min(2, chunk.shape[0]))
         i = i + start
