@@ -250,7 +250,8 @@ def test_empty_rare_means_no_rare_tokens(empty):
 def test_rare_as_numpy_or_unsigned_tensor():
     ids = torch.randint(0, 10, (2, 16), generator=torch.Generator().manual_seed(0))
     want = mask_tokens(ids, 0.4, 7, mask_id=99, rare=[3, 4], rare_delta=0.5)
-    for rare in (np.array([3, 4]), torch.tensor([3, 4], dtype=torch.uint32), torch.tensor([[3], [4]], dtype=torch.int16)):
+    for rare in (np.array([3, 4]), torch.tensor([3, 4], dtype=torch.uint32), torch.tensor([[3], [4]], dtype=torch.int16),
+                 {3, 4}, [3, 4, 2**70]):
         out = mask_tokens(ids, 0.4, 7, mask_id=99, rare=rare, rare_delta=0.5)
         assert torch.equal(out.weights, want.weights)
     for bad in ([1.5], [True], "12", torch.tensor([1.0]), torch.tensor([1], dtype=torch.uint64)):

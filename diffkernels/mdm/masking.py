@@ -78,26 +78,36 @@ def _rare_ids(rare, device) -> Optional[Tensor]:
     dtype: torch.isin then compares them with the ids in a common dtype, so an id that the ids'
     dtype cannot represent never matches (it is not cast to it, where it would wrap around)."""
     if isinstance(rare, Tensor):
-        if rare.dtype not in _RARE_DTYPES:
-            raise TypeError(f"rare must hold integer token ids (int8 to int64, uint8 to uint32), got dtype {rare.dtype}")
         if rare.device != device:
             raise ValueError(f"rare must be on input_ids' device {device}, got {rare.device}")
-        if rare.numel() == 0:
+        ids = rare
+    else:
+        if isinstance(rare, (str, bytes)) or not hasattr(rare, "__iter__"):
+            raise TypeError(f"rare must be a collection of integer token ids, got {type(rare).__name__}")
+        try:
+            ids = torch.as_tensor(rare)
+        except (RuntimeError, TypeError, OverflowError, ValueError):  # ids beyond int64, or not numbers
+            ids = _rare_ids_beyond_int64(rare)
+        if ids.numel() == 0:
             return None
-        # isin does not promote uint16/uint32 with signed types; int64 holds every value exactly
-        return rare.reshape(-1) if rare.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32,
-                                                 torch.int64) else rare.reshape(-1).to(torch.int64)
-    if isinstance(rare, (str, bytes)) or not hasattr(rare, "__iter__"):
-        raise TypeError(f"rare must be a collection of integer token ids, got {type(rare).__name__}")
-    values = list(rare.reshape(-1).tolist() if hasattr(rare, "reshape") else rare)  # numpy arrays flattened
+    if ids.dtype not in _RARE_DTYPES:
+        raise TypeError(f"rare must hold integer token ids (int8 to int64, uint8 to uint32), got dtype {ids.dtype}")
+    if ids.numel() == 0:
+        return None
+    ids = ids.reshape(-1)
+    if ids.dtype in (torch.uint16, torch.uint32):  # isin does not promote these with signed types
+        ids = ids.to(torch.int64)
+    # built here, so it may be copied to the GPU without the blocking copy's stream sync
+    return ids if ids.device == device else ids.to(device, non_blocking=True)
+
+
+def _rare_ids_beyond_int64(rare) -> Tensor:
+    """A collection of Python ints some of which int64 cannot hold: those can never occur in
+    input_ids and are dropped."""
+    values = list(rare)
     if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in values):
         raise TypeError("rare must be a collection of integer token ids")
-    # ids beyond int64 cannot occur in input_ids: dropped rather than overflowing
-    values = [int(v) for v in values if _INT64.min <= int(v) <= _INT64.max]
-    if not values:
-        return None
-    # built here, so it may be copied to the GPU without the blocking copy's stream sync
-    return torch.tensor(values, dtype=torch.int64).to(device=device, non_blocking=True)
+    return torch.tensor([int(v) for v in values if _INT64.min <= int(v) <= _INT64.max], dtype=torch.int64)
 
 
 def mask_tokens(
