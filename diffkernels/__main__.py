@@ -1,3 +1,6 @@
+"""``python -m diffkernels <command>``: the same command line as ``diffkernels``."""
+
 from .cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":
+    raise SystemExit(main())

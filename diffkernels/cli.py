@@ -171,14 +171,15 @@ def _cmd_backends(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from .demo import check_demo_args, run_demo
+    from .demo import backend_label, check_demo_args, demo_device, run_demo
 
     try:  # everything is checked before the demo builds a model or creates a folder
         check_dependencies("the demo", ("sklearn", "matplotlib", "tqdm"))
         out = check_out_path(args.out)
         check_writable_dir(out, f"--out {args.out}")
         check_demo_args(steps=args.steps, mask_ratio=args.mask_ratio, seed=args.seed, threads=args.threads)
-    except (ValueError, TypeError) as exc:
+        backend_label(demo_device(args.device))  # a DIFFKERNELS_BACKEND that cannot run there
+    except (ValueError, TypeError, RuntimeError) as exc:
         return fail("demo", str(exc))
     try:
         run_demo(steps=args.steps, mask_ratio=args.mask_ratio, seed=args.seed, out=out, device=args.device,

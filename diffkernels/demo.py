@@ -314,6 +314,22 @@ def _check_int(value, name: str, lo: int, hi: Optional[int] = None) -> None:
                          else f"{name} must be between {lo} and {hi}, got {value}")
 
 
+def demo_device(device: Optional[str] = None) -> torch.device:
+    """The device the demo runs on: ``device``, or CUDA when available, else the CPU."""
+    return torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def backend_label(device: torch.device) -> str:
+    """The kernel backend the demo's loss uses on ``device``, as reported in its summary.
+
+    Raises ValueError / RuntimeError when DIFFKERNELS_BACKEND (or ``use_backend``) names an unknown
+    backend or one that cannot run on ``device``.
+    """
+    default = backends()["default"].get(device.type, "torch")
+    used = _backend.select(device)  # differs from the default only if DIFFKERNELS_BACKEND / use_backend forces one
+    return default if used == default else f"{used} (forced; default {default})"
+
+
 def check_demo_args(*, steps: int, mask_ratio: float, seed: int, threads: Optional[int] = None,
                     batch_size: int = 128, n_samples: int = 64, sample_steps: int = 18,
                     optimal_queries: int = 512, log_every: int = 50) -> None:
@@ -378,7 +394,7 @@ def run_demo(steps: int = 400, mask_ratio: float = 0.9, seed: int = 0, out="diff
     check_demo_args(steps=steps, mask_ratio=mask_ratio, seed=seed, threads=threads, batch_size=batch_size,
                     n_samples=n_samples, sample_steps=sample_steps, optimal_queries=optimal_queries,
                     log_every=log_every)
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = demo_device(device)
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -395,11 +411,8 @@ def _run(steps: int, mask_ratio: float, seed: int, out_dir: Path, device: torch.
          log_every: int, progress: bool, optimal_queries: int) -> dict:
     """The body of :func:`run_demo`, with checked arguments."""
     t_start = time.perf_counter()
+    backend = backend_label(device)
     out_dir.mkdir(parents=True, exist_ok=True)
-    backend = backends()["default"].get(device.type, "torch")
-    used = _backend.select(device)  # differs from the default only if DIFFKERNELS_BACKEND / use_backend forces one
-    if used != backend:
-        backend = f"{used} (forced; default {backend})"
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)

@@ -143,6 +143,15 @@ def test_unwritable_out_folder(guarded, capsys, monkeypatch):
     assert "locked is not writable" in err
 
 
+@pytest.mark.parametrize("backend, expected", [("foo", "DIFFKERNELS_BACKEND='foo' is not one of"),
+                                               ("cuda", "backend 'cuda' was requested but cannot run here")])
+def test_demo_forced_backend_that_cannot_run(guarded, capsys, monkeypatch, backend, expected):
+    if backend == "cuda" and torch.cuda.is_available():
+        pytest.skip("the CUDA backend can run here")
+    monkeypatch.setenv("DIFFKERNELS_BACKEND", backend)
+    assert expected in _one_line_error(capsys, ["demo", "--device", "cpu"], "demo")
+
+
 def test_demo_missing_dependency(guarded, capsys, monkeypatch):
     import importlib.util
 
