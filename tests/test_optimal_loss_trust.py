@@ -82,3 +82,48 @@ def test_scan_names_the_first_bad_row(bad, monkeypatch):
     data[[22, 27], 1] = bad
     with pytest.raises(ValueError, match="train row 22 contains NaN or Inf"):
         E._LocalRows(data, torch.device("cpu"), name="train").scan()
+
+
+# --- conversions, schedules and scaling fits: strings and other non-numbers are errors -------------
+
+from diffkernels.optimal_loss import (  # noqa: E402
+    adaptive_density, edm_schedule_loss, find_s_star, fit_power_law, fit_scaling_law, interpolate_log,
+    loss_factor, loss_weight, s_from_flow, s_from_vp, sample_sigmas,
+)
+
+GRID = np.geomspace(0.01, 10.0, 6)
+J = GRID**2 / (1.0 + GRID**2)
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda: interpolate_log("0.5", GRID, J), TypeError, "s must be real numbers"),
+    (lambda: interpolate_log(0.5, GRID.astype(str), J), TypeError, "sigmas must be real numbers"),
+    (lambda: interpolate_log(0.5, GRID, [str(v) for v in J]), TypeError, "j_star must be real numbers"),
+    (lambda: loss_factor(True, "eps"), TypeError, "s must be real numbers"),
+    (lambda: loss_factor(0.5, "edm", sigma_data="0.5"), TypeError, "sigma_data"),
+    (lambda: loss_factor(0.5, "edm", sigma_data=float("inf")), ValueError, "sigma_data"),
+    (lambda: s_from_vp(sigma="0.5"), TypeError, "sigma"),
+    (lambda: s_from_flow("0.5"), TypeError, "t must be"),
+    (lambda: edm_schedule_loss(GRID, J, p_std="1.2"), TypeError, "p_std"),
+    (lambda: edm_schedule_loss(GRID, J, p_mean=float("nan")), ValueError, "p_mean"),
+    (lambda: find_s_star(GRID, J, rel="0.1"), TypeError, "rel"),
+    (lambda: loss_weight(0.5, GRID, J, a="1"), TypeError, "a must be"),
+    (lambda: loss_weight(0.5, GRID, J, bump_height=float("nan")), ValueError, "bump_height"),
+    (lambda: adaptive_density(GRID, np.ones(6), J + 1.0, J, floor="0"), TypeError, "floor"),
+    (lambda: adaptive_density(GRID, np.ones(5), J + 1.0, J), ValueError, "match sigmas in length"),
+    (lambda: adaptive_density(GRID, np.full(6, np.nan), J + 1.0, J), ValueError, "finite"),
+    (lambda: sample_sigmas(2.5, GRID, J), ValueError, "n must be"),
+    (lambda: sample_sigmas(-1, GRID, J), ValueError, "n must be"),
+    (lambda: fit_power_law(["1", "2"], [1.0, 2.0]), TypeError, "x must be real numbers"),
+    (lambda: fit_scaling_law([1.0, 2.0, 4.0], [3.0, 2.0, 1.5], j_star="1"), TypeError, "j_star"),
+])
+def test_schedule_functions_reject_non_numbers(call, exc, match):
+    """A string such as "0.5" used to be converted silently by numpy; now every argument is checked."""
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_schedule_functions_accept_numbers_of_every_kind():
+    assert sample_sigmas(0, GRID, J).shape == (0,)
+    np.testing.assert_array_equal(interpolate_log(torch.tensor([0.5]), GRID, J), interpolate_log([0.5], GRID, J))
+    assert loss_factor(np.float32(0.5), "edm", sigma_data=np.float32(0.5)) == pytest.approx(8.0)

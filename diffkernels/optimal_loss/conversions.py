@@ -24,6 +24,7 @@ With 64 grid points over six decades the error is ~2e-3 relative, with 2000 poin
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable
 
 import numpy as np
@@ -50,8 +51,29 @@ TARGETS = ("x0", "eps", "score", "velocity", "edm")
 EDM_P_MEAN, EDM_P_STD, EDM_SIGMA_DATA = -1.2, 1.2, 0.5
 
 
+def _floats(x, name: str) -> np.ndarray:
+    """``x`` (a number, sequence, numpy array or CPU tensor) as a float64 array; TypeError for anything
+    that is not real numbers (strings such as "0.5", booleans, objects) instead of a silent conversion."""
+    if hasattr(x, "detach"):  # a torch tensor
+        x = x.detach().cpu()
+    a = np.asarray(x)
+    if a.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must be real numbers, got {a.dtype} ({type(x).__name__})")
+    return a.astype(np.float64)
+
+
+def _real(value, name: str, positive: bool = False) -> float:
+    """A finite Python float from a Python or numpy real scalar (not bool or str); > 0 if ``positive``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or (positive and not value > 0):
+        raise ValueError(f"{name} must be finite{' and > 0' if positive else ''}, got {value}")
+    return value
+
+
 def _positive(s, name="s") -> np.ndarray:
-    s = np.asarray(s, dtype=np.float64)
+    s = _floats(s, name)
     if not (np.isfinite(s).all() and (s > 0).all()):
         raise ValueError(f"{name} must be finite and > 0")
     return s
@@ -69,8 +91,7 @@ def loss_factor(s, target: str, *, sigma_data: float = EDM_SIGMA_DATA) -> np.nda
     if target == "velocity":
         return (1.0 + s) ** 2 / s**2
     if target == "edm":
-        if not sigma_data > 0:
-            raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
+        sigma_data = _real(sigma_data, "sigma_data", positive=True)
         return (s**2 + sigma_data**2) / (s * sigma_data) ** 2
     raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
 
@@ -84,7 +105,7 @@ def s_from_vp(*, sigma=None, alpha=None) -> np.ndarray:
     """VP (alpha^2 + sigma^2 = 1): s = sigma / alpha, from either sigma or alpha in (0, 1)."""
     if (sigma is None) == (alpha is None):
         raise ValueError("give exactly one of sigma and alpha")
-    v = np.asarray(sigma if sigma is not None else alpha, dtype=np.float64)
+    v = _floats(sigma, "sigma") if sigma is not None else _floats(alpha, "alpha")
     if not ((v > 0).all() and (v < 1).all()):
         raise ValueError("VP sigma / alpha must lie in (0, 1)")
     other = np.sqrt(1.0 - v**2)
@@ -93,7 +114,7 @@ def s_from_vp(*, sigma=None, alpha=None) -> np.ndarray:
 
 def s_from_flow(t) -> np.ndarray:
     """Flow matching x_t = (1 - t) x0 + t eps, t in (0, 1): s = t / (1 - t)."""
-    t = np.asarray(t, dtype=np.float64)
+    t = _floats(t, "t")
     if not ((t > 0).all() and (t < 1).all()):
         raise ValueError("flow-matching t must lie in (0, 1)")
     return t / (1.0 - t)
@@ -106,7 +127,7 @@ def flow_t_from_s(s) -> np.ndarray:
 
 def _check_table(sigmas, j_star) -> tuple[np.ndarray, np.ndarray]:
     s = _positive(sigmas, "sigmas").reshape(-1)
-    j = np.asarray(j_star, dtype=np.float64).reshape(-1)
+    j = _floats(j_star, "j_star").reshape(-1)
     if s.shape != j.shape or s.size < 2:
         raise ValueError(f"sigmas and j_star must be 1-D of the same length >= 2, got {s.shape} and {j.shape}")
     if not np.isfinite(j).all():
@@ -157,8 +178,8 @@ def edm_schedule_loss(sigmas, j_star, *, p_mean: float = EDM_P_MEAN, p_std: floa
     Equal to EDM's loss E[lambda ||D - x0||^2] (= E||F - F_target||^2) at the optimum. Use J* per
     element for EDM's per-element mean loss.
     """
-    if not p_std > 0:
-        raise ValueError(f"p_std must be > 0, got {p_std}")
+    p_mean = _real(p_mean, "p_mean")
+    p_std = _real(p_std, "p_std", positive=True)
 
     def log_density(u):
         return -0.5 * ((u - p_mean) / p_std) ** 2 - math.log(p_std * math.sqrt(2.0 * math.pi))

@@ -12,6 +12,8 @@ from typing import Optional
 
 import numpy as np
 
+from .conversions import _floats, _real
+
 __all__ = ["PowerLaw", "ScalingFit", "fit_power_law", "fit_scaling_law"]
 
 
@@ -47,8 +49,8 @@ class ScalingFit:
 
 def fit_power_law(x, y) -> PowerLaw:
     """Least squares of ln y on ln x; x, y > 0, at least 2 distinct x."""
-    x = np.asarray(x, dtype=np.float64).reshape(-1)
-    y = np.asarray(y, dtype=np.float64).reshape(-1)
+    x = _floats(x, "x").reshape(-1)
+    y = _floats(y, "y").reshape(-1)
     if x.shape != y.shape or x.size < 2:
         raise ValueError(f"need two 1-D arrays of the same length >= 2, got {x.shape} and {y.shape}")
     if not (np.isfinite(x).all() and np.isfinite(y).all() and (x > 0).all() and (y > 0).all()):
@@ -68,8 +70,8 @@ def fit_scaling_law(compute, loss, j_star: Optional[float] = None) -> ScalingFit
     plain = fit_power_law(compute, loss)
     gap = None
     if j_star is not None:
-        j_star = float(j_star)
-        gap_values = np.asarray(loss, dtype=np.float64) - j_star
+        j_star = _real(j_star, "j_star")
+        gap_values = _floats(loss, "loss").reshape(-1) - j_star
         if not (gap_values > 0).all():
             raise ValueError(f"every loss must exceed j_star = {j_star} to fit J - J* (got min {gap_values.min() + j_star})")
         gap = fit_power_law(compute, gap_values)

@@ -15,13 +15,14 @@ in ln s. All J* values are interpolated from the table as in :mod:`.conversions`
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .conversions import _check_table, _positive, interpolate_log
+from .conversions import _check_table, _floats, _positive, _real, interpolate_log
 
 __all__ = ["find_s_star", "loss_weight", "adaptive_density", "sample_sigmas"]
 
@@ -29,6 +30,7 @@ __all__ = ["find_s_star", "loss_weight", "adaptive_density", "sample_sigmas"]
 def find_s_star(sigmas, j_star, *, rel: float = 1e-3) -> float:
     """The smallest tabulated s with J*(s) >= rel * max J*: where J* leaves ~0."""
     s, j = _check_table(sigmas, j_star)
+    rel = _real(rel, "rel")
     if not 0 < rel < 1:
         raise ValueError(f"rel must be in (0, 1), got {rel}")
     above = np.flatnonzero(j >= rel * j.max())
@@ -40,9 +42,11 @@ def loss_weight(s, sigmas, j_star, *, a: float = 1.0, w_max: Optional[float] = N
                 s_star: Optional[float] = None) -> np.ndarray:
     """The paper's loss weight w(s) at the noise levels ``s`` (module docstring), from a J* table."""
     s = _positive(s)
-    s_star = find_s_star(sigmas, j_star) if s_star is None else float(s_star)
+    s_star = find_s_star(sigmas, j_star) if s_star is None else _real(s_star, "s_star", positive=True)
     if w_max is None:
         w_max = 1.0 / float(interpolate_log(s_star, sigmas, j_star))
+    a, w_max, bump_height, bump_width = (_real(v, name) for v, name in (
+        (a, "a"), (w_max, "w_max"), (bump_height, "bump_height"), (bump_width, "bump_width")))
     if not (a > 0 and w_max > 0 and bump_width > 0 and bump_height >= 0):
         raise ValueError("need a > 0, w_max > 0, bump_width > 0 and bump_height >= 0")
     j = interpolate_log(s, sigmas, j_star)
@@ -50,7 +54,7 @@ def loss_weight(s, sigmas, j_star, *, a: float = 1.0, w_max: Optional[float] = N
         inv = np.where(j > 0, 1.0 / np.maximum(j, 1e-300), np.inf)
     w = a * np.minimum(inv, w_max)
     if bump_height > 0:
-        center = s_star if bump_center is None else float(bump_center)
+        center = s_star if bump_center is None else _real(bump_center, "bump_center", positive=True)
         bump = bump_height * np.exp(-((np.log(s) - np.log(center)) ** 2) / (2.0 * bump_width**2))
         w = w + np.where(s < s_star, bump, 0.0)
     return w
@@ -60,11 +64,15 @@ def adaptive_density(sigmas, weight, j_theta, j_star, *, floor: float = 0.0) -> 
     """p(s) ~ w(s) max(J_theta(s) - J*(s), 0) + floor on the grid, normalised so that its integral
     over ln s (trapezoid) is 1; returned in the order of ``sigmas``. ``floor`` > 0 keeps every level reachable."""
     s, j = _check_table(sigmas, j_star)
-    order = np.argsort(np.asarray(sigmas, dtype=np.float64).reshape(-1))
-    w = np.asarray(weight, dtype=np.float64).reshape(-1)[order]
-    jt = np.asarray(j_theta, dtype=np.float64).reshape(-1)[order]
+    order = np.argsort(_floats(sigmas, "sigmas").reshape(-1))
+    w = _floats(weight, "weight").reshape(-1)
+    jt = _floats(j_theta, "j_theta").reshape(-1)
+    floor = _real(floor, "floor")
     if w.shape != s.shape or jt.shape != s.shape:
         raise ValueError("weight, j_theta and j_star must match sigmas in length")
+    if not (np.isfinite(w).all() and np.isfinite(jt).all()):
+        raise ValueError("weight and j_theta must be finite")
+    w, jt = w[order], jt[order]
     if floor < 0 or (w < 0).any():
         raise ValueError("weights and floor must be >= 0")
     p = w * np.maximum(jt - j, 0.0) + floor
@@ -82,7 +90,11 @@ def sample_sigmas(n: int, sigmas, density, *, generator: Optional[torch.Generato
 
     Returns float32 s on ``device``. Pick an interval by its trapezoid mass, then invert the linear
     density on it: with end values a, b and uniform r, x = r (a + b) / (a + sqrt(a^2 + r (b^2 - a^2))).
+    ``n`` = 0 gives an empty tensor.
     """
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+        raise ValueError(f"n must be an int >= 0, got {n!r}")
+    n = int(n)
     s, p = _check_table(sigmas, density)
     if (p < 0).any():
         raise ValueError("density must be >= 0")
@@ -90,6 +102,8 @@ def sample_sigmas(n: int, sigmas, density, *, generator: Optional[torch.Generato
     mass = 0.5 * (p[1:] + p[:-1]) * np.diff(u)
     if not mass.sum() > 0:
         raise ValueError("density has no mass")
+    if n == 0:
+        return torch.empty(0, dtype=torch.float32, device=device)
     probs = torch.as_tensor(mass / mass.sum(), dtype=torch.float64)
     k = torch.multinomial(probs, n, replacement=True, generator=generator)
     r = torch.rand(n, generator=generator, dtype=torch.float64)
