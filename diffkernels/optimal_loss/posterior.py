@@ -15,9 +15,10 @@ softmax. Two engines, both exact to float64 rounding in what they return:
   by direct differences, and every other row is provably below the maximum by more than
   NEGLIGIBLE_NATS (e^-40 each), so it is dropped. Where that proof fails for a query (the posterior
   is spread over more rows than SCREEN_TOP, i.e. larger sigma), that query falls back to the float64
-  engine for the chunk; a query block where most queries fall back stops screening. The win is at
-  small and moderate sigma, where the posterior sits on a few rows: one GEMM at fp32 speed instead of
-  two at float64 speed.
+  engine for the chunk; a query block where most queries fall back stops screening. Queries and data
+  with norms beyond float32's safe range (SCREEN_MAX_NORM) fall back too, and the bound covers float32
+  underflow, so tiny data is screened soundly. The win is at small and moderate sigma, where the
+  posterior sits on a few rows: one GEMM at fp32 speed instead of two at float64 speed.
 
 The data is streamed in chunks converted on the fly, so memory stays O(M * D + M * chunk) and the data
 may be float32, bfloat16 or float16, on the device, in host memory or in a memory-mapped file. Each
