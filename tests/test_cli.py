@@ -76,6 +76,8 @@ BAD = [
     (OL + ["--sigma-min", "-1"], "--sigma-min"),
     (OL + ["--sigma-max", "inf"], "--sigma-max"),
     (OL + ["--sigma-max", "nan"], "--sigma-max"),
+    (OL + ["--sigma-min", "1e-320"], "--sigma-min"),  # s^2 underflows: J* would come out NaN
+    (OL + ["--sigma-max", "1e160"], "--sigma-max"),  # s^2 overflows: likewise
     (OL + ["--sigma-min", "3", "--sigma-max", "2"], "--sigma-min <= --sigma-max"),
     (OL + ["--batch-size", "0"], "--batch-size"),
     (OL + ["--seed", "-1"], "--seed"),

@@ -17,6 +17,7 @@ from ..cli import (CliError, HelpFormatter, check_dependencies, check_out_path, 
 
 DEFAULT_OUT = "optimal_loss_out/optimal_loss"
 MAX_SIGMAS = 10_000  # far more levels than a smooth curve needs; each one costs a pass over the data
+SIGMA_LIMITS = (1e-100, 1e100)  # s^2 and distance^2 / s^2 stay far from float64 under- and overflow
 MAX_QUERIES = 10**9  # per level; the per-level statistics keep a few numbers per 64 queries
 
 _DATA_HELP = ".npy (memory-mapped), .npz, .pt, .safetensors, or 'digits' (scikit-learn's bundled set, in [-1, 1])"
@@ -187,8 +188,9 @@ def add_subcommands(sub) -> None:
                "  diffkernels optimal-loss train.npz --key images --estimator cdol --subset 1000")
     p.add_argument("data", metavar="DATA", help=_DATA_HELP)
     p.add_argument("--key", default=None, help="array name inside .npz/.pt/.safetensors (default: the first)")
-    p.add_argument("--sigma-min", type=positive_float, default=0.002, help="smallest noise level s")
-    p.add_argument("--sigma-max", type=positive_float, default=80.0, help="largest noise level s")
+    sigma = float_range(*SIGMA_LIMITS, lo_open=False)
+    p.add_argument("--sigma-min", type=sigma, default=0.002, help="smallest noise level s, in [1e-100, 1e100]")
+    p.add_argument("--sigma-max", type=sigma, default=80.0, help="largest noise level s, in [1e-100, 1e100]")
     p.add_argument("--num-sigmas", type=int_range(1, MAX_SIGMAS), default=32, help="noise levels, log-spaced")
     p.add_argument("--estimator", choices=("full", "snis", "dol", "cdol"), default="full",
                    help="full: every data row per query; snis, dol, cdol: a random subset of --subset rows")
