@@ -195,7 +195,7 @@ def masked_diffusion_loss(
         clamped = per_sequence > row_clamp
     coef = torch.where(clamped[masked.source_row][:, None], 0.0, coef)
     loss = masked_cross_entropy(row_targets, coef, **kw)
-    return loss + (clamped.double().sum() * row_clamp / B).to(loss.dtype)
+    return loss + (clamped.double().sum() * row_clamp / max(B, 1)).to(loss.dtype)  # B = 0: 0, not 0 / 0
 
 
 def _per_token_ce(targets, coef, *, logits, hidden, lm_head_weight, lm_head_bias, chunk_size):

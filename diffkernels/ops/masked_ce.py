@@ -232,7 +232,8 @@ def _masked_ce_logits(logits: Tensor, targets: Tensor, coef: Tensor, chunk_size:
         masked_ce_rows(logits, targets, coef, ce_all, grad=grad if need_grad else None)
         return _loss(coef, ce_all, acc), ce_all, grad
     ce_all = torch.zeros(N, dtype=acc, device=logits.device)
-    grad = torch.zeros_like(logits) if need_grad else logits.new_empty(0)
+    # contiguous whatever the logits' layout: backward rescales the gradient rows in place
+    grad = logits.new_zeros(logits.shape) if need_grad else logits.new_empty(0)
     active = _active(coef)
     for start, end in _chunks(active.numel(), _chunk_tokens(chunk_size, V, logits.dtype, False)):
         rows = active[start:end]
@@ -250,7 +251,7 @@ def _(logits, targets, coef, chunk_size, need_grad):
     N = logits.shape[0]
     acc = _acc(logits.dtype)
     return (logits.new_empty((), dtype=acc), logits.new_empty(N, dtype=acc),
-            torch.empty_like(logits) if need_grad else logits.new_empty(0))
+            logits.new_empty(logits.shape) if need_grad else logits.new_empty(0))
 
 
 @torch.library.custom_op("diffkernels::masked_ce_hidden", mutates_args=())
@@ -268,7 +269,7 @@ def _masked_ce_hidden(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ta
     active = _active(coef)
     bounds = _chunks(active.numel(), _chunk_tokens(chunk_size, V, dtype, fused))
     if need_grad:
-        grad_hidden = torch.zeros_like(hidden)
+        grad_hidden = hidden.new_zeros(hidden.shape)  # contiguous: backward rescales its rows in place
         grad_weight = _WeightGrad(V, H, weight.dtype, dev, len(bounds))
         grad_bias = torch.zeros(V, dtype=acc, device=dev) if bias is not None else hidden.new_empty(0, dtype=torch.float32)
     if bounds:
@@ -308,7 +309,7 @@ def _(hidden, weight, bias, targets, coef, chunk_size, need_grad):
     if not need_grad:
         return loss, ce, hidden.new_empty(0), hidden.new_empty(0), hidden.new_empty(0)
     grad_bias = weight.new_empty(weight.shape[0]) if bias is not None else hidden.new_empty(0, dtype=torch.float32)
-    return loss, ce, torch.empty_like(hidden), torch.empty_like(weight), grad_bias
+    return loss, ce, hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), grad_bias
 
 
 # --- autograd: the gradients were computed in forward; backward rescales them in place -------
