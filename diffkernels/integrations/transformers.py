@@ -335,8 +335,8 @@ def masked_diffusion_loss_from_model(
         raise ValueError(f"eligible must be a (B, L) = ({B}, {L}) bool tensor")
     if attention_mask is not None:
         if not isinstance(attention_mask, Tensor) or attention_mask.shape != (B, L):
-            raise ValueError(f"attention_mask must be a (B, L) = ({B}, {L}) tensor, got "
-                             f"{tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else attention_mask!r}")
+            got = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__
+            raise ValueError(f"attention_mask must be a (B, L) = ({B}, {L}) tensor, got {got}")
         attending = attention_mask.to(device=device) != 0
         eligible = attending if eligible is None else eligible & attending
     inner = _unwrap(model)
