@@ -639,6 +639,7 @@ def _make_trainer_class():
             return loss, torch.stack([outputs.t, outputs.weight], dim=1), labels
 
     MaskedDiffusionTrainer.__module__ = __name__
+    MaskedDiffusionTrainer.__qualname__ = "MaskedDiffusionTrainer"  # importable by name, e.g. for pickle
     return MaskedDiffusionTrainer
 
 
