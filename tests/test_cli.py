@@ -62,7 +62,6 @@ BAD = [
     # (argv, text the error must contain)
     (OL + ["--out", "afile/x"], "afile exists and is not a directory"),
     (OL + ["--out", ""], "--out is empty"),
-    (OL + ["--out", "."], "names no file or folder"),
     (OL + ["--out", "taken"], "taken.csv is a directory"),
     (OL + ["--device", "tpu"], "unknown device 'tpu'"),
     (OL + ["--device", "meta"], "'meta' is not supported"),

@@ -233,3 +233,15 @@ def test_malformed_checkpoint_is_one_line(tmp_path, arr, capsys, damage):
     err = _error(capsys, argv + ["--resume"])
     assert str(ckpt) in err, err
     assert good != bad
+
+
+@pytest.mark.parametrize("out, written", [("folder/", "folder/optimal_loss"), ("existing", "existing/optimal_loss"),
+                                          ("plain", "plain"), ("named.json", "named")])
+def test_out_folder_or_prefix(tmp_path, arr, monkeypatch, out, written):
+    """--out names a file prefix; a folder (existing, or ending in /) gets the files optimal_loss.*."""
+    monkeypatch.chdir(tmp_path)
+    np.save("d.npy", arr)
+    (tmp_path / "existing").mkdir()
+    assert main(["optimal-loss", "d.npy", *FAST, "--out", out]) == 0
+    for ext in (".csv", ".json", ".ckpt.json"):
+        assert (tmp_path / (written + ext)).is_file(), written + ext

@@ -8,11 +8,12 @@ to stderr and exits with code 2 before any estimation starts or any output is cr
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
 
-from ..cli import (CliError, HelpFormatter, check_dependencies, check_out_path, check_writable_dir, device, fail,
+from ..cli import (CliError, HelpFormatter, check_dependencies, check_writable_dir, device, fail,
                    float_range, int_range, positive_float)
 
 DEFAULT_OUT = "optimal_loss_out/optimal_loss"
@@ -25,7 +26,11 @@ _RANGES = {"255": "0..255 (as is)", "unit": "0..1 (x 255)", "signed": "-1..1 ((x
 
 
 def _out_prefix(out: str) -> Path:
+    """--out as a file prefix: a folder (an existing one, or a path ending in a separator) gets the
+    file name ``optimal_loss``; a .json/.csv/.png suffix is dropped."""
     p = Path(out)
+    if out.endswith(("/", os.sep)) or p.is_dir():
+        return p / "optimal_loss"
     return p.with_suffix("") if p.suffix.lower() in (".json", ".csv", ".png") else p
 
 
@@ -58,7 +63,9 @@ def _plot(result, path: Path) -> None:
 def _check_out(text: str) -> Path:
     """The output prefix, checked before any work: its folder can be created or written, and none
     of the files a run writes is a folder."""
-    prefix = _out_prefix(str(check_out_path(text)))
+    if not text.strip():
+        raise CliError("--out is empty")
+    prefix = _out_prefix(text)
     check_writable_dir(prefix.parent, f"--out {text}")
     for ext in (".csv", ".json", ".png", ".ckpt.json"):
         if Path(str(prefix) + ext).is_dir():
@@ -206,7 +213,8 @@ def add_subcommands(sub) -> None:
                    help="posterior engine: auto = screen with an fp32-accurate GEMM and recompute the top rows "
                         "exactly, float64 = float64 GEMMs; both exact to float64 rounding "
                         "(default: auto on the CPU, float64 on CUDA)")
-    p.add_argument("--out", default=DEFAULT_OUT, help="output prefix: writes OUT.csv, OUT.json, OUT.ckpt.json")
+    p.add_argument("--out", default=DEFAULT_OUT, help="output prefix: writes OUT.csv, OUT.json, OUT.ckpt.json; a folder (existing, or ending in /) "
+                        "gets OUT/optimal_loss.*")
     p.add_argument("--plot", action="store_true", help="also write OUT.png: J*(s) per element, log axes")
     p.add_argument("--resume", action="store_true", help="continue from OUT.ckpt.json (same settings)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no table")
