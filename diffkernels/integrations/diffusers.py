@@ -13,14 +13,11 @@ x = x0 + s eps with s = sigma / alpha, so one curve J*(s) = E||x0 - E[x0 | x_t]|
 (b - a alpha/sigma) (x0 - E[x0 | x_t]), because eps = (x_t - alpha x0) / sigma, so its optimal loss is
 J*(s) times ``factor = (b - a alpha/sigma)^2``:
 
-===================  ===========================  ====================  ==============================
-prediction_type      target                       (a, b)                factor
-===================  ===========================  ====================  ==============================
-``sample``           x0                           (0, 1)                1
-``epsilon``          eps (the noise)              (1, 0)                1/s^2 = SNR
-``v_prediction``     alpha eps - sigma x0         (alpha, -sigma)       ((alpha^2+sigma^2)/sigma)^2 = 1 + SNR (VP)
-``flow_prediction``  eps - x0 (flow matching)     (1, -1)               1/sigma^2 = (1+s)^2/s^2
-===================  ===========================  ====================  ==============================
+    prediction_type    target                   (a, b)            factor
+    sample             x0                       (0, 1)            1
+    epsilon            eps (the noise)          (1, 0)            1/s^2 = SNR
+    v_prediction       alpha eps - sigma x0     (alpha, -sigma)   ((alpha^2 + sigma^2)/sigma)^2 = 1 + SNR (VP)
+    flow_prediction    eps - x0 (flow matching) (1, -1)           1/sigma^2 = (1 + s)^2/s^2
 
 (SNR = alpha^2/sigma^2 = 1/s^2.) Divided by D, the number of elements of a sample, these are the
 per-element losses that ``reduction="mean"`` reports.
@@ -49,6 +46,7 @@ Min-SNR weighting (``snr_gamma``) reproduces ``train_text_to_image.py``: ``snr =
 timesteps)``, weight = min(snr, gamma), divided by snr for ``epsilon`` and by snr + 1 for
 ``v_prediction`` (unchanged for ``sample``), computed with the same float32 torch operations. The
 weighted optimal loss is weight times the optimal loss: min(snr, gamma) J* / D for every target.
+Like the script's, the ``epsilon`` weight is NaN (0/0) at a timestep with zero SNR.
 """
 
 from __future__ import annotations
