@@ -336,8 +336,10 @@ def sparse_mse_loss(
     ``backward``: ``"fused"`` (default, fastest) computes the gradient in the forward pass and
     rescales it in place in backward (skipped when the upstream gradient is exactly 1), so the
     graph can be differentiated once and gives no second-order gradients (``create_graph=True``
-    is an error); for half/bfloat16 inputs with an upstream gradient other than 1 the gradient is
-    rounded twice (at most 1 ulp more). ``"recompute"`` computes only the loss in forward and
+    is an error); for bfloat16 inputs with an upstream gradient other than 1 the gradient is
+    rounded twice (at most 1 ulp more). float16 inputs always take the "recompute" path (a float16
+    gradient for an upstream gradient of 1 can under- or overflow before it is rescaled, e.g.
+    under GradScaler's loss scale). ``"recompute"`` computes only the loss in forward and
     regenerates the mask in backward (one more read of pred and target); its graph can be
     differentiated any number of times (retain_graph, gradcheck, Jacobians), and with
     ``create_graph=True`` its backward is itself differentiable (gradient penalties, gradgradcheck).
@@ -371,7 +373,10 @@ def sparse_mse_loss(
         weight = weight.contiguous()
     check_choice(backward, "backward", BACKWARD_MODES)
     grad_enabled = torch.is_grad_enabled()
-    fused_grad = backward == "fused" and grad_enabled and (pred.requires_grad or target.requires_grad)
+    # float16 takes the recompute path: its gradient stored for an upstream gradient of 1 can leave
+    # float16's range before the rescale (GradScaler's 65536 x tiny gradients would underflow to 0).
+    fused_grad = (backward == "fused" and pred.dtype != torch.float16 and grad_enabled
+                  and (pred.requires_grad or target.requires_grad))
     args = (pred.contiguous(), target.contiguous(), weight, mask_ratio, seed, channels, normalize, reduction,
             fused_grad)
     if not eager_fast_path(pred, target, weight):

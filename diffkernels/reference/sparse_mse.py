@@ -47,17 +47,17 @@ def sparse_mse_loss(
 ) -> torch.Tensor:
     """The loss exactly as written in METHODS.md, in float64, differentiable by autograd."""
     B = pred.shape[0]
-    n = pred[0].numel() if B else math.prod(pred.shape[1:])
+    n = math.prod(pred.shape[1:])
     keep = sparse_mask(pred.shape, mask_ratio, seed, granularity, pred.device)
     diff = pred.double() - target.double()
     sq = torch.where(keep, diff * diff, torch.zeros((), dtype=torch.float64, device=pred.device))
-    per_sample = sq.reshape(B, -1).sum(dim=1)
+    per_sample = sq.reshape(B, n).sum(dim=1)
     if normalize == "expected":
         per_sample = per_sample / (n * (1.0 - mask_ratio))
     elif normalize == "all":
         per_sample = per_sample / n
     elif normalize == "kept":
-        per_sample = per_sample / keep.reshape(B, -1).sum(dim=1).clamp(min=1).double()
+        per_sample = per_sample / keep.reshape(B, n).sum(dim=1).clamp(min=1).double()
     else:
         raise ValueError(f"unknown normalize {normalize!r}")
     if weight is not None:
