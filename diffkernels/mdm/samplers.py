@@ -17,8 +17,8 @@ therefore keeps the training objective unchanged while the samplers change its v
 
 Reproducibility and data parallelism. Seeds are integers (Python or numpy, taken modulo 2**64); a
 sampler derives its stream with :func:`diffkernels.rng.fold_seed` and draws with a CPU
-``torch.Generator`` (bit-identical on every machine), then moves the result to ``device``. ``sample(n, seed, rank=, world_size=,
-micro_batch=, num_micro_batches=)`` always draws the whole global batch
+``torch.Generator`` (bit-identical on every machine), then moves the result to ``device``.
+``sample(n, seed, rank=, world_size=, micro_batch=, num_micro_batches=)`` always draws the whole global batch
 G = n * world_size * num_micro_batches from ``seed`` and returns one slice of it, so every rank
 must pass the same seed (e.g. ``fold_seed(base_seed, step)``, *without* the rank): the slices of
 all ranks and micro-batches then concatenate, rank-major (slice index
