@@ -65,7 +65,7 @@ try:
 except ImportError:  # hypothesis is a test extra; the other test files do not need it
     pass
 else:
-    _hyp_settings.register_profile("ci", max_examples=20, deadline=None, derandomize=True, database=None,
+    _hyp_settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True, database=None,
                                    suppress_health_check=[HealthCheck.too_slow])
     _hyp_settings.register_profile("long", max_examples=500, deadline=None, print_blob=True,
                                    suppress_health_check=[HealthCheck.too_slow])

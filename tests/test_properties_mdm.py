@@ -613,6 +613,9 @@ def mdl_cases(draw):
         row_clamp=draw(st.sampled_from([None, 0.0, 0.5, 3.0])) if normalizer == "row" else None,
         num_tokens=draw(st.sampled_from([1.0, 7.0, 1e-3])) if normalizer == "global" else None,
         chunk=draw(st.sampled_from([None, 1, 3])), data_seed=draw(st.integers(0, 2**31)),
+        union=draw(st.booleans()) if mode == "mirror" else False,
+        mirror_max_t=draw(st.sampled_from([None, 0.5])) if mode == "mirror" else None,
+        rare=draw(st.sampled_from([None, [0, 2]])),
     )
 
 
@@ -620,7 +623,10 @@ def _mdl_inputs(case, gen):
     B, L, V, H, dtype = case["B"], case["L"], case["V"], case["H"], case["dtype"]
     ids = torch.randint(0, V, (B, L), generator=gen)
     eligible = torch.rand(B, L, generator=gen) < 0.7 if case["eligible"] else None
-    masked = mdm.mask_tokens(ids, case["p"], case["seed"], mask_id=V, eligible=eligible, mode=case["mode"])
+    p = torch.rand(B, generator=gen, dtype=torch.float64) * (1 - case["p"]) + case["p"]  # per-row rates
+    masked = mdm.mask_tokens(ids, p, case["seed"], mask_id=V, eligible=eligible, mode=case["mode"],
+                             union_weights=case["union"], mirror_max_t=case["mirror_max_t"], rare=case["rare"],
+                             rare_delta=0.3 if case["rare"] else 0.0)
     R = masked.noisy_ids.shape[0]
     importance = torch.rand(B, generator=gen, dtype=torch.float64) * 2 if case["importance"] else None
     kw = {}
@@ -924,3 +930,28 @@ def test_variance_decomposition_driver(n_x, n_t, n_m, seed, sampler, N):
     repeat = mdm.variance_decomposition(loss_fn, data, t_sampler=t_sampler, n_x=n_x, n_t=n_t, n_m=n_m,
                                         seed=np.uint64(int(seed) % 2**64), progress=False)
     assert torch.equal(repeat.values, est.values)
+
+
+@examples(0.5)
+@given(n_x=st.integers(3, 4), n_t=st.integers(2, 3), n_m=st.integers(2, 3), P=st.integers(1, 4), seed=SEEDS,
+       projections=st.sampled_from([None, 1, 3]), data_seed=st.integers(0, 2**31))
+def test_variance_decomposition_gradients(n_x, n_t, n_m, P, seed, projections, data_seed):
+    """grad=True: for l = t * <params, x> the gradient t x does not depend on the mask, so its A is 0
+    (also projected: the sketch is linear), and the components are those of the gradients themselves."""
+    gen = torch.Generator().manual_seed(data_seed)
+    data = torch.randn(5, P, generator=gen, dtype=torch.float64)
+    params = torch.randn(P, generator=gen, dtype=torch.float64, requires_grad=True)
+
+    def loss_fn(x, t, mask_seed, mask_mode):
+        return t * (params * x).sum()
+
+    est = mdm.variance_decomposition(loss_fn, data, n_x=n_x, n_t=n_t, n_m=n_m, seed=seed, grad=True, params=[params],
+                                     num_projections=projections, progress=False)
+    assert est.grad is not None and est.projected == (projections is not None)
+    assert est.grad_dim == (P if projections is None else projections)
+    assert abs(est.grad.A) <= 1e-12 * (abs(est.grad.B) + abs(est.grad.C) + 1e-300)
+    if projections is None:
+        grads = (data[est.indices][:, None, None, :] * est.t[:, :, None, None]).expand(n_x, n_t, n_m, P)
+        again = mdm.nested_variance_components(grads)
+        for name in ("A", "B", "C", "total", "C_se"):
+            assert getattr(est.grad, name) == pytest.approx(getattr(again, name), rel=1e-9, abs=1e-15), name
