@@ -643,8 +643,6 @@ def _mdl_inputs(case, gen):
 @pytest.mark.parametrize("backend", BACKENDS)
 @given(case=mdl_cases())
 def test_masked_diffusion_loss_matches_reference(backend, case):
-    # Excluded: an empty batch with row_clamp (test_bug_masked_diffusion_loss_empty_batch_row_clamp).
-    assume(case["B"] or case["row_clamp"] is None)
     gen = torch.Generator().manual_seed(case["data_seed"])
     with dk.use_backend(backend):
         ids, masked, importance, kw = _mdl_inputs(case, gen)
