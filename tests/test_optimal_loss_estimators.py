@@ -301,3 +301,54 @@ def test_meta_data_and_device_are_rejected():
         estimate_curve(torch.randn(10, 3, device="meta"), [1.0], num_queries=4, progress=False)
     with pytest.raises(ValueError, match="meta"):
         estimate_curve(torch.randn(10, 3), [1.0], num_queries=4, progress=False, device="meta")
+
+
+@pytest.mark.parametrize("estimator", ["full", "cdol"])
+def test_common_random_numbers_use_level_zero_draws_at_every_level(estimator):
+    """With common_random_numbers every level uses the draws of level 0: J* equals the brute-force
+    definition evaluated with those draws at each s, and each level equals an independent run at that
+    s alone (whose level 0 has the same draws), so every level's estimate stays unbiased."""
+    data = _data(150, 5, seed=6)
+    sigmas = [0.1, 0.4, 2.0]
+    M, L = 100, (None if estimator == "full" else 20)
+    C = None if estimator == "full" else 4.0 * 150 / 20
+    kw = dict(estimator=estimator, num_queries=M, subset_size=L, seed=3, progress=False)
+    crn = estimate_curve(data, sigmas, common_random_numbers=True, **kw)
+    assert crn.common_random_numbers
+    for k, s in enumerate(sigmas):
+        ab, var, _ = _brute_level(data, s, 0, estimator, M, L, C, seed=3)  # level 0's draws
+        expected = var.mean() if estimator == "full" else ab.mean()
+        assert crn.j_star[k] == pytest.approx(float(expected), rel=1e-10)
+        alone = estimate_curve(data, [s], **kw)  # independent draws; its level 0 is the same
+        assert crn.j_star[k] == alone.j_star[0] and crn.stderr[k] == alone.stderr[0]
+    # Without the option the levels above 0 use other draws.
+    indep = estimate_curve(data, sigmas, **kw)
+    assert indep.j_star[0] == crn.j_star[0] and not indep.common_random_numbers
+    assert (indep.j_star[1:] != crn.j_star[1:]).all()
+
+
+def test_common_random_numbers_make_the_curve_smooth():
+    """The same eps at every s: J*(s) is a smooth, increasing function of s for one draw, whereas
+    independent draws scatter by their standard errors between neighbouring levels."""
+    data = _data(400, 4, seed=7)
+    sigmas = np.geomspace(0.3, 0.6, 12)
+    kw = dict(estimator="full", num_queries=64, seed=0, progress=False)
+    crn = estimate_curve(data, sigmas, common_random_numbers=True, **kw)
+    assert (np.diff(crn.j_star) > 0).all()
+    indep = estimate_curve(data, sigmas, **kw)
+    rough = lambda j: np.abs(np.diff(j, 2)).sum()  # noqa: E731
+    assert rough(crn.j_star) < 0.2 * rough(indep.j_star)
+
+
+def test_common_random_numbers_round_trip_and_checkpoint(tmp_path):
+    data = _data(100, 3, seed=8)
+    kw = dict(estimator="full", num_queries=64, seed=1, progress=False)
+    res = estimate_curve(data, [0.5, 1.0], common_random_numbers=True, checkpoint=tmp_path / "c.json", **kw)
+    back = E.CurveResult.from_dict(res.to_dict())
+    assert back.common_random_numbers and not E.CurveResult.from_dict(
+        estimate_curve(data, [0.5], **kw).to_dict()).common_random_numbers
+    # The checkpoint records the option: resuming without it is an error naming it.
+    with pytest.raises(ValueError, match="common_random_numbers"):
+        estimate_curve(data, [0.5, 1.0], checkpoint=tmp_path / "c.json", **kw)
+    with pytest.raises(TypeError, match="common_random_numbers"):
+        estimate_curve(data, [0.5], common_random_numbers="yes", **kw)

@@ -27,7 +27,11 @@ queries) from a CPU generator seeded with ``fold_seed(seed, _INDEX_STREAM, k, b)
 from a generator on the compute device seeded with ``fold_seed(seed, _NOISE_STREAM, k, b)``. So
 noise levels and blocks are independent streams, a level can be recomputed on its own (resume),
 ``batch_size`` changes only the float rounding, not the draws, and every rank of a distributed run
-draws the same queries. The noise differs between CPU and CUDA generators: the same seed on a
+draws the same queries. With ``common_random_numbers=True`` every level uses the draws of level 0
+(the same source rows, subsets and unit noise eps, so x = x_n + s eps moves with s only): each
+level's estimate is the one an independent run would give at that s alone (still unbiased), but the
+levels' errors are correlated, so the curve is smooth across s and differences between levels are
+far more precise; the per-level standard errors are unchanged and do not apply to such differences. The noise differs between CPU and CUDA generators: the same seed on a
 GPU gives statistically equivalent, not identical, queries.
 
 Standard errors. Per block the sum and the sum of squared deviations of the per-query values are
@@ -96,7 +100,8 @@ class CurveResult:
     ``j_star`` / ``stderr``: the recommended estimate (``"full"``: the posterior-variance form;
     subset estimators: the A - B form). ``j_star_ab`` / ``stderr_ab``: the A - B form (all
     estimators). ``j_star_var`` / ``stderr_var``: the posterior-variance form (``"full"`` only, else
-    None). ``*_per_element`` properties divide by ``dim``.
+    None). ``*_per_element`` properties divide by ``dim``. ``common_random_numbers``: every level used
+    the same draws (see :func:`estimate_curve`).
     """
 
     sigmas: np.ndarray
@@ -114,6 +119,7 @@ class CurveResult:
     C: Optional[float] = None
     seed: int = 0
     extra: dict = field(default_factory=dict)
+    common_random_numbers: bool = False
 
     @property
     def j_star_per_element(self) -> np.ndarray:
@@ -134,6 +140,7 @@ class CurveResult:
             "j_star_per_element": arr(self.j_star_per_element), "stderr_per_element": arr(self.stderr_per_element),
             "j_star_ab": arr(self.j_star_ab), "stderr_ab": arr(self.stderr_ab),
             "j_star_var": arr(self.j_star_var), "stderr_var": arr(self.stderr_var),
+            **({"common_random_numbers": True} if self.common_random_numbers else {}),
             **({"extra": self.extra} if self.extra else {}),
         }
 
@@ -146,7 +153,8 @@ class CurveResult:
                    stderr_ab=arr("stderr_ab"), j_star_var=arr("j_star_var"), stderr_var=arr("stderr_var"),
                    estimator=d["estimator"], dim=int(d["dim"]), num_data=int(d["num_data"]),
                    num_queries=int(d["num_queries"]), subset_size=d.get("subset_size"), C=d.get("C"),
-                   seed=int(d.get("seed", 0)), extra=d.get("extra", {}))
+                   seed=int(d.get("seed", 0)), extra=d.get("extra", {}),
+                   common_random_numbers=bool(d.get("common_random_numbers", False)))
 
     def to_csv(self, path) -> None:
         """One row per noise level: sigma, J* total and per element with standard errors, both forms."""
@@ -450,7 +458,8 @@ def _summarise(count: np.ndarray, total: np.ndarray, m2: np.ndarray, clustered: 
 
 def _level(ds: _Dataset, sigma: float, level: int, *, estimator: str, M: int, L: Optional[int], C: Optional[float],
            seed: int, batch_blocks: int, device, bar) -> dict:
-    """J*(sigma) for one noise level: the per-level dict stored in checkpoints."""
+    """J*(sigma) for one noise level: the per-level dict stored in checkpoints. ``level`` selects the
+    draws (the level's index, or 0 for every level with common random numbers)."""
     num_blocks = -(-M // QUERY_BLOCK)
     subset_estimator = estimator != "full"
     # Rows: count, sum, sum of squared deviations; one column per block, each filled once.
@@ -565,6 +574,7 @@ def _load_checkpoint(path: Path, settings: dict) -> dict:
     old = saved.get("settings")
     if not isinstance(old, dict):
         raise ValueError(f"checkpoint {path} is malformed: 'settings' is missing or not an object; delete it to start over")
+    old = {"common_random_numbers": False, **old}  # files written before the option have independent draws
     if old.get("data") != settings["data"] and all(old.get(k) == v for k, v in settings.items() if k != "data"):
         raise ValueError(f"checkpoint {path} was written for other data (the checksum of the values differs: "
                          f"{old.get('data')!r} != {settings['data']!r}); delete it or use another checkpoint path")
@@ -622,6 +632,7 @@ def estimate_curve(
     device=None,
     distributed=False,
     precision: Optional[str] = None,
+    common_random_numbers: bool = False,
 ) -> CurveResult:
     """Estimate the optimal x0-loss J*(s) of ``data`` at each noise level in ``sigmas``.
 
@@ -646,6 +657,9 @@ def estimate_curve(
             shard the data across ranks; every rank must pass the same arguments except ``data``.
         precision: the posterior engine, "auto" (screen and refine), "float64" or None (auto on the
             CPU, float64 on CUDA); see :func:`posterior_partial`. Both are exact to float64 rounding.
+        common_random_numbers: use the same source rows, subsets and unit noise eps at every noise
+            level (queries x = x_n + s eps), so the curve is smooth in s; each level's estimate is
+            still unbiased (module docstring).
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
@@ -666,6 +680,9 @@ def estimate_curve(
     if batch_size is None:
         batch_size = 4096 if device.type == "cuda" else 1024
     batch_size = _check_int(batch_size, "batch_size", 1)
+    if not isinstance(common_random_numbers, (bool, np.bool_)):
+        raise TypeError(f"common_random_numbers must be a bool, got {type(common_random_numbers).__name__}")
+    common_random_numbers = bool(common_random_numbers)
 
     group = None
     if distributed is not False and distributed is not None:
@@ -704,6 +721,7 @@ def estimate_curve(
     settings = {
         "estimator": estimator, "sigmas": [float(v) for v in s], "num_queries": M, "subset_size": L, "C": C,
         "seed": seed, "num_data": N, "dim": ds.D, "noise_device": device.type, "data": ds.fingerprint,
+        "common_random_numbers": common_random_numbers,
     }
     rank = 0 if group is None else torch.distributed.get_rank(group)
     path = None if checkpoint is None else Path(checkpoint)
@@ -731,7 +749,8 @@ def estimate_curve(
                 continue
             if bar is not None:
                 bar.set_postfix(sigma=f"{sigma:.3g}")
-            levels[k] = _level(ds, float(sigma), k, estimator=estimator, M=M, L=L, C=C, seed=seed,
+            draws = 0 if common_random_numbers else k
+            levels[k] = _level(ds, float(sigma), draws, estimator=estimator, M=M, L=L, C=C, seed=seed,
                                batch_blocks=batch_blocks, device=device, bar=bar)
             if path is not None and rank == 0:
                 atomic_write_json(path, {"format": CHECKPOINT_FORMAT, "settings": settings,
@@ -748,4 +767,5 @@ def estimate_curve(
         sigmas=s, j_star=j_var if full else j_ab, stderr=se_var if full else se_ab, j_star_ab=j_ab,
         stderr_ab=se_ab, j_star_var=j_var, stderr_var=se_var, estimator=estimator, dim=ds.D, num_data=N,
         num_queries=M, subset_size=L, C=C, seed=seed,
+        common_random_numbers=common_random_numbers,
     )
