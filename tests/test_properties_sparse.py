@@ -475,11 +475,11 @@ def test_sparse_mse_nonfinite_placement(backend, case, poison):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@given(B=st.integers(0, 0), rest=st.lists(st.integers(1, 4), max_size=2), reduction=st.sampled_from(["mean", "sum", "none"]),
+@given(rest=st.lists(st.integers(1, 4), max_size=2), reduction=st.sampled_from(["mean", "sum", "none"]),
        dtype=DTYPES, requires_grad=st.booleans(), seed=SEEDS)
-def test_sparse_mse_empty_batch(backend, B, rest, reduction, dtype, requires_grad, seed):
+def test_sparse_mse_empty_batch(backend, rest, reduction, dtype, requires_grad, seed):
     """An empty batch: NaN for "mean" (like torch.mean of nothing), 0 for "sum", an empty vector for "none"."""
-    pred = torch.zeros((B, *rest), dtype=dtype, requires_grad=requires_grad)
+    pred = torch.zeros((0, *rest), dtype=dtype, requires_grad=requires_grad)
     with dk.use_backend(backend):
         loss = dk.sparse_mse_loss(pred, torch.zeros_like(pred), 0.5, seed, reduction=reduction)
         if requires_grad:
@@ -488,7 +488,7 @@ def test_sparse_mse_empty_batch(backend, B, rest, reduction, dtype, requires_gra
     if reduction == "mean":
         assert loss.shape == () and bool(loss.isnan())
     elif reduction == "sum":
-        assert loss.shape == () and float(loss) == 0.0
+        assert loss.shape == () and float(loss.detach()) == 0.0
     else:
         assert loss.shape == (0,)
 
