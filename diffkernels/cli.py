@@ -201,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int_range(0, 2**64 - 1), default=0, help="seed of the weights, data and masks")
     p.add_argument("--device", type=device, default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--threads", type=int_range(1, 1024), default=1,
-                   help="torch CPU threads for the demo; its tensors are tiny, so one thread is usually fastest")
+                   help="torch CPU threads for the demo; its tensors are tiny, and more threads than idle cores "
+                        "slow it down several times")
     p.add_argument("--out", default="diffkernels_demo", help="folder for the outputs (created if needed)")
     p.set_defaults(func=_cmd_demo)
 
