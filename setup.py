@@ -37,8 +37,8 @@ class BuildPyWithSources(build_py):
                 shutil.copy2(src, target / src.name)
 
 
-CPP_SOURCES = ["csrc/sparse_mse.cpp", "csrc/mdm_mask.cpp"]
-CUDA_SOURCES = ["csrc/sparse_mse_cuda.cu", "csrc/mdm_mask_cuda.cu"]
+CPP_SOURCES = ["csrc/sparse_mse.cpp", "csrc/mask_tokens.cpp"]
+CUDA_SOURCES = ["csrc/sparse_mse_cuda.cu", "csrc/mask_tokens_cuda.cu"]
 CXX_FLAGS = ["-O3", "-fopenmp", "-std=c++17", "-ffp-contract=off"]
 NVCC_FLAGS = ["-O3", "-std=c++17", "-lineinfo"]  # the same as diffkernels/_native.py
 

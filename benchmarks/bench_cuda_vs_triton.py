@@ -84,7 +84,7 @@ import torch  # noqa: E402
 import diffkernels  # noqa: E402
 from diffkernels import _backend  # noqa: E402
 from diffkernels.ops import _kernels  # noqa: E402
-from diffkernels.ops.mdm_mask import row_table  # noqa: E402
+from diffkernels.ops.mask_tokens import row_table  # noqa: E402
 
 SHAPES = [(128, 3, 32, 32), (64, 4, 64, 64), (16, 3, 256, 256), (256, 3, 256, 256)]
 TOKEN_SHAPES = [(32, 4096), (256, 1024), (1024, 4096), (4096, 4096)]

@@ -89,7 +89,7 @@ from diffkernels.mdm.loss import masked_cross_entropy, masked_diffusion_loss  # 
 from diffkernels.mdm.masking import mask_tokens  # noqa: E402
 from diffkernels.ops import _kernels  # noqa: E402
 from diffkernels.ops.masked_ce import default_chunk_size  # noqa: E402
-from diffkernels.ops.mdm_mask import row_table  # noqa: E402
+from diffkernels.ops.mask_tokens import row_table  # noqa: E402
 from diffkernels.reference import masked_ce as _ref_ce  # noqa: E402
 from diffkernels.rng import seed_to_int64  # noqa: E402
 

@@ -32,7 +32,7 @@ import diffkernels as dk  # noqa: E402
 from diffkernels import _backend  # noqa: E402
 from diffkernels.mdm import mask_tokens  # noqa: E402
 from diffkernels.ops import _kernels  # noqa: E402
-from diffkernels.ops.mdm_mask import row_table  # noqa: E402
+from diffkernels.ops.mask_tokens import row_table  # noqa: E402
 
 # Ops that allocate or only change metadata: no kernel launch on a GPU.
 NO_LAUNCH = {

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import diffkernels as dk  # noqa: E402
 from diffkernels import _backend, mdm  # noqa: E402
 from diffkernels.ops import _kernels  # noqa: E402
-from diffkernels.ops.mdm_mask import row_table  # noqa: E402
+from diffkernels.ops.mask_tokens import row_table  # noqa: E402
 
 GPU_BACKENDS = ("triton", "cuda")
 

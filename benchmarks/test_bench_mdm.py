@@ -42,9 +42,9 @@ from bench_sparse_mse import fused_backend  # noqa: E402
 import diffkernels  # noqa: E402
 from diffkernels.mdm.masking import mask_tokens  # noqa: E402
 from diffkernels.ops import _kernels  # noqa: E402
-from diffkernels.ops.mdm_mask import row_table  # noqa: E402
+from diffkernels.ops.mask_tokens import row_table  # noqa: E402
 from diffkernels.reference import masked_ce as ref_ce  # noqa: E402
-from diffkernels.reference import mdm_mask as ref_mask  # noqa: E402
+from diffkernels.reference import mask_tokens as ref_mask  # noqa: E402
 from diffkernels.rng import seed_to_int64  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

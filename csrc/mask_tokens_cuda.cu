@@ -1,7 +1,7 @@
 // CUDA kernel of mask_tokens for masked diffusion LMs (METHODS.md section 2).
 //
-// Same semantics and bit-identical outputs as csrc/mdm_mask.cpp (see its header for the (B, 8)
-// row table) and diffkernels/triton/mdm_mask.py. One uniform per token u = U(seed, b * L + l),
+// Same semantics and bit-identical outputs as csrc/mask_tokens.cpp (see its header for the (B, 8)
+// row table) and diffkernels/triton/mask_tokens.py. One uniform per token u = U(seed, b * L + l),
 // tiled as in cuda_common.cuh with units of 8 tokens (two Philox counters): a unit wholly inside a
 // row is read and written with vector accesses (ids 64 or 32 bytes, flags and mask 8 bytes,
 // weights 32 bytes); row edges and unaligned inputs go element by element.
@@ -178,7 +178,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mask_tokens_cuda(const at::Tensor
 }  // namespace
 }  // namespace cuda
 
-// mask_tokens is defined in mdm_mask.cpp (TORCH_LIBRARY_FRAGMENT); this adds its CUDA kernel.
+// mask_tokens is defined in mask_tokens.cpp (TORCH_LIBRARY_FRAGMENT); this adds its CUDA kernel.
 TORCH_LIBRARY_IMPL(diffkernels_native, CUDA, m) { m.impl("mask_tokens", &cuda::mask_tokens_cuda); }
 
 }  // namespace diffkernels

@@ -47,9 +47,9 @@ import torch
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
 _PACKAGED_CSRC = Path(__file__).resolve().parent / "csrc"  # where a wheel carries the sources
-SOURCES = ("sparse_mse.cpp", "mdm_mask.cpp")
+SOURCES = ("sparse_mse.cpp", "mask_tokens.cpp")
 HEADERS = ("philox.h", "row_tiles.h")
-CUDA_SOURCES = ("sparse_mse_cuda.cu", "mdm_mask_cuda.cu")
+CUDA_SOURCES = ("sparse_mse_cuda.cu", "mask_tokens_cuda.cu")
 CUDA_HEADERS = ("cuda_common.cuh",)
 NAMESPACE = "diffkernels_native"
 

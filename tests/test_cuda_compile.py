@@ -8,7 +8,7 @@
    kernels, bit for bit (masks, counts, gradients, token masks) at shapes that exercise every
    path: rows spanning one or many blocks (the last-block-done row sums), 16-byte vector accesses
    and the element-wise fallback (unaligned views, row edges), every dtype. The backend-
-   parametrised tests of test_sparse_mse.py / test_mdm_mask.py cover the ops through the API.
+   parametrised tests of test_sparse_mse.py / test_mask_tokens.py cover the ops through the API.
 """
 
 import os
@@ -27,7 +27,7 @@ from diffkernels import _backend, _native
 from diffkernels.rng import seed_to_int64, uniform
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-CUDA_SOURCES = ("sparse_mse_cuda.cu", "mdm_mask_cuda.cu")
+CUDA_SOURCES = ("sparse_mse_cuda.cu", "mask_tokens_cuda.cu")
 
 
 def find_nvcc() -> str | None:
@@ -208,7 +208,7 @@ def test_cuda_scale_rows_matches_cpp(dtype):
 @needs_cuda_backend
 @needs_cpp
 def test_cuda_mask_tokens_matches_cpp():
-    from diffkernels.ops.mdm_mask import row_table
+    from diffkernels.ops.mask_tokens import row_table
 
     ops = _native.ops()
     rng = random.Random()

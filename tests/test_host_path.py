@@ -7,9 +7,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import diffkernels as dk
 from diffkernels.mdm.masking import mask_tokens
-from diffkernels.ops import _kernels, mdm_mask
+from diffkernels.ops import _kernels, mask_tokens as mask_op
 from diffkernels.ops import sparse_mse as ops_mod
-from diffkernels.reference import mdm_mask as ref_mdm
+from diffkernels.reference import mask_tokens as ref_mdm
 
 
 class PassThrough(TorchDispatchMode):
@@ -165,7 +165,7 @@ def test_mask_tokens_fast_path_is_taken_and_matches_custom_op(backend_device, mo
     def no_custom_op(*args):
         raise AssertionError("the custom op ran in plain eager mode")
 
-    monkeypatch.setattr(mdm_mask, "_mask_tokens", no_custom_op)
+    monkeypatch.setattr(mask_op, "_mask_tokens", no_custom_op)
     fast = mask_tokens(ids, p, 8, **kw)
     for name in ("noisy_ids", "masked", "weights", "row_weight", "eligible_count", "p", "source_row"):
         assert torch.equal(getattr(fast, name), getattr(slow, name)), name
@@ -198,9 +198,9 @@ def test_row_table_is_bit_exact(gen, rare_delta, rows, union_weights):
     mirror_rows = {"none": None, "all": torch.ones(p.shape, dtype=torch.bool),
                    "some": torch.rand(p.shape, generator=gen) < 0.5}[rows]
     expected = old_row_table(p, rare_delta, mirror_rows, union_weights)
-    assert torch.equal(mdm_mask.row_table(p, rare_delta, mirror_rows, union_weights), expected)
+    assert torch.equal(mask_op.row_table(p, rare_delta, mirror_rows, union_weights), expected)
     if rows == "all":  # every row mirrored: the path that skips the per-row selects
-        assert torch.equal(mdm_mask._row_table(p, rare_delta, True, union_weights), expected)
+        assert torch.equal(mask_op._row_table(p, rare_delta, True, union_weights), expected)
 
 
 def test_p_check_accepts_exactly_0_to_1(gen):

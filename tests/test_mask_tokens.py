@@ -7,7 +7,7 @@ import torch
 
 import diffkernels as dk
 from diffkernels.mdm.masking import mask_tokens
-from diffkernels.reference import mdm_mask as ref
+from diffkernels.reference import mask_tokens as ref
 from diffkernels.rng import uniform
 
 RARE = [3, 4, 5]
@@ -168,7 +168,7 @@ def test_errors():
 
 def test_registration(backend_device):
     _, device = backend_device
-    from diffkernels.ops.mdm_mask import row_table
+    from diffkernels.ops.mask_tokens import row_table
 
     ids = torch.randint(0, 10, (3, 9), device=device)
     p = torch.tensor([0.2, 0.5, 0.7], device=device)

@@ -289,7 +289,7 @@ def test_kernel_compiles_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-            "import test_masked_ce_kernel as t; t.compile_for_sm90()")
+            "import test_masked_ce as t; t.compile_for_sm90()")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     if out.returncode != 0 and "ptxas" in out.stderr and "not found" in out.stderr.lower():
         pytest.skip("Triton's bundled ptxas is unavailable here")

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .._validate import check_choice, check_devices, check_on_device, check_real, check_seed
-from ..ops.mdm_mask import _row_table, mask_tokens_op
+from ..ops.mask_tokens import _row_table, mask_tokens_op
 
 MODES = ("standard", "mirror")
 _F32_SMALLEST = 2.0**-149  # the smallest positive (subnormal) float32

@@ -1,7 +1,7 @@
 """One table from backend name to the implementation of each kernel primitive.
 
 Every backend offers the same primitives with the same meaning; their plain-PyTorch definitions
-are in diffkernels/reference/ (sparse_mse.py, mdm_mask.py). Triton modules are imported lazily so
+are in diffkernels/reference/ (sparse_mse.py, mask_tokens.py). Triton modules are imported lazily so
 that TRITON_INTERPRET can be set before the first kernel is defined.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .. import _backend, _native
-from ..reference import mdm_mask as _ref_mdm
+from ..reference import mask_tokens as _ref_mdm
 from ..reference import sparse_mse as _ref_sparse
 
 
@@ -84,9 +84,9 @@ class _Triton:
 
     @staticmethod
     def mask_tokens(*args):
-        from ..triton import mdm_mask
+        from ..triton import mask_tokens
 
-        return mdm_mask.mask_tokens(*args)
+        return mask_tokens.mask_tokens(*args)
 
 
 _BY_NAME = {"triton": _Triton, "cuda": _Cuda, "cpp": _Cpp, "torch": _Torch}

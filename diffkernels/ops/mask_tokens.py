@@ -14,7 +14,7 @@ MIRROR_DISABLED = 2.0  # a copy-2 threshold no uniform in [0, 1) exceeds
 
 
 def row_table(p: Tensor, rare_delta: float, mirror_rows: Optional[Tensor], union_weights: bool) -> Tensor:
-    """Per-row thresholds and weights, (B, 8) float32, in float32 arithmetic (see csrc/mdm_mask.cpp).
+    """Per-row thresholds and weights, (B, 8) float32, in float32 arithmetic (see csrc/mask_tokens.cpp).
 
     Columns: [p, 1 - p, q, 1 - q, w_single(p), w_both(p), w_single(q), w_both(q)] with
     q = min(1, p + rare_delta); the copy-2 threshold is MIRROR_DISABLED for rows without copy 2

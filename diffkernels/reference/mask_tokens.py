@@ -2,7 +2,7 @@
 
 ``mask_tokens`` implements the spec directly (the test oracle); ``mask_tokens_fwd`` is the
 backend primitive the C++ and Triton kernels implement, driven by the per-row table of
-``diffkernels.ops.mdm_mask.row_table``.
+``diffkernels.ops.mask_tokens.row_table``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Triton kernel of mask_tokens (see csrc/mdm_mask.cpp for the row table it reads)."""
+"""Triton kernel of mask_tokens (see csrc/mask_tokens.cpp for the row table it reads)."""
 
 import torch
 import triton
