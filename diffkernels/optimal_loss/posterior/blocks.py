@@ -1,0 +1,137 @@
+"""What the engines work on: a block of queries, a chunk of data rows, and the engine interface.
+
+An engine computes the result of one :class:`QueryBlock` (a posterior partial, or knn's nearest
+rows) from the data, which :class:`~.streaming.DataSource` feeds it one :class:`Chunk` at a time.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, fields
+from typing import Optional, Protocol, TypeVar
+
+import torch
+from torch import Tensor
+
+from .fp32_gemm import screen_error_factor, screen_operand
+
+__all__ = ["QueryBlock", "Chunk", "BlockEngine", "RowSource", "gather_rows"]
+
+R = TypeVar("R", covariant=True)
+
+
+@dataclass
+class QueryBlock:
+    """Per-query inputs of one block of b queries, float64 on the compute device.
+
+    The logit of data row y for query x is -||x - alpha y||^2 * inv_two_var + bias, minus infinity
+    for the row numbered ``exclude`` (-1: none). knn uses x and xsq only (alpha = 1).
+    """
+
+    x: Tensor  # (b, D) the queries
+    ax: Tensor  # (b, D) alpha x
+    xsq: Tensor  # (b,) ||x||^2
+    alpha: Tensor  # (b,)
+    inv_two_var: Tensor  # (b,) 1 / (2 sigma^2)
+    bias: Optional[Tensor] = None  # (b,) added to every logit of the query
+    exclude: Optional[Tensor] = None  # (b,) int64 number of the row to drop (-1: none)
+
+    @classmethod
+    def of(cls, x: Tensor, sigma: Optional[Tensor] = None, alpha: Optional[Tensor] = None,
+           bias: Optional[Tensor] = None, exclude: Optional[Tensor] = None) -> "QueryBlock":
+        """The block of float64 queries ``x`` (b, D) with per-query (b,) sigma (default 1) and alpha (default 1)."""
+        ones = torch.ones_like(x[:, 0])
+        alpha = ones if alpha is None else alpha
+        sigma = ones if sigma is None else sigma
+        return cls(x=x, ax=x * alpha[:, None], xsq=x.square().sum(dim=1), alpha=alpha, inv_two_var=0.5 / sigma.square(),
+                   bias=bias, exclude=exclude)
+
+    @property
+    def size(self) -> int:
+        return self.x.shape[0]
+
+    def select(self, rows) -> "QueryBlock":
+        """The block of the queries ``rows`` (a slice or an index tensor)."""
+        return QueryBlock(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[rows]
+                             for f in fields(self)})
+
+
+def gather_rows(y: Tensor, index: Tensor, device: torch.device, shift: Optional[Tensor] = None,
+                scale: float = 1.0) -> Tensor:
+    """(y[index] - shift) / scale in float64 on ``device`` (y may live elsewhere, e.g. in host memory)."""
+    if y.device != index.device:
+        rows = y[index.to(y.device)].to(device=device, dtype=torch.float64)
+    else:
+        rows = y[index].to(torch.float64)
+    if shift is not None:
+        rows.sub_(shift)  # indexing made a copy: safe in place
+    return rows if scale == 1.0 else rows.mul_(1.0 / scale)
+
+
+class RowSource(Protocol):
+    """Data rows that can be gathered by number (a :class:`Chunk` or a whole data source)."""
+
+    storage_device: torch.device  # where the rows are stored
+
+    def gather(self, index: Tensor, device: torch.device) -> Tensor: ...
+
+
+class Chunk:
+    """One chunk of data rows on the queries' device, in its stored dtype; the float64 copy (for the
+    float64 engine) and the screening views (float32 rows and squared norms) are made on first use."""
+
+    def __init__(self, rows: Tensor, start: int, first_index: int):
+        # start: position of the first row in the data; first_index: its number for QueryBlock.exclude.
+        self.rows, self.start, self.first_index, self.n = rows, start, first_index, rows.shape[0]
+        self.storage_device = rows.device
+
+    @functools.cached_property
+    def y(self) -> Tensor:
+        return self.rows.to(torch.float64)
+
+    @functools.cached_property
+    def ysq(self) -> Tensor:  # one reduction pass (a norm) rather than a product and a sum
+        return torch.linalg.vector_norm(self.y, dim=1).square_()
+
+    @functools.cached_property
+    def y32(self) -> Tensor:
+        return self.rows.to(torch.float32)
+
+    @functools.cached_property
+    def screen_operand(self) -> Tensor:
+        return screen_operand(self.y32, left=False)
+
+    @functools.cached_property
+    def ysq32(self) -> Tensor:  # squared norms for the screen only: their rounding is in its error bound
+        return torch.linalg.vector_norm(self.y32, dim=1).double().square_()
+
+    @functools.cached_property
+    def max_norm(self) -> Tensor:
+        """An upper bound on every row's norm: ysq32 is within gamma(D) relative of ||y||^2, less up to
+        D 2^-149 where float32 squares underflow (tiny rows); inf or NaN where float32 overflows."""
+        D = self.rows.shape[1]
+        return ((self.ysq32.max() + D * 2.0**-148) * (1.0 + screen_error_factor(D))).sqrt()
+
+    def gather(self, index: Tensor, device: torch.device) -> Tensor:
+        """Rows ``index`` (positions in this chunk) in float64."""
+        return gather_rows(self.y, index, device)
+
+    def mask_excluded(self, logits: Tensor, block: QueryBlock) -> None:
+        """Set the logit of each query's excluded row to -inf where that row is in this chunk (in place)."""
+        if block.exclude is None:
+            return
+        local = block.exclude - self.first_index
+        # At most one excluded column per query; queries without one rewrite column 0 unchanged (no host sync).
+        hit, col = (local >= 0) & (local < self.n), local.clamp(0, self.n - 1)
+        current = logits.gather(1, col[:, None])
+        logits.scatter_(1, col[:, None], torch.where(hit[:, None], float("-inf"), current))
+
+
+class BlockEngine(Protocol[R]):
+    """The interface of every engine: built for one :class:`QueryBlock` and a
+    :class:`~.streaming.DataSource`, given every chunk of that source once (in order) by
+    :meth:`~.streaming.DataSource.feed`, then asked for its result."""
+
+    def add(self, chunk: Chunk) -> None: ...
+
+    def result(self) -> R: ...

@@ -1,0 +1,113 @@
+"""The float64 engine: every product in float64, two GEMMs per data chunk (logits and sums).
+
+Also home of :func:`exact_rows_partial`, the exact partial of a few rows per query by direct
+differences, which the screen-and-refine engine uses for its refine phase.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .blocks import Chunk, QueryBlock, RowSource
+from .partials import PosteriorPartial, empty_partial, merge_partials
+from .streaming import DataSource, tile_elements
+
+__all__ = ["Float64Engine", "chunk_partial", "exact_rows_partial", "EXACT_HEAD"]
+
+# Rows per query and chunk computed by direct differences (the largest weights).
+EXACT_HEAD = 4
+
+
+def exact_rows_partial(block: QueryBlock, rows: RowSource, index: Tensor, valid: Tensor) -> PosteriorPartial:
+    """The partial of a few rows per query: ``index`` (b, k) row positions in ``rows``, ``valid`` (b, k).
+
+    Distances relative to a row c near the posterior mass: with offsets o = y - c and x - alpha c both
+    direct differences, ||x - alpha y||^2 = ||x - alpha c||^2 + alpha^2 ||o||^2 - 2 alpha <x - alpha c, o>
+    rounds at ~1e-16 of those small norms, not of ||x||^2. c starts as the first row of ``index`` (the
+    screen's best guess) and is then moved to the row of largest exact logit, so the variance sums are
+    taken from the heaviest row (a guess that is off by a near-duplicate would cancel them away).
+    """
+    x, alpha, inv_two_var, bias = block.x, block.alpha, block.inv_two_var, block.bias
+    b, k = index.shape
+    D = x.shape[1]
+    per = max(1, tile_elements(rows.storage_device) // max(1, k * D))  # queries per gathered (per, k, D) slab
+    fields = []
+    for a in range(0, b, per):
+        r = slice(a, a + per)
+        idx, a_r = index[r], alpha[r, None]
+
+        def offsets_from(center_index):
+            center = rows.gather(center_index, x.device)
+            return center, rows.gather(idx, x.device).sub_(center[:, None, :])  # (per, k, D)
+
+        def exact_logits(center, offsets):
+            from_center = x[r] - a_r * center
+            off_sq = torch.linalg.vecdot(offsets, offsets)
+            cross = torch.bmm(offsets, from_center[:, :, None]).squeeze(2).mul_(2.0 * a_r)
+            dist = (from_center.square().sum(dim=1)[:, None] + a_r.square() * off_sq).sub_(cross)
+            logits = dist.clamp_min_(0.0).mul_(-inv_two_var[r, None])
+            if bias is not None:
+                logits.add_(bias[r, None])
+            return logits.masked_fill_(~valid[r], float("-inf")), off_sq
+
+        center, offsets = offsets_from(idx[:, 0])
+        logits, off_sq = exact_logits(center, offsets)
+        log_max, best = logits.max(dim=1)
+        if bool((best != 0).any()):  # usually the first guess is the heaviest row: no second gather
+            center, offsets = offsets_from(idx.gather(1, best[:, None]).squeeze(1))
+            off_sq = torch.linalg.vecdot(offsets, offsets)
+        seen = log_max > float("-inf")
+        w = logits.sub_(torch.where(seen, log_max, 0.0)[:, None]).exp_()
+        sum_wy = torch.bmm(w[:, None, :], offsets).squeeze(1)
+        fields.append((center, log_max, w.sum(dim=1), sum_wy, (w * off_sq).sum(dim=1)))
+    return PosteriorPartial(*(torch.cat(f) for f in zip(*fields)))
+
+
+def chunk_partial(block: QueryBlock, ch: Chunk) -> PosteriorPartial:
+    """One data chunk y (n, D) by the float64 engine: logits by one GEMM, (alpha x) y^T; the EXACT_HEAD
+    best rows per query recomputed by direct differences; the other rows' sums by a second GEMM, w y.
+
+    The head carries the posterior's largest weights, so small variances (near-duplicate rows) and
+    the log-sum-exp come from exact differences; the expanded form's rounding (~1e-16 (||x||^2 +
+    a^2 ||y||^2) in the distances, ~1e-16 ||c||^2 per unit weight in the sums) only touches the tail.
+    """
+    y, ysq = ch.y, ch.ysq
+    dist = torch.addmm(block.xsq[:, None] + block.alpha.square()[:, None] * ysq[None, :], block.ax, y.T, alpha=-2.0)
+    logits = dist.clamp_min_(0.0).mul_(-block.inv_two_var[:, None])
+    if block.bias is not None:
+        logits.add_(block.bias[:, None])
+    ch.mask_excluded(logits, block)
+    head_logits, head = logits.topk(min(EXACT_HEAD, y.shape[0]), dim=1)
+    part = exact_rows_partial(block, ch, head, head_logits > float("-inf"))
+    if head.shape[1] == y.shape[0]:
+        return part
+    seen = part.log_max > float("-inf")
+    w = logits.sub_(torch.where(seen, part.log_max, 0.0)[:, None]).exp_()  # the tile is reused as the weights
+    w.scatter_(1, head, 0.0)
+    tail_w = w.sum(dim=1)
+    wy = w @ y
+    center = part.center
+    # Tail sums relative to the head's center: sum w ||y - c||^2 = sum w ||y||^2 - 2 <c, sum w y> + ||c||^2 sum w.
+    tail_wyy = (w @ ysq - 2.0 * (center * wy).sum(dim=1) + tail_w * center.square().sum(dim=1)).clamp_min(0.0)
+    return PosteriorPartial(center, part.log_max, part.sum_w + tail_w, part.sum_wy + wy - tail_w[:, None] * center,
+                            part.sum_wyy + tail_wyy)
+
+
+class Float64Engine:
+    """The partial of one query block over all chunks: :func:`chunk_partial` per chunk, merged."""
+
+    def __init__(self, block: QueryBlock, source: Optional[DataSource] = None):
+        self.block = block
+        self.out: Optional[PosteriorPartial] = None
+
+    def add(self, chunk: Chunk) -> None:
+        part = chunk_partial(self.block, chunk)
+        self.out = part if self.out is None else merge_partials(self.out, part)
+
+    def result(self) -> PosteriorPartial:
+        if self.out is None:  # no data rows
+            return empty_partial(self.block.size, self.block.x.shape[1], self.block.x.device)
+        return self.out

@@ -1,0 +1,145 @@
+"""The screen-and-refine engine (``precision="auto"``): one fp32-accurate GEMM per chunk instead of
+two float64 ones, and a proof per query that what it drops is negligible.
+
+Phase 1, screen (every chunk): the fp32-accurate GEMM (:mod:`.fp32_gemm`) gives every logit to
+within a bound E that follows from the GEMM's rounding; each query keeps its SCREEN_TOP + 1 best
+screened rows over all chunks. Phase 2, refine (once per query block, after the last chunk): the
+SCREEN_TOP best rows of each query are recomputed exactly, in float64 by direct differences
+(:func:`~.float64_engine.exact_rows_partial`); the query is proven when every other row is below the
+best by more than NEGLIGIBLE_NATS (e^-40 each) also after the error bound, and the rows dropped that
+way cannot move the variance. Unproven queries (a posterior spread over more than SCREEN_TOP rows,
+i.e. larger sigma, or norms outside the screen's float32 range) are recomputed by the float64
+engine over all the data. A block first screens a few probe queries on its first chunk; if too many
+of them fail the proof, the whole block uses the float64 engine from the start.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .blocks import Chunk, QueryBlock
+from .float64_engine import Float64Engine, exact_rows_partial
+from .fp32_gemm import screen_operand, screen_products, screen_sq_error
+from .partials import PosteriorPartial, empty_partial, patch_partial
+from .streaming import DataSource, merge_best
+
+__all__ = ["ScreenEngine", "screen_chunk", "proven", "SCREEN_TOP", "NEGLIGIBLE_NATS", "PROBE_QUERIES",
+           "MAX_FALLBACK_FRACTION"]
+
+# Rows per query recomputed exactly, and the margin below the best logit beyond which a row is
+# dropped (e^-40 = 4e-18 of the best row's weight).
+SCREEN_TOP = 16
+NEGLIGIBLE_NATS = 40.0
+# A block first tries the screen on up to this many queries (an eighth of the block at most) of its
+# first chunk: if too many fall back (a spread posterior at this sigma), the rest of the block uses
+# the float64 engine at once.
+PROBE_QUERIES = 32
+# Screening a chunk costs ~1/4 (GPU) to ~1/3 (CPU) of the float64 engine, plus top-k and gathers;
+# past this fraction of fallen-back queries it no longer pays, and the block switches to float64.
+MAX_FALLBACK_FRACTION = 0.15
+
+
+def screen_chunk(block: QueryBlock, operand: Tensor, ax_norm: Tensor, ch: Chunk) -> tuple[Tensor, Tensor, Tensor]:
+    """Screened logits of one chunk: each query's SCREEN_TOP + 1 best (values (b, <= 17), descending;
+    their row positions in the data) and the bound E (b,) on every screened logit's error.
+
+    ``operand``: the block's ``ax`` as a screen operand; ``ax_norm``: its row norms. The screening
+    distances ||x||^2 + a^2 ||y||^2 - 2 (a x).y take x.y from one fp32-accurate GEMM and ||y||^2 in
+    float32, so each logit is within E = gamma(D) (2 ||a x|| + a^2 max ||y||) max ||y|| / (2 sigma^2)
+    of the truth (the bias shifts every row of a query alike and is left out).
+    """
+    inv_two_var, alpha = block.inv_two_var, block.alpha
+    products = screen_products(operand, ch.screen_operand)
+    dist = (block.xsq[:, None] + alpha.square()[:, None] * ch.ysq32[None, :]).sub_(products.double(), alpha=2.0)
+    del products
+    logits = dist.clamp_min_(0.0).mul_(-inv_two_var[:, None])
+    ch.mask_excluded(logits, block)
+    error = screen_sq_error(ch.rows.shape[1], ax_norm, alpha.square(), ch.max_norm) * inv_two_var
+    vals, index = logits.topk(min(SCREEN_TOP + 1, ch.n), dim=1)
+    return vals, index + ch.start, error
+
+
+def proven(vals: Tensor, error: Tensor) -> Tensor:
+    """Whether the SCREEN_TOP best rows hold each query's whole posterior (up to e^-NEGLIGIBLE_NATS).
+
+    ``vals``: the best screened logits (descending), of all rows seen. If the best beats the
+    (SCREEN_TOP + 1)-th by more than 2 E + NEGLIGIBLE_NATS, every row outside the top SCREEN_TOP is
+    truly more than NEGLIGIBLE_NATS below the best one.
+    """
+    if vals.shape[1] <= SCREEN_TOP:  # no other rows (unless the screen was out of its range: inf error)
+        return torch.isfinite(error)
+    ok = vals[:, SCREEN_TOP] + (2.0 * error + NEGLIGIBLE_NATS) < vals[:, 0]
+    return ok | (vals[:, 0] == float("-inf"))  # every row excluded: nothing to add
+
+
+class ScreenEngine:
+    """Screen and refine for one query block (module docstring); ``source`` is read again, by the
+    float64 engine, for the queries the refine cannot prove."""
+
+    def __init__(self, block: QueryBlock, source: DataSource):
+        self.block, self.source = block, source
+        self.operand = screen_operand(block.ax.float(), left=True)
+        self.ax_norm = block.ax.norm(dim=1)
+        # Phase 1 state: each query's best screened logits and their rows, the largest error bound
+        # and the largest row norm seen.
+        self.cand_val = block.x.new_empty(block.size, 0)
+        self.cand_row = torch.zeros_like(block.x, dtype=torch.int64)[:, :0]
+        self.error = torch.zeros_like(block.xsq)
+        self.max_norm = block.xsq.new_zeros(())
+        self.probed = False
+        self.fallback: Optional[Float64Engine] = None  # set when the probe sends the block to float64
+
+    def add(self, ch: Chunk) -> None:
+        if not self.probed:
+            self.probed = True
+            size = min(PROBE_QUERIES, self.block.size // 8)
+            if size:  # a spread posterior on a few queries of the first chunk: the whole block in float64
+                s = slice(0, size)
+                vals, _, error = screen_chunk(self.block.select(s), self.operand[s], self.ax_norm[s], ch)
+                if 1.0 - float(proven(vals, error).double().mean()) > MAX_FALLBACK_FRACTION:
+                    self.fallback = Float64Engine(self.block)
+        if self.fallback is not None:
+            self.fallback.add(ch)
+            return
+        vals, rows, error = screen_chunk(self.block, self.operand, self.ax_norm, ch)
+        self.cand_val, self.cand_row = merge_best(self.cand_val, self.cand_row, vals, rows, SCREEN_TOP + 1,
+                                                  largest=True)
+        self.error = torch.maximum(self.error, error)
+        self.max_norm = torch.maximum(self.max_norm, ch.max_norm)
+
+    def result(self) -> PosteriorPartial:
+        if self.fallback is not None:
+            return self.fallback.result()
+        if self.source.n == 0:
+            return empty_partial(self.block.size, self.block.x.shape[1], self.block.x.device)
+        return self._refine()
+
+    def _refine(self) -> PosteriorPartial:
+        """Phase 2: the exact partial of each query's best rows, and the float64 engine over all the
+        data for unproven queries.
+
+        Beyond the margin of :func:`proven`, the dropped rows must also be negligible for the variance:
+        each weighs at most e^(v_17 - v_1 + 2E) of the best row and lies within 2 max ||y|| of the mean,
+        so N of them move the variance by at most N e^(v_17 - v_1 + 2E) (2 max ||y||)^2, which must stay
+        below 1e-6 of the variance of the rows kept (a near-delta posterior whose variance comes from a
+        flat tail of rows ~50 nats down is not proven by the margin alone).
+        """
+        vals, rows = self.cand_val, self.cand_row
+        top = min(SCREEN_TOP, vals.shape[1])
+        part = exact_rows_partial(self.block, self.source, rows[:, :top], vals[:, :top] > float("-inf"))
+        ok = proven(vals, self.error)
+        if vals.shape[1] > SCREEN_TOP:
+            dropped = self.source.n * (vals[:, SCREEN_TOP] - vals[:, 0] + 2.0 * self.error).exp() \
+                * (2.0 * self.max_norm).square()
+            kept = part.finalize().variance
+            ok &= (dropped <= 1e-6 * kept) | (vals[:, SCREEN_TOP] == float("-inf"))
+        unproven = ~ok
+        if int(unproven.sum()):  # one host sync per block
+            index = unproven.nonzero().squeeze(1)
+            exact = Float64Engine(self.block.select(index))
+            self.source.feed([exact])
+            part = patch_partial(part, index, exact.result())
+        return part
