@@ -43,10 +43,6 @@ Results: Markdown on stdout, and ``<out>/mdm_<kind>[_quick].{md,json}``.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import gc
-import importlib.metadata
 import math
 import statistics
 import sys
@@ -56,32 +52,43 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout: diffkernels, benchmarks._common
-from benchmarks._common import (  # noqa: E402  -- the shared timing / memory / machine helpers
-    LOAD_LIMIT,
-    WAIT_BUDGET,
-    MiB,
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout: diffkernels, benchmarks
+from benchmarks.cli import base_parser, fill_defaults, parse_shapes, result_stem  # noqa: E402
+from benchmarks.environment import (  # noqa: E402
     bandwidth_ceilings,
-    add_timing_options,
-    base_parser,
     cache_bytes,
     default_device,
     environment,
-    fmt_r,
-    fmt_t,
     fused_backend,
     gemm_times,
-    grad_rel_diff,
-    measure_quietly,
-    peak_extra_bytes,
+    input_copies,
+    optional_peer,
     pin_device,
-    ratio_stats,
+)
+from benchmarks.memory import MiB, free, peak_extra_mib  # noqa: E402
+from benchmarks.reporting import (  # noqa: E402
+    err_s,
+    fmt_r,
+    fmt_t,
+    grad_rel_diff,
+    header,
+    load_cell,
+    log,
+    log_row,
+    log_start,
     rel_diff,
     shape_s,
-    summarize,
-    sync,
-    wait_for_idle,
     write_results,
+)
+from benchmarks.timing import (  # noqa: E402
+    LOAD_LIMIT,
+    WAIT_BUDGET,
+    add_timing_options,
+    measure_quietly,
+    record,
+    sync,
+    timing_defaults,
+    wait_if_busy,
 )
 
 import diffkernels  # noqa: E402
@@ -225,21 +232,14 @@ LOSS_FNS = {"fused": fused_loss, "eager_full": eager_full_loss, "eager_gathered"
 
 def liger_status(device) -> tuple[bool, str]:
     """(usable, note): Liger-Kernel installed and able to run forward + backward on this device?"""
-    try:
-        version = importlib.metadata.version("liger-kernel")
-    except importlib.metadata.PackageNotFoundError:
-        return False, "liger-kernel is not installed (pip install liger-kernel --no-deps)"
-    try:
-        fn = liger_fn()
+    def probe():
         h = torch.randn(8, 16, device=device, requires_grad=True)
         w = torch.randn(32, 16, device=device, requires_grad=True)
         t = torch.randint(0, 32, (8,), device=device)
-        fn(h, w, t, reduction="sum").backward()
+        liger_fn()(h, w, t, reduction="sum").backward()
         sync(device)
-    except Exception as exc:  # noqa: BLE001 -- e.g. its Triton kernels need a GPU
-        msg = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
-        return False, f"liger-kernel {version} is installed but cannot run on {device.type}: {msg}"
-    return True, f"liger-kernel {version}"
+
+    return optional_peer("liger-kernel", probe, "liger-kernel --no-deps")
 
 
 def make_loss_inputs(B, L, H, V, dtype, device, *, p="stratified", n_masks=4, seed=0):
@@ -257,13 +257,11 @@ def make_loss_inputs(B, L, H, V, dtype, device, *, p="stratified", n_masks=4, se
 # --- one mask row ---------------------------------------------------------------------------------
 
 
-def bench_mask_row(shape, mode, device, args, ceil, backend) -> dict:
+def bench_mask_row(shape, mode, device, args, ceil, backend, cache: int) -> dict:
     B, L = shape
     mirror = mode == "mirror"
     mask_id = 32000
-    ids_bytes = B * L * 8
-    cache = ceil.get("_cache_bytes") or 0
-    n_sets = 1 if args.no_rotate else max(1, min(64, math.ceil(2 * cache / ids_bytes)))
+    n_sets = input_copies(B * L * 8, cache, not args.no_rotate)
     gen = torch.Generator().manual_seed(B * 7919 + L)
     sets = [torch.randint(0, mask_id, (B, L), generator=gen).to(device) for _ in range(n_sets)]
     p = row_p(B, args.p, device)
@@ -295,22 +293,16 @@ def bench_mask_row(shape, mode, device, args, ceil, backend) -> dict:
     if not row["api_equals_kernel"]:
         row["errors"]["check"] = "mask_tokens API and backend kernel disagree"
 
-    waited = wait_for_idle(args.idle_wait, LOAD_LIMIT) if (device.type == "cpu" and args.idle_wait > 0) else 0.0
-    row["waited_for_idle_s"] = round(waited, 1)
-    res = measure_quietly({"api": api, "kernel": kernel, "eager": eager}, device, args.mask_cfg, args.budget_mask)
-    row.update(foreign_cores=res["foreign_cores"], steal_cores=res["steal_cores"], rounds=res["rounds"],
-               attempts=res["attempts"], calls_per_sample=res["calls_per_sample"])
-    row["time"] = {n: summarize(s) for n, s in res["samples"].items()}
-    row["ratio"] = {"api/eager": ratio_stats(res["samples"]["api"], res["samples"]["eager"]),
-                    "kernel/eager": ratio_stats(res["samples"]["kernel"], res["samples"]["eager"])}
-    if args.keep_samples:
-        row["samples_ms"] = {n: [round(x * 1e3, 5) for x in s] for n, s in res["samples"].items()}
+    row["waited_for_idle_s"] = wait_if_busy(device, args.idle_wait)
+    res = measure_quietly({"api": api, "kernel": kernel, "eager": eager}, device, args, args.budget_mask,
+                          args.min_reps_mask)
+    record(row, res, [("api", "eager"), ("kernel", "eager")], args.keep_samples)
     row["bytes"] = mask_bytes(B, L, mirror)
     row["floor_ms"] = row["bytes"] / (ceil["copy"]["GBps"] * 1e9) * 1e3
     row["frac_of_floor"] = {n: row["floor_ms"] / row["time"][n]["median_ms"] for n in row["time"]}
     row["GBps"] = {n: row["bytes"] / (row["time"][n]["median_ms"] * 1e-3) / 1e9 for n in row["time"]}
     del sets
-    gc.collect()
+    free(device)
     return row
 
 
@@ -346,9 +338,7 @@ def bench_loss_row(shape, dtype_name, device, args, backend, liger_ok) -> dict:
         def step(i):
             hidden.grad = None
             weight.grad = None
-            with contextlib.nullcontext():  # the loss picks its own GPU kernel (Triton)
-                loss = loss_fn(masks[i % n_masks], targets, hidden, weight)
-                loss.backward()
+            loss_fn(masks[i % n_masks], targets, hidden, weight).backward()
         return step
 
     fns = {m: step_fn(m) for m in methods}
@@ -358,9 +348,8 @@ def bench_loss_row(shape, dtype_name, device, args, backend, liger_ok) -> dict:
     check = {}
     mt = masks[0]
     hidden.grad = weight.grad = None
-    with contextlib.nullcontext():  # the loss picks its own GPU kernel (Triton)
-        ref_loss = fused_loss(mt, targets, hidden, weight)
-        ref_loss.backward()
+    ref_loss = fused_loss(mt, targets, hidden, weight)
+    ref_loss.backward()
     ref = (float(ref_loss.detach()), hidden.grad, weight.grad)
     check["fused"] = {"loss": ref[0]}
     for name in methods:
@@ -368,14 +357,13 @@ def bench_loss_row(shape, dtype_name, device, args, backend, liger_ok) -> dict:
             continue
         hidden.grad = weight.grad = None
         try:
-            with contextlib.nullcontext():  # the loss picks its own GPU kernel (Triton)
-                loss = LOSS_FNS[name](mt, targets, hidden, weight)
-                loss.backward()
-                if name == "liger_sum":
-                    with torch.no_grad():
-                        expected = float(liger_sum_expected(mt, targets, hidden, weight))
-                else:
-                    expected = ref[0]
+            loss = LOSS_FNS[name](mt, targets, hidden, weight)
+            loss.backward()
+            if name == "liger_sum":
+                with torch.no_grad():
+                    expected = float(liger_sum_expected(mt, targets, hidden, weight))
+            else:
+                expected = ref[0]
             c = {"loss": float(loss.detach()), "rel_diff": rel_diff(float(loss.detach()), expected), "compared_to":
                  "fused, uniform weight" if name == "liger_sum" else "fused"}
             if name != "liger_sum":
@@ -383,13 +371,13 @@ def bench_loss_row(shape, dtype_name, device, args, backend, liger_ok) -> dict:
                 c["grad_weight_rel"] = grad_rel_diff(weight.grad, ref[2])
             c["ok"] = c["rel_diff"] <= tol
         except Exception as exc:  # noqa: BLE001 -- report, do not abort the run
-            row["errors"][name] = " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
+            row["errors"][name] = err_s(exc, 500)
             fns.pop(name, None)
             continue
         check[name] = c
         if not c["ok"]:
             row["errors"][f"check:{name}"] = f"loss {c['loss']:.8g} vs {expected:.8g} (rel {c['rel_diff']:.2e} > {tol})"
-            print(f"[bench]   WARNING: {name} loss disagrees: {row['errors'][f'check:{name}']}", file=sys.stderr)
+            log(f"  WARNING: {name} loss disagrees: {row['errors'][f'check:{name}']}")
     del ref
     hidden.grad = weight.grad = None
     if N * V <= ORACLE_MAX_LOGITS and not args.no_reference:
@@ -398,9 +386,7 @@ def bench_loss_row(shape, dtype_name, device, args, backend, liger_ok) -> dict:
         check["oracle_float64"] = {"loss": oracle, "fused_rel_diff": rel_diff(check["fused"]["loss"], oracle)}
     row["check"] = check
     row["check_tolerance"] = tol
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    free(device)
 
     # Compute ceiling: the forward GEMM at this row's shapes (masked tokens only).
     n_mean = max(1, round(sum(n_masked) / n_masks))
@@ -410,37 +396,26 @@ def bench_loss_row(shape, dtype_name, device, args, backend, liger_ok) -> dict:
     row["matmul_floor_ms"] = {"fused": flops_fused / (mm["TFLOPs"] * 1e12) * 1e3,
                               "eager_full": 3 * 2 * N * H * V / (mm["TFLOPs"] * 1e12) * 1e3}
 
-    waited = wait_for_idle(args.idle_wait, LOAD_LIMIT) if (device.type == "cpu" and args.idle_wait > 0) else 0.0
-    row["waited_for_idle_s"] = round(waited, 1)
-    res = measure_quietly(fns, device, args.loss_cfg, args.budget_loss)
-    row.update(foreign_cores=res["foreign_cores"], steal_cores=res["steal_cores"], rounds=res["rounds"],
-               attempts=res["attempts"], calls_per_sample=res["calls_per_sample"])
-    row["time"] = {n: summarize(s) for n, s in res["samples"].items()}
-    row["ratio"] = {f"fused/{n}": ratio_stats(res["samples"]["fused"], res["samples"][n])
-                    for n in res["samples"] if n != "fused"}
-    if args.keep_samples:
-        row["samples_ms"] = {n: [round(x * 1e3, 5) for x in s] for n, s in res["samples"].items()}
+    row["waited_for_idle_s"] = wait_if_busy(device, args.idle_wait)
+    res = measure_quietly(fns, device, args, args.budget_loss, args.min_reps_loss)
+    record(row, res, [("fused", n) for n in fns if n != "fused"], args.keep_samples)
     row["fused_frac_of_matmul_floor"] = row["matmul_floor_ms"]["fused"] / row["time"]["fused"]["median_ms"]
 
     # Peak extra memory of one step (inputs and masks allocated, grads cleared).
     item = torch.empty((), dtype=dtype).element_size()
     row["grads_MiB"] = (N * H + V * H) * item / MiB  # hidden.grad + weight.grad, which every method leaves
     row["logits_MiB"] = N * V * item / MiB  # the full logits in the input dtype, for scale
-    row["peak_extra_MiB"] = {}
-    for name, fn in fns.items():  # (all warmed up by the timing)
+    def drop_grads():
         hidden.grad = weight.grad = None
-        row["peak_extra_MiB"][name] = peak_extra_bytes(fn, 0, device) / MiB
-        hidden.grad = weight.grad = None
-    pm = row["peak_extra_MiB"]
+
+    pm = row["peak_extra_MiB"] = peak_extra_mib(fns, device, drop_grads)
     if "eager_full" in pm:
         row["memory_ratio"] = {f"fused/{n}": pm["fused"] / pm[n] for n in pm if n != "fused"}
         trans = {n: pm[n] - row["grads_MiB"] for n in pm}
         row["transient_ratio_fused/eager_full"] = trans["fused"] / trans["eager_full"] if trans["eager_full"] > 0 else None
 
     del hidden, weight, targets, masks, fns
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    free(device)
     return row
 
 
@@ -473,17 +448,8 @@ def _target(value, limit, le=True, judge=True) -> str:
 
 def to_markdown(meta, ceil, mask_rows, loss_rows) -> str:
     cuda = meta.get("cuda") is not None
-    L = [f"# masked diffusion LM (diffkernels.mdm) benchmark — {meta['device']}", ""]
-    L.append(f"- date: {meta['date']}; commit `{meta['git_commit']}`" + (" (+ uncommitted changes)" if meta["git_dirty"] else ""))
-    L.append(f"- command: `{meta['command']}`")
-    L.append(f"- python {meta['python']}, torch {meta['torch']}, triton {meta['triton']}, diffkernels {meta['diffkernels']}; "
-             f"mask kernel backend: `{meta['fused_backend']}`; Liger: {meta['liger']}")
-    cpu = meta["cpu"]
-    L.append(f"- CPU: {cpu['model']}, {meta['cpu_count']} logical cores, torch threads {meta['torch_num_threads']}, "
-             f"flags {' '.join(cpu['flags']) or '-'}, last-level cache {(meta['llc_bytes'] or 0) // MiB} MiB")
-    if cuda:
-        L.append(f"- GPU: {meta['device']}, CUDA {meta['cuda']}, {meta['gpu_sm_count']} SMs, "
-                 f"L2 {(meta.get('gpu_l2_bytes') or 0) // MiB} MiB")
+    L = header(meta, "masked diffusion LM (diffkernels.mdm) benchmark",
+               f"mask kernel backend: `{meta['fused_backend']}`; Liger: {meta['liger']}")
     L.append("- timing: " + ("CUDA events after warm-up" if cuda else "time.perf_counter after warm-up, default torch threads")
              + "; methods interleaved round by round; times are median ± IQR/2; ratios are the median "
              "(quartiles) of per-round ratios. `load` = CPU cores used by other processes / stolen by the "
@@ -501,11 +467,6 @@ def to_markdown(meta, ceil, mask_rows, loss_rows) -> str:
         mm = row["matmul"]
         L.append(f"- GEMM for V={row['shape']['V']}: **{mm['TFLOPs']:.3f} TFLOP/s** ({mm['note']}, {mm['median_ms']:.2f} ms)")
     L.append("")
-
-    def load_s(row):
-        ld, st = row.get("foreign_cores"), row.get("steal_cores")
-        mark = " †" if (ld or 0) > LOAD_LIMIT else ""
-        return "" if ld is None else f"{ld:.2f} / {st:.2f}{mark}"
 
     if mask_rows:
         L.append("## mask_tokens, ms (median ± IQR/2)")
@@ -526,7 +487,7 @@ def to_markdown(meta, ceil, mask_rows, loss_rows) -> str:
             L.append(f"| {shape_s(row['shape'])} | {row['mode']} | **{fmt_t(t['api'])}** | {fmt_t(t['kernel'])} | "
                      f"{fmt_t(t['eager'])} | {fmt_r(row['ratio']['api/eager'])} | {fmt_r(row['ratio']['kernel/eager'])} | "
                      f"{row['bytes'] / 1e6:.1f} | {row['floor_ms']:.4f} | {100 * f['api']:.0f}% | {100 * f['kernel']:.0f}% | "
-                     f"{100 * f['eager']:.0f}% | {_ok(row['api_equals_kernel'])} | {load_s(row)} |")
+                     f"{100 * f['eager']:.0f}% | {_ok(row['api_equals_kernel'])} | {load_cell(row, LOAD_LIMIT)} |")
         L.append("")
         L.append("`check`: the API's output equals the kernel's for the same seed; masked fractions (ours / eager / mean p): "
                  + "; ".join(f"{shape_s(r['shape'])} {r['mode']}: {r['masked_fraction']['ours']:.3f} / "
@@ -581,11 +542,11 @@ def to_markdown(meta, ceil, mask_rows, loss_rows) -> str:
                 line += f" {fmt_t(t.get('liger_sum'))} |"
             line += (f" {fmt_r(rt.get('fused/eager_full'))} | {fmt_r(rt.get('fused/eager_gathered'))} |"
                      + (f" {fmt_r(rt.get('fused/liger'))} |" if has_liger else "")
-                     + f" {row['matmul_floor_ms']['fused']:.2f} | {100 * row['fused_frac_of_matmul_floor']:.0f}% | {load_s(row)} |")
+                     + f" {row['matmul_floor_ms']['fused']:.2f} | {100 * row['fused_frac_of_matmul_floor']:.0f}% | {load_cell(row, LOAD_LIMIT)} |")
             L.append(line)
         if not has_liger:
             L.append("")
-            L.append(f"Liger-Kernel baseline skipped: {meta['liger'].rstrip('.')}.")
+            L.append(f"Liger-Kernel baseline: {meta['liger']}.")
         L.append("")
         L.append("### Peak extra memory of one step, MiB")
         L.append("")
@@ -681,34 +642,14 @@ def parse_args(argv=None):
         args.p = float(args.p)
         if not 0 < args.p <= 1:
             ap.error("--p must lie in (0, 1]")
-    if args.loss_shapes:
-        args.loss_shapes = [tuple(int(x) for x in s.split("x")) for s in args.loss_shapes.split(",")]
-    else:
-        args.loss_shapes = list(LOSS_SHAPES["cuda" if not cpu else ("cpu_quick" if args.quick else "cpu")])
-    if args.mask_shapes:
-        args.mask_shapes = [tuple(int(x) for x in s.split("x")) for s in args.mask_shapes.split(",")]
-    else:
-        args.mask_shapes = MASK_SHAPES + [MASK_BANDWIDTH_SHAPE]
+    args.loss_shapes = parse_shapes(args.loss_shapes, LOSS_SHAPES["cuda" if not cpu else ("cpu_quick" if args.quick else "cpu")])
+    args.mask_shapes = parse_shapes(args.mask_shapes, MASK_SHAPES + [MASK_BANDWIDTH_SHAPE])
     args.skip_methods = [m for m in args.skip_methods.split(",") if m]
-    defaults = dict(
-        budget_mask=(0.8 if args.quick else 3.0) * (1 if cpu else 0.5),
-        budget_loss=(2.0 if args.quick else 20.0) * (1 if cpu else 0.25),
-        min_reps_mask=5 if args.quick else 15,
-        min_reps_loss=3 if args.quick else (7 if cpu else 15),
-        min_sample=2e-3 if cpu else 1e-3,
-        warmup=0.1 if args.quick else 0.3,
-        idle_wait=(15.0 if args.quick else 60.0) if cpu else 0.0,
-        retries=(1 if args.quick else 2) if cpu else 0,
-        max_total_wait=(120.0 if args.quick else 1200.0) if cpu else 0.0,
-    )
-    for k, v in defaults.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    # measure_quietly (benchmarks/_common.py) reads these fields; one namespace per part.
-    common = dict(max_reps=args.max_reps, min_sample=args.min_sample, warmup=args.warmup, retries=args.retries,
-                  idle_wait=args.idle_wait)
-    args.mask_cfg = argparse.Namespace(min_reps=args.min_reps_mask, **common)
-    args.loss_cfg = argparse.Namespace(min_reps=args.min_reps_loss, **common)
+    fill_defaults(args, **timing_defaults(args.quick, cpu),
+                  budget_mask=(0.8 if args.quick else 3.0) * (1 if cpu else 0.5),
+                  budget_loss=(2.0 if args.quick else 20.0) * (1 if cpu else 0.25),
+                  min_reps_mask=5 if args.quick else 15,
+                  min_reps_loss=3 if args.quick else (7 if cpu else 15))
     return args
 
 
@@ -718,19 +659,16 @@ def main(argv=None):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
     WAIT_BUDGET["left_s"] = args.max_total_wait
-    meta = environment(device)
+    meta = environment(device, args)
     meta["fused_backend"] = backend = fused_backend(device)
     liger_ok, meta["liger"] = liger_status(device)
     meta["memory_method"] = MEMORY_METHOD["cuda" if device.type == "cuda" else "cpu"]
-    meta["settings"] = {k: (str(v) if isinstance(v, (torch.device, argparse.Namespace)) else v) for k, v in vars(args).items()}
     meta["cpu_shapes_scaled_down"] = device.type == "cpu" and not any(s[2] == 4096 for s in args.loss_shapes)
-    print(f"[bench] {meta['device']}; torch {meta['torch']}; mask backend {backend}; {meta['liger']}; "
-          f"commit {meta['git_commit']}", file=sys.stderr)
+    log_start(meta, f"mask backend {backend}; {meta['liger']}")
 
     ceil = bandwidth_ceilings(device, args.quick)
-    ceil["_cache_bytes"] = cache_bytes(meta, device)
-    print(f"[bench] copy {ceil['copy']['GBps']:.1f} GB/s; torch.rand {ceil['torch_rand']['ns_per_element']:.3f} ns/el",
-          file=sys.stderr)
+    cache = cache_bytes(meta, device)
+    log(f"copy {ceil['copy']['GBps']:.1f} GB/s; torch.rand {ceil['torch_rand']['ns_per_element']:.3f} ns/el")
 
     t_start = time.perf_counter()
     mask_rows, loss_rows = [], []
@@ -738,30 +676,26 @@ def main(argv=None):
         for shape in args.mask_shapes:
             for mode in MODES:
                 t0 = time.perf_counter()
-                row = bench_mask_row(shape, mode, device, args, ceil, backend)
+                row = bench_mask_row(shape, mode, device, args, ceil, backend, cache)
                 mask_rows.append(row)
-                msg = " ".join(f"{k}={v['median_ms']:.4f}ms" for k, v in row["time"].items())
-                print(f"[bench] mask {shape_s(shape)} {mode}: {msg} | kernel {100 * row['frac_of_floor']['kernel']:.0f}% "
-                      f"of floor | load={row['foreign_cores']} | {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+                log_row(f"mask {shape_s(shape)} {mode}", row, t0,
+                        f"kernel {100 * row['frac_of_floor']['kernel']:.0f}% of floor")
     if not args.skip_loss:
         for shape in args.loss_shapes:
             t0 = time.perf_counter()
             row = bench_loss_row(shape, args.dtype, device, args, backend, liger_ok)
             loss_rows.append(row)
-            msg = " ".join(f"{k}={v['median_ms']:.1f}ms" for k, v in row["time"].items())
-            rr = " ".join(f"{k}={v['median']:.2f}" for k, v in row["ratio"].items())
-            mem = " ".join(f"{k}={v:.0f}MiB" for k, v in row["peak_extra_MiB"].items())
-            print(f"[bench] loss {'x'.join(map(str, shape))} {args.dtype}: {msg} | {rr} | {mem} | "
-                  f"load={row['foreign_cores']} | {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+            log_row(f"loss {shape_s(shape)} {args.dtype}", row, t0,
+                    " ".join(f"{k}={v:.0f}MiB" for k, v in row["peak_extra_MiB"].items()))
     meta["total_s"] = time.perf_counter() - t_start
     meta["waited_for_idle_total_s"] = sum(r.get("waited_for_idle_s", 0) for r in mask_rows + loss_rows)
 
     md = to_markdown(meta, ceil, mask_rows, loss_rows)
     print(md)
-    stem = f"mdm_{meta['device_kind']}" + ("_quick" if args.quick else "") + args.suffix
-    ceil.pop("_cache_bytes", None)
-    write_results(args.out, stem, md, {"meta": meta, "ceilings": ceil, "mask_rows": mask_rows, "loss_rows": loss_rows},
-                  suffix_msg=f" in {meta['total_s']:.0f} s")
+    write_results(args.out, result_stem("mdm", meta["device_kind"], args), md,
+                  {"meta": meta, "ceilings": ceil, "mask_rows": mask_rows, "loss_rows": loss_rows},
+                  note=f" in {meta['total_s']:.0f} s")
+
 
 if __name__ == "__main__":
     main()

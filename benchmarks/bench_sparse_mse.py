@@ -31,7 +31,6 @@ Results: a Markdown table on stdout, and ``<out>/sparse_mse_<kind>[_quick].{md,j
 
 from __future__ import annotations
 
-import gc
 import math
 import sys
 import time
@@ -39,32 +38,44 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout: diffkernels, benchmarks._common
-from benchmarks._common import (  # noqa: E402  -- shared helpers (machine, timing, memory, ceilings, output)
-    LOAD_LIMIT,
-    WAIT_BUDGET,
-    LoadMonitor,
-    MiB,
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout: diffkernels, benchmarks
+from benchmarks.cli import base_parser, fill_defaults, parse_floats, parse_shapes, result_stem  # noqa: E402
+from benchmarks.environment import (  # noqa: E402
     bandwidth_ceilings,
-    add_timing_options,
-    base_parser,
     cache_bytes,
     default_device,
     environment,
+    fused_backend,
+    input_copies,
+    pin_device,
+)
+from benchmarks.memory import MiB, free, peak_extra_mib  # noqa: E402
+from benchmarks.reporting import (  # noqa: E402
+    err_s,
     fmt_r,
     fmt_t,
-    fused_backend,
+    header,
+    load_cell,
+    log,
+    log_row,
+    log_start,
+    shape_s,
+    write_results,
+)
+from benchmarks.timing import (  # noqa: E402
+    LOAD_LIMIT,
+    WAIT_BUDGET,
+    LoadMonitor,
+    add_timing_options,
     measure,
     measure_quietly,
-    peak_extra_bytes,
-    pin_device,
     ratio_stats,
+    record,
     summarize,
-    shape_s,
     sync,
     time_calls,
-    wait_for_idle,
-    write_results,
+    timing_defaults,
+    wait_if_busy,
 )
 
 import diffkernels  # noqa: E402
@@ -88,16 +99,6 @@ def baseline_loss(pred: torch.Tensor, target: torch.Tensor, eta: float) -> torch
     n = pred[0].numel()
     per = torch.where(keep, d * d, 0).flatten(1).sum(1) / (n * (1 - eta))
     return per.mean()
-
-
-# --- machine description ------------------------------------------------------------------------
-
-
-def machine_info(device: torch.device) -> dict:
-    """The shared environment description plus the backend the fused op runs on."""
-    info = environment(device)
-    info["fused_backend"] = fused_backend(device)
-    return info
 
 
 # --- memory -------------------------------------------------------------------------------------
@@ -166,15 +167,13 @@ def make_inputs(shape, dtype, device, n_sets: int, gen: torch.Generator):
     return sets
 
 
-def bench_row(shape, eta, dtype_name, device, args, ceil, backend) -> dict:
+def bench_row(shape, eta, dtype_name, device, args, ceil, backend, cache: int) -> dict:
     dtype = DTYPES[dtype_name]
     numel = math.prod(shape)
     B = shape[0]
     n = numel // B
     item = torch.empty((), dtype=dtype).element_size()
-    set_bytes = 3 * numel * item
-    cache = (ceil.get("_cache_bytes") or 0)
-    n_sets = 1 if args.no_rotate else max(1, min(64, math.ceil(2 * cache / set_bytes)))
+    n_sets = input_copies(3 * numel * item, cache, not args.no_rotate)
     gen = torch.Generator().manual_seed(hash((shape, eta, dtype_name)) & 0xFFFFFFFF)
     sets = make_inputs(shape, dtype, device, n_sets, gen)
 
@@ -196,8 +195,7 @@ def bench_row(shape, eta, dtype_name, device, args, ceil, backend) -> dict:
         baseline_loss(p, t, eta).backward()
 
     row = {"shape": list(shape), "eta": eta, "dtype": dtype_name, "numel": numel, "input_sets": n_sets}
-    waited = wait_for_idle(args.idle_wait, LOAD_LIMIT) if (device.type == "cpu" and args.idle_wait > 0) else 0.0
-    row["waited_for_idle_s"] = round(waited, 1)
+    row["waited_for_idle_s"] = wait_if_busy(device, args.idle_wait)
 
     # Sanity: at eta = 0 every element is kept by both, so fused and eager must agree.
     if eta == 0.0:
@@ -222,35 +220,23 @@ def bench_row(shape, eta, dtype_name, device, args, ceil, backend) -> dict:
         sync(device)
         row["compile_s"] = time.perf_counter() - t0
     except Exception as exc:  # noqa: BLE001 -- report, do not abort the whole run
-        errors["compile"] = f"{type(exc).__name__}: {exc}"[:500]
+        errors["compile"] = err_s(exc, 500)
         del fns["compile"]
-    res = measure_quietly(fns, device, args, args.budget)
-    row["foreign_cores"] = res["foreign_cores"]
-    row["steal_cores"] = res["steal_cores"]
-    row["rounds"] = res["rounds"]
-    row["attempts"] = res["attempts"]
-    row["calls_per_sample"] = res["calls_per_sample"]
-    row["time"] = {name: summarize(s) for name, s in res["samples"].items()}
-    row["ratio"] = {f"{name}/fused": ratio_stats(res["samples"][name], res["samples"]["fused"])
-                    for name in res["samples"] if name != "fused"}
+    res = measure_quietly(fns, device, args, args.budget, args.min_reps)
+    record(row, res, [(name, "fused") for name in fns if name != "fused"], args.keep_samples)
     # Ratios of the fastest samples: noise on a shared machine only ever adds time, so the minimum
     # is a robust estimate of the uncontended time when other processes interfered.
     for name in list(row["ratio"]):
         num = name.split("/")[0]
         row["ratio"][name]["of_min"] = min(res["samples"][num]) / min(res["samples"]["fused"])
-    if args.keep_samples:
-        row["samples_ms"] = {name: [round(x * 1e3, 5) for x in s] for name, s in res["samples"].items()}
     row["errors"] = errors
 
     # Peak extra memory of one step (inputs already allocated, grads cleared).
-    row["peak_extra_MiB"] = {}
-    for name, fn in fns.items():
+    def drop_grads():
         for p, _ in sets:
             p.grad = None
-        fn(0)
-        for p, _ in sets:
-            p.grad = None
-        row["peak_extra_MiB"][name] = peak_extra_bytes(fn, 0, device) / MiB
+
+    row["peak_extra_MiB"] = peak_extra_mib(fns, device, drop_grads)
     row["grad_MiB"] = numel * item / MiB
 
     # Floors for the fused op: dense-count bytes (read pred, target; write grad) at copy bandwidth;
@@ -267,7 +253,6 @@ def bench_row(shape, eta, dtype_name, device, args, ceil, backend) -> dict:
     row["fused_frac_of_byte_floor"] = row["byte_floor_ms"] / med
 
     # Gradient strategy, with the backend primitive (no autograd around it).
-    kernels = None
     with diffkernels.use_backend(backend):
         kernels = _kernels.for_device(device)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
@@ -289,7 +274,7 @@ def bench_row(shape, eta, dtype_name, device, args, ceil, backend) -> dict:
         kernels.sparse_mse_fwd(p.detach(), t, eta, seed64(BASE_SEED + i), 1, None)
 
     res = measure_quietly({"A_one_pass": strat_a, "B_two_pass": strat_b, "fwd_no_grad": fwd_only}, device, args,
-                          args.budget_strategy)
+                          args.budget_strategy, args.min_reps)
     row["strategy"] = {name: summarize(s) for name, s in res["samples"].items()}
     row["strategy"]["B/A"] = ratio_stats(res["samples"]["B_two_pass"], res["samples"]["A_one_pass"])
     row["strategy"]["foreign_cores"] = res["foreign_cores"]
@@ -306,13 +291,11 @@ def bench_row(shape, eta, dtype_name, device, args, ceil, backend) -> dict:
                           min_sample_s=0.0, warmup_s=0.0, min_warmup_calls=1)
             row["time"]["reference"] = summarize(res["samples"]["reference"])
         except Exception as exc:  # noqa: BLE001
-            errors["reference"] = f"{type(exc).__name__}: {exc}"[:500]
+            errors["reference"] = err_s(exc, 500)
 
     del sets, compiled_fn
     torch._dynamo.reset()
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    free(device)
     return row
 
 
@@ -325,20 +308,7 @@ def _fmt_min(ratios):
 
 
 def to_markdown(meta, ceil, rows) -> str:
-    dev = meta["device"]
-    L = []
-    L.append(f"# sparse_mse benchmark — {dev}")
-    L.append("")
-    L.append(f"- date: {meta['date']}; commit `{meta['git_commit']}`" + (" (+ uncommitted changes)" if meta["git_dirty"] else ""))
-    L.append(f"- command: `{meta['command']}`")
-    L.append(f"- python {meta['python']}, torch {meta['torch']}, triton {meta['triton']}, diffkernels {meta['diffkernels']}; "
-             f"fused backend: `{meta['fused_backend']}`")
-    cpu = meta["cpu"]
-    L.append(f"- CPU: {cpu['model']}, {meta['cpu_count']} logical cores, torch threads {meta['torch_num_threads']}, "
-             f"flags {' '.join(cpu['flags']) or '-'}, last-level cache {(meta['llc_bytes'] or 0) // MiB} MiB")
-    if meta.get("cuda") is not None:
-        L.append(f"- GPU: {meta['device']}, CUDA {meta['cuda']}, {meta['gpu_sm_count']} SMs, "
-                 f"L2 {(meta.get('gpu_l2_bytes') or 0) // MiB} MiB")
+    L = header(meta, "sparse_mse benchmark", f"fused backend: `{meta['fused_backend']}`")
     L.append("")
     L.append("## Ceilings measured first")
     L.append("")
@@ -379,15 +349,12 @@ def to_markdown(meta, ceil, rows) -> str:
     L.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         t = row["time"]
-        load = row.get("foreign_cores")
-        steal = row.get("steal_cores")
-        mark = " †" if (load or 0) > LOAD_LIMIT else ""
         L.append(
             f"| {shape_s(row['shape'])} | {row['eta']} | {row['dtype']} | **{fmt_t(t.get('fused'))}** | "
             f"{fmt_t(t.get('eager'))} | {fmt_t(t.get('compile'))} | {fmt_r(row['ratio'].get('eager/fused'))} | "
             f"{fmt_r(row['ratio'].get('compile/fused'))} | {_fmt_min(row['ratio'])} | {row['byte_floor_ms']:.3f} | "
             f"{100 * row['fused_frac_of_byte_floor']:.0f}% | "
-            f"{row.get('compile_s', float('nan')):.1f} | {'' if load is None else f'{load:.2f} / {steal:.2f}'}{mark} |"
+            f"{row.get('compile_s', float('nan')):.1f} | {load_cell(row, LOAD_LIMIT)} |"
         )
     errs = [(r, k, v) for r in rows for k, v in r["errors"].items()]
     if errs:
@@ -464,27 +431,15 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
 
     args.device = default_device(args.device)
-    if args.shapes:
-        args.shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
-    else:
-        args.shapes = list(SHAPES)
-    args.etas = [float(x) for x in args.etas.split(",")] if args.etas else ([0.0, 0.98] if args.quick else list(ETAS))
+    args.shapes = parse_shapes(args.shapes, SHAPES)
+    args.etas = parse_floats(args.etas, [0.0, 0.98] if args.quick else ETAS)
     args.dtypes = args.dtypes.split(",") if args.dtypes else (["fp32"] if args.quick else list(DTYPES))
     cpu = args.device.type == "cpu"
-    defaults = dict(
-        budget=(0.8 if args.quick else 4.0) * (1 if cpu else 0.5),
-        budget_strategy=(0.4 if args.quick else 1.5) * (1 if cpu else 0.5),
-        budget_reference=(1.0 if args.quick else 3.0),
-        min_reps=5 if args.quick else 15,
-        min_sample=2e-3 if cpu else 1e-3,
-        warmup=0.1 if args.quick else 0.3,
-        idle_wait=(15.0 if args.quick else 60.0) if cpu else 0.0,
-        retries=(1 if args.quick else 2) if cpu else 0,
-        max_total_wait=(120.0 if args.quick else 1200.0) if cpu else 0.0,
-    )
-    for k, v in defaults.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    fill_defaults(args, **timing_defaults(args.quick, cpu),
+                  budget=(0.8 if args.quick else 4.0) * (1 if cpu else 0.5),
+                  budget_strategy=(0.4 if args.quick else 1.5) * (1 if cpu else 0.5),
+                  budget_reference=(1.0 if args.quick else 3.0),
+                  min_reps=5 if args.quick else 15)
     return args
 
 
@@ -494,21 +449,17 @@ def main(argv=None):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
     WAIT_BUDGET["left_s"] = args.max_total_wait
-    meta = machine_info(device)
-    backend = meta["fused_backend"]
+    meta = environment(device, args)
+    meta["fused_backend"] = backend = fused_backend(device)
     meta["memory_method"] = CUDA_MEMORY_METHOD if device.type == "cuda" else CPU_MEMORY_METHOD
-    meta["settings"] = {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()}
-    print(f"[bench] {meta['device']}; torch {meta['torch']}; fused backend {backend}; commit {meta['git_commit']}",
-          file=sys.stderr)
+    log_start(meta, f"fused backend {backend}")
 
-    if device.type == "cpu" and args.idle_wait > 0:
-        wait_for_idle(args.idle_wait, LOAD_LIMIT)
+    wait_if_busy(device, args.idle_wait)
     with LoadMonitor() as mon:
         ceil = ceilings(device, args.quick)
     ceil["foreign_cores"], ceil["steal_cores"] = mon.foreign_cores, mon.steal_cores
-    ceil["_cache_bytes"] = cache_bytes(meta, device)
-    print(f"[bench] copy {ceil['copy']['GBps']:.1f} GB/s; Philox mask {ceil['philox_mask']['ns_per_element']:.3f} ns/el; "
-          f"torch.rand {ceil['torch_rand']['ns_per_element']:.3f} ns/el", file=sys.stderr)
+    log(f"copy {ceil['copy']['GBps']:.1f} GB/s; Philox mask {ceil['philox_mask']['ns_per_element']:.3f} ns/el; "
+        f"torch.rand {ceil['torch_rand']['ns_per_element']:.3f} ns/el")
 
     rows = []
     t_start = time.perf_counter()
@@ -516,23 +467,17 @@ def main(argv=None):
         for dtype_name in args.dtypes:
             for eta in args.etas:
                 t0 = time.perf_counter()
-                row = bench_row(shape, eta, dtype_name, device, args, ceil, backend)
+                row = bench_row(shape, eta, dtype_name, device, args, ceil, backend, cache_bytes(meta, device))
                 rows.append(row)
-                t = row["time"]
-                msg = " ".join(f"{k}={v['median_ms']:.3f}ms" for k, v in t.items())
-                rr = " ".join(f"{k}={v['median']:.2f}" for k, v in row["ratio"].items())
-                print(f"[bench] {shape_s(shape)} eta={eta} {dtype_name}: {msg} | {rr} | "
-                      f"B/A={row['strategy']['B/A']['median']:.2f} | load={row['foreign_cores']} | "
-                      f"{time.perf_counter() - t0:.1f}s", file=sys.stderr)
+                log_row(f"{shape_s(shape)} eta={eta} {dtype_name}", row, t0,
+                        f"B/A={row['strategy']['B/A']['median']:.2f}")
     meta["total_s"] = time.perf_counter() - t_start
     meta["waited_for_idle_total_s"] = sum(r.get("waited_for_idle_s", 0) for r in rows)
 
     md = to_markdown(meta, ceil, rows)
     print(md)
-    stem = f"sparse_mse_{meta['device_kind']}" + ("_quick" if args.quick else "") + args.suffix
-    ceil.pop("_cache_bytes", None)
-    write_results(args.out, stem, md, {"meta": meta, "ceilings": ceil, "rows": rows},
-                  suffix_msg=f" in {meta['total_s']:.0f} s")
+    write_results(args.out, result_stem("sparse_mse", meta["device_kind"], args), md,
+                  {"meta": meta, "ceilings": ceil, "rows": rows}, note=f" in {meta['total_s']:.0f} s")
 
 
 if __name__ == "__main__":
