@@ -2,9 +2,12 @@
 
 - Isolated builds (plain `pip install .`) cannot import torch, so they ship the sources only;
   the kernels are JIT-compiled against the installed torch on first use (diffkernels/_native.py).
-- `pip install --no-build-isolation .` with torch installed also builds `diffkernels._C`
-  ahead of time against that torch (portable flags). If torch is later upgraded, the stale
-  library fails to load and the JIT build takes over.
+- `pip install --no-build-isolation .` or `python -m build --wheel --no-isolation` with torch
+  installed also builds `diffkernels._C` ahead of time against that torch (portable flags), and
+  writes beside it `diffkernels/_build_info.json`: the torch version, C++11 ABI, CUDA version and
+  Python it was built for, and a hash of the sources (diffkernels/_build_record.py). At run time
+  the library is loaded only where all of these match; under another torch the kernels are
+  JIT-compiled for that torch instead, from the sources the wheel carries.
 - Where torch is a CUDA build and nvcc is found (torch.utils.cpp_extension.CUDA_HOME), the
   CUDA kernels (csrc/*_cuda.cu) are compiled into the same library (CUDAExtension; target
   architectures: TORCH_CUDA_ARCH_LIST, else the visible GPUs'). If that build fails, the
@@ -13,6 +16,8 @@
 - DIFFKERNELS_NO_NATIVE=1 skips native code entirely.
 """
 
+import importlib.util
+import json
 import os
 import shutil
 import sys
@@ -25,6 +30,18 @@ HERE = Path(__file__).resolve().parent
 CSRC = HERE / "csrc"
 
 
+def _load_build_record():
+    """diffkernels/_build_record.py, by path: importing diffkernels would need it installed."""
+    path = HERE / "diffkernels" / "_build_record.py"
+    spec = importlib.util.spec_from_file_location("_diffkernels_build_record", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+build_record = _load_build_record()
+
+
 class BuildPyWithSources(build_py):
     """Copy csrc/ into the package so a wheel can JIT-compile the kernels."""
 
@@ -33,7 +50,7 @@ class BuildPyWithSources(build_py):
         target = Path(self.build_lib) / "diffkernels" / "csrc"
         target.mkdir(parents=True, exist_ok=True)
         for src in CSRC.iterdir():
-            if src.suffix in (".h", ".cpp", ".cu", ".cuh"):
+            if src.suffix in build_record.SOURCE_SUFFIXES:
                 shutil.copy2(src, target / src.name)
 
 
@@ -88,7 +105,28 @@ def native_extensions():
     base = BuildExtension.with_options(no_python_abi_suffix=False)
 
     class BuildWithCpuFallback(base):
-        """A failed CUDA build must not cost the CPU kernels: retry without the .cu sources."""
+        """A failed CUDA build must not cost the CPU kernels: retry without the .cu sources.
+
+        Always relinks (ninja still skips the objects that are up to date, and its header
+        dependencies include torch's), so the library never outlives an upgrade of torch, and
+        writes the build record beside the library, where it finally lands (the source tree for
+        an in-place or editable build).
+        """
+
+        def finalize_options(self):
+            super().finalize_options()
+            self.force = True
+
+        def run(self):
+            super().run()
+            for ext in self.extensions:
+                lib = Path(self.get_ext_fullpath(ext.name))
+                record = {**build_record.identity(),
+                          "torch_git": getattr(torch.version, "git_version", None),
+                          "library": lib.name,
+                          "cuda_kernels": any(s.endswith(".cu") for s in ext.sources),
+                          "sources_sha256": build_record.sources_digest(CSRC)}
+                (lib.parent / build_record.RECORD).write_text(json.dumps(record, indent=1) + "\n")
 
         def build_extension(self, ext):
             try:

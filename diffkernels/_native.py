@@ -1,10 +1,14 @@
 """Finding or building the C++ (CPU) and CUDA kernels of csrc/.
 
-Order: a prebuilt library from an ahead-of-time ``setup.py`` build (``diffkernels/_C*.so``),
-then a just-in-time build with ninja into a per-user cache, compiled against the torch that
-is installed right now (so the ABI always matches). ``DIFFKERNELS_NO_NATIVE=1`` skips both;
-the package then runs on the reference backend. Nothing here runs at import time: the first
-op that wants a native backend triggers it.
+Order: a prebuilt library from an ahead-of-time ``setup.py`` build (``diffkernels/_C*.so``, e.g.
+in a wheel), then a just-in-time build with ninja into a per-user cache, compiled against the
+torch that is installed right now (so the ABI always matches). The prebuilt library is loaded
+only if its build record (``_build_info.json``, see ``_build_record``) names this torch (version,
+C++11 ABI, CUDA) and Python, and the sources beside it are the ones it was built from; under
+another torch one line on stderr says so and the JIT build takes over. An in-place build of
+other sources (an editable install after an edit) is ignored without a word.
+``DIFFKERNELS_NO_NATIVE=1`` skips both; the package then runs on the reference backend. Nothing
+here runs at import time: the first op that wants a native backend triggers it.
 
 The cache (``$DIFFKERNELS_CACHE``, else ``~/.cache/diffkernels``) holds one directory per build
 key: a hash of the sources, the compiler flags, torch's version and C++ ABI, and the Python and
@@ -29,7 +33,6 @@ architectures are torch's choice: ``TORCH_CUDA_ARCH_LIST`` if set, else the visi
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
@@ -45,6 +48,9 @@ from pathlib import Path
 
 import torch
 
+from . import _build_record
+
+_PREBUILT_DIR = Path(__file__).resolve().parent  # where setup.py puts _C*.so and its build record
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
 _PACKAGED_CSRC = Path(__file__).resolve().parent / "csrc"  # where a wheel carries the sources
 SOURCES = ("sparse_mse.cpp", "mask_tokens.cpp")
@@ -58,7 +64,8 @@ _LAYOUT = "2"  # part of the build key: bump when the cache's layout changes
 
 _lock = threading.Lock()
 _state: dict[str, object] = {
-    "loaded": False, "error": None, "how": None, "cuda": False, "cuda_error": None, "path": None}
+    "loaded": False, "error": None, "how": None, "cuda": False, "cuda_error": None, "path": None,
+    "prebuilt_refused": None}
 
 
 class NativeUnavailable(Exception):
@@ -160,19 +167,50 @@ def _lib_name(src: Path, with_cuda: bool) -> str:
 
 
 def _load_prebuilt() -> bool:
-    here = Path(__file__).resolve().parent
-    for lib in sorted(glob.glob(str(here / "_C*.so"))):
-        src = _csrc_dir()
-        files = [src / f for f in SOURCES + HEADERS + CUDA_SOURCES + CUDA_HEADERS] if src is not None else []
-        if any(f.is_file() and f.stat().st_mtime > os.path.getmtime(lib) for f in files):
-            return False  # an in-place build older than the sources (editable install): rebuild by JIT
-        try:
-            torch.ops.load_library(lib)
-            _state["path"] = lib
-            return True
-        except (OSError, RuntimeError):
-            return False  # built against another torch: fall through to the JIT build
+    """Load setup.py's library if its build record matches this torch and these sources."""
+    record_path = _PREBUILT_DIR / _build_record.RECORD
+    if not record_path.is_file():
+        return False  # no ahead-of-time build (a library without a record is never trusted)
+    try:
+        record = json.loads(record_path.read_text())
+        lib = _PREBUILT_DIR / Path(record["library"]).name
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return _refuse_prebuilt(f"the prebuilt kernels' build record {record_path} is unreadable ({exc})")
+    if not lib.is_file():
+        return _refuse_prebuilt(f"the prebuilt library {lib} named by {record_path} is missing")
+    src = _csrc_dir()
+    if src is not None and _build_record.sources_digest(src) != record.get("sources_sha256"):
+        return False  # an in-place build of other sources (an editable install after an edit)
+    why = _build_record.mismatch(record)
+    if why is not None:
+        return _refuse_prebuilt(why)
+    try:
+        torch.ops.load_library(str(lib))
+    except (OSError, RuntimeError) as exc:
+        return _refuse_prebuilt(f"the prebuilt library {lib} does not load ({_summary(exc)})")
+    _state["path"] = str(lib)
+    _state["how"] = f"prebuilt by setup.py for torch {record['torch']}: {lib}"
+    return True
+
+
+def _refuse_prebuilt(why: str) -> bool:
+    """Say (once, and only if a compile follows) why the prebuilt library is passed over; False."""
+    _state["prebuilt_refused"] = why
+    if not _jit_cached():
+        _say(f"{why}; compiling them for this torch")
     return False
+
+
+def _jit_cached() -> bool:
+    """Whether the JIT build that ``_build`` would load first is already in the cache (nothing is built)."""
+    src = _csrc_dir()
+    if src is None:
+        return False
+    try:
+        name = _lib_name(src, with_cuda=cuda_build_unavailable() is None)
+    except OSError:
+        return False
+    return _check_cached(cache_dir() / name / f"{name}.so") is None
 
 
 def _checksum_path(lib: Path) -> Path:
@@ -416,10 +454,10 @@ def load() -> bool:
             _state["error"] = "disabled by DIFFKERNELS_NO_NATIVE=1"
             return False
         try:
-            if _load_prebuilt():
-                _state["how"] = "prebuilt (setup.py)"
-            else:
+            if not _load_prebuilt():
                 _state["how"] = _build()
+                if _state["prebuilt_refused"]:
+                    _state["how"] += f" (the prebuilt library was passed over: {_state['prebuilt_refused']})"
             _state["loaded"] = True
             _state["cuda"] = _has_cuda_kernels()
         except NativeUnavailable as exc:
@@ -457,7 +495,7 @@ def cuda_unavailable() -> str | None:
         return str(_state["cuda_error"])
     if build_why is not None:
         return build_why
-    if _state["how"] == "prebuilt (setup.py)":
+    if str(_state["how"]).startswith("prebuilt"):
         return ("the prebuilt diffkernels._C has no CUDA kernels (setup.py built it without nvcc, or its CUDA "
                 "build failed): reinstall with `pip install --no-build-isolation -e .` where nvcc is found")
     return "the native library was built without the CUDA kernels"
