@@ -101,7 +101,7 @@ def _estimator_queries(x, s_levels, level, M, seed):
     out = []
     for b in range(-(-M // estimators.QUERY_BLOCK)):
         size = min(estimators.QUERY_BLOCK, M - b * estimators.QUERY_BLOCK)
-        source, _, eps = estimators._block_draws(seed, level, b, size, N, D, None, torch.device("cpu"))
+        source, _, eps = estimators.block_draws(seed, level, b, size, N, D, None, torch.device("cpu"))
         out.append(x[source] + s_levels[level] * eps)
     return torch.cat(out)
 

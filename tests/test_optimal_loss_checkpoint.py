@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from diffkernels.optimal_loss import estimate_curve
-from diffkernels.optimal_loss import estimators as E
+from diffkernels.optimal_loss.estimators import curve
+from diffkernels.optimal_loss.estimators import data as data_module
 
 SIGMAS = [0.05, 0.2, 0.8, 3.0, 10.0]
 KW = dict(estimator="cdol", num_queries=128, subset_size=40, seed=5, progress=False)
@@ -30,14 +31,14 @@ def _data():
 CHILD = textwrap.dedent("""
     import sys, time, torch
     torch.set_num_threads(1)
-    from diffkernels.optimal_loss import estimators as E
-    write = E.atomic_write_json
+    from diffkernels.optimal_loss.estimators import curve
+    write = curve.atomic_write_json
     def slow_write(path, obj):
         write(path, obj)
         time.sleep(30)
-    E.atomic_write_json = slow_write
+    curve.atomic_write_json = slow_write
     data = torch.randn(300, 4, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
-    E.estimate_curve(data, {sigmas!r}, checkpoint=sys.argv[1], **{kw!r})
+    curve.estimate_curve(data, {sigmas!r}, checkpoint=sys.argv[1], **{kw!r})
 """)
 
 
@@ -72,7 +73,7 @@ def test_resume_loads_finished_levels(tmp_path, monkeypatch):
     ckpt = tmp_path / "c.json"
     first = estimate_curve(_data(), SIGMAS, checkpoint=ckpt, **KW)
     calls = []
-    monkeypatch.setattr(E, "_level", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(curve, "estimate_level", lambda *a, **k: calls.append(1))
     again = estimate_curve(_data(), SIGMAS, checkpoint=ckpt, **KW)  # nothing is recomputed
     assert calls == []
     np.testing.assert_array_equal(again.j_star, first.j_star)
@@ -113,9 +114,9 @@ def test_resume_on_changed_data_is_an_error(tmp_path, monkeypatch):
     ckpt32 = tmp_path / "c32.json"
     first = estimate_curve(rounded.double(), SIGMAS[:2], checkpoint=ckpt32, **KW)
     np.save(tmp_path / "d.npy", rounded.numpy())
-    monkeypatch.setattr(E, "HOST_CHUNK_ELEMENTS", 4 * 32)
-    monkeypatch.setattr(E, "SCAN_ELEMENTS_CPU", 4 * 7)
-    monkeypatch.setattr(E, "_level", lambda *a, **k: pytest.fail("a finished level was recomputed"))
+    monkeypatch.setattr(data_module, "HOST_CHUNK_ELEMENTS", 4 * 32)
+    monkeypatch.setattr(data_module, "SCAN_ELEMENTS_CPU", 4 * 7)
+    monkeypatch.setattr(curve, "estimate_level", lambda *a, **k: pytest.fail("a finished level was recomputed"))
     again = estimate_curve(np.load(tmp_path / "d.npy", mmap_mode="r"), SIGMAS[:2], checkpoint=ckpt32, **KW)
     np.testing.assert_array_equal(again.j_star, first.j_star)
 

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from diffkernels.optimal_loss import estimate_curve, shard_bounds
-from diffkernels.optimal_loss import estimators as E
+from diffkernels.optimal_loss.estimators import data as E
 
 SIGMAS = [0.05, 0.3, 2.0]
 RUNS = {
@@ -89,4 +89,4 @@ def test_two_gloo_ranks_match_single_process(tmp_path):
     # Rank 0 wrote the checkpoint after every level, with the checksum of all 211 rows.
     saved = json.loads(open(ckpt).read())
     assert sorted(saved["levels"]) == ["0", "1", "2"] and saved["settings"]["num_data"] == 211
-    assert saved["settings"]["data"] == E._Dataset(E._LocalRows(_data(), torch.device("cpu")), None).fingerprint
+    assert saved["settings"]["data"] == E.Dataset(E.LocalRows(_data(), torch.device("cpu")), None).fingerprint

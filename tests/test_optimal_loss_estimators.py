@@ -3,7 +3,7 @@ the limits in C, reproducibility, streaming from numpy / memmaps, and argument e
 
 The brute-force definitions below are written from METHODS.md section 3, per query, with
 reference.posterior.posterior_stats or an explicit softmax; only the query draws (the documented RNG
-convention: estimators._block_draws) are shared with the implementation.
+convention: estimators.block_draws) are shared with the implementation.
 """
 
 import math
@@ -14,6 +14,8 @@ import torch
 
 from diffkernels.optimal_loss import estimate_curve
 from diffkernels.optimal_loss import estimators as E
+from diffkernels.optimal_loss.estimators import data as data_module
+from diffkernels.optimal_loss.estimators import sampling
 from diffkernels.reference.posterior import posterior_stats
 
 
@@ -38,7 +40,7 @@ def _brute_level(data, sigma, level, estimator, M, L, C, seed, device="cpu"):
     ab, var, block_of = [], [], []
     for b in range(-(-M // E.QUERY_BLOCK)):
         size = min(E.QUERY_BLOCK, M - b * E.QUERY_BLOCK)
-        src, subset, eps = E._block_draws(seed, level, b, size, N, D, L, device)
+        src, subset, eps = E.block_draws(seed, level, b, size, N, D, L, device)
         eps = eps.cpu()  # the same noise as the run on `device`; the definition is evaluated on the CPU
         x_src = data[src]
         x = x_src + sigma * eps
@@ -178,7 +180,7 @@ def test_numpy_memmap_and_dtypes_stream(tmp_path, monkeypatch, estimator):
     ref = estimate_curve(data, [0.3, 2.0], **kw)
     path = tmp_path / "data.npy"
     np.save(path, data.numpy().reshape(257, 7, 1))  # (N, ...) is flattened
-    monkeypatch.setattr(E, "HOST_CHUNK_ELEMENTS", 7 * 50)  # several host chunks of 50 rows
+    monkeypatch.setattr(data_module, "HOST_CHUNK_ELEMENTS", 7 * 50)  # several host chunks of 50 rows
     mm = np.load(path, mmap_mode="r")
     got = estimate_curve(mm, [0.3, 2.0], **kw)
     np.testing.assert_allclose(got.j_star, ref.j_star, rtol=1e-12)
@@ -204,12 +206,12 @@ def test_subset_sampler_uniform():
     g = torch.Generator().manual_seed(0)
     counts = torch.zeros(50)
     for _ in range(2000):
-        idx = E._sample_subset(50, 5, g)  # the rejection path (4L < N)
+        idx = sampling.sample_subset(50, 5, g)  # the rejection path (4L < N)
         assert idx.numel() == 5 and torch.unique(idx).numel() == 5 and bool((idx[1:] > idx[:-1]).all())
         counts[idx] += 1
     # Each element is in the subset with probability 5/50: 200 expected, sd ~13.4.
     assert (counts - 200).abs().max() < 70
-    assert E._sample_subset(10, 10, g).tolist() == list(range(10))
+    assert sampling.sample_subset(10, 10, g).tolist() == list(range(10))
 
 
 @pytest.mark.parametrize("kwargs, exc, match", [
@@ -271,7 +273,7 @@ def test_every_estimator_is_shift_invariant(tmp_path, monkeypatch, estimator):
     sigmas = [0.05, 0.5, 2.0]
     base = estimate_curve(data, sigmas, **kw)
     assert (base.j_star > -1e-9).all()
-    monkeypatch.setattr(E, "HOST_CHUNK_ELEMENTS", 16 * 64)  # the memmap in several host chunks
+    monkeypatch.setattr(data_module, "HOST_CHUNK_ELEMENTS", 16 * 64)  # the memmap in several host chunks
     for shift in (10.0, 128.0):
         np.save(tmp_path / "shifted.npy", (data + shift).numpy())
         for shifted in (data + shift, np.load(tmp_path / "shifted.npy", mmap_mode="r")):

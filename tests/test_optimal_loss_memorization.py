@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffkernels.optimal_loss import estimators as E
+from diffkernels.optimal_loss.estimators import data as E
 from diffkernels.optimal_loss import memorization
 
 

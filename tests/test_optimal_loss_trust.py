@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffkernels.optimal_loss import estimators as E
+from diffkernels.optimal_loss.estimators import data as E
 
 MASK = (1 << 64) - 1
 
@@ -23,14 +23,14 @@ def _reference_checksum(rows: np.ndarray, first_row: int) -> int:
     """The documented definition with Python integers: sum over rows of mix(row_sum ^ mix(row + salt)),
     row_sum = sum over columns of mix(bits(value) ^ mix(column + salt)), all mod 2^64."""
     n, D = rows.shape
-    columns = [_mix(d + E._COLUMN_SALT) for d in range(D)]
+    columns = [_mix(d + E.COLUMN_SALT) for d in range(D)]
     total = 0
     for i in range(n):
         row_sum = 0
         for d in range(D):
             bits = struct.unpack("<Q", struct.pack("<d", float(rows[i, d])))[0]
             row_sum = (row_sum + _mix(bits ^ columns[d])) & MASK
-        total = (total + _mix(row_sum ^ _mix(first_row + i + E._ROW_SALT))) & MASK
+        total = (total + _mix(row_sum ^ _mix(first_row + i + E.ROW_SALT))) & MASK
     return total
 
 
@@ -49,9 +49,9 @@ def test_checksum_adds_up_over_any_split_and_ignores_the_storage_dtype():
         parts = sum(E.data_checksum(data[a:b].double(), a) for a, b in zip(cuts, cuts[1:])) % (1 << 64)
         assert parts == whole
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.uint8, torch.int32):
-        assert E._LocalRows(data.to(dtype), torch.device("cpu")).scan()[1] == whole
+        assert E.LocalRows(data.to(dtype), torch.device("cpu")).scan()[1] == whole
     for dtype in (np.float32, np.uint8):  # numpy arrays and memmaps
-        assert E._LocalRows(data.numpy().astype(dtype), torch.device("cpu")).scan()[1] == whole
+        assert E.LocalRows(data.numpy().astype(dtype), torch.device("cpu")).scan()[1] == whole
 
 
 def test_checksum_sees_every_change():
@@ -81,7 +81,7 @@ def test_scan_names_the_first_bad_row(bad, monkeypatch):
     data = np.zeros((30, 3), dtype=np.float32)
     data[[22, 27], 1] = bad
     with pytest.raises(ValueError, match="train row 22 contains NaN or Inf"):
-        E._LocalRows(data, torch.device("cpu"), name="train").scan()
+        E.LocalRows(data, torch.device("cpu"), name="train").scan()
 
 
 # --- conversions, schedules and scaling fits: strings and other non-numbers are errors -------------

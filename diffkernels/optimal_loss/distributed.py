@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .posterior import PosteriorPartial, merge_partials
 
-__all__ = ["shard_bounds", "shard_layout", "gather_rows", "all_merge_partials"]
+__all__ = ["shard_bounds", "shard_layout", "gather_rows", "all_merge_partials", "on_all_ranks"]
 
 
 def shard_bounds(N: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -84,3 +84,24 @@ def all_merge_partials(part: PosteriorPartial, group) -> PosteriorPartial:
     every = [torch.empty_like(packed) for _ in range(dist.get_world_size(group))]
     dist.all_gather(every, packed, group=group)
     return merge_partials(*[_unpack(t.to(device), D) for t in every])
+
+
+def on_all_ranks(fn, group, only_rank0: bool = False, gather: bool = False):
+    """Run ``fn`` (on rank 0 only if ``only_rank0``) and share its result or its error with every rank,
+    so that an error on one rank raises everywhere instead of leaving the others in a collective.
+    Returns rank 0's result, or with ``gather`` the list of every rank's results in rank order."""
+    if group is None:
+        return [fn()] if gather else fn()
+    rank = dist.get_rank(group)
+    outcome = (None, None)
+    if rank == 0 or not only_rank0:
+        try:
+            outcome = (fn(), None)
+        except (ValueError, TypeError) as exc:
+            outcome = (None, f"{type(exc).__name__}: {exc}")
+    every = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, outcome, group=group)
+    errors = [f"rank {r}: {err}" for r, (_, err) in enumerate(every) if err]
+    if errors:
+        raise ValueError("; ".join(errors))
+    return [result for result, _ in every] if gather else every[0][0]

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .estimators import _as_2d, _LocalRows
+from .estimators.data import LocalRows, as_2d
 from .posterior import knn
 
 __all__ = ["MemorizationResult", "memorization"]
@@ -54,8 +54,8 @@ def memorization(samples, train, threshold: float = 1.0 / 3.0, *, device=None) -
     """
     if isinstance(threshold, bool) or not (isinstance(threshold, numbers.Real) and 0 < threshold <= 1):
         raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
-    samples = _as_2d(samples, "samples")
-    train = _as_2d(train, "train")
+    samples = as_2d(samples, "samples")
+    train = as_2d(train, "train")
     if samples.shape[1] != train.shape[1]:
         raise ValueError(f"samples and train have different sizes per image: {samples.shape[1]} and {train.shape[1]}")
     if train.shape[0] < 2:
@@ -71,7 +71,7 @@ def memorization(samples, train, threshold: float = 1.0 / 3.0, *, device=None) -
         raise ValueError(f"samples row {int(bad.nonzero()[0, 0])} contains NaN or Inf")
 
     best_d = best_i = None
-    rows = _LocalRows(train, torch.device(device), name="train")
+    rows = LocalRows(train, torch.device(device), name="train")
     rows.scan(checksum=False)  # NaN / Inf rows of train
     for start, chunk in rows.chunks():
         d, i = knn(x, chunk, min(2, chunk.shape[0]))
