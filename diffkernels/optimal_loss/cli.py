@@ -3,6 +3,15 @@
 Bad input (unreadable file, wrong rank, NaN/Inf rows, empty data, bad options, an output path that
 cannot be written, an unavailable device) prints one line, ``diffkernels <command>: error: <what>``,
 to stderr and exits with code 2 before any estimation starts or any output is created.
+
+Under torchrun (``RANK`` and ``WORLD_SIZE`` in the environment) ``optimal-loss`` runs as one process
+of a group: each process takes the rows ``shard_bounds(N, RANK, WORLD_SIZE)`` of the data (of a
+``.npy`` file it reads only those), the process group is initialised from the environment, and
+``estimate_curve(..., distributed=True)`` merges the shards exactly. Rank 0 alone prints, writes the
+outputs and the checkpoint; the other processes print only errors. Checks that depend only on the
+command line and the environment fail on every process before the group is created; checks that
+read files (the data, the output folder) are shared in one collective right after it, so that every
+process exits with code 2 and the same one-line error when any of them fails.
 """
 
 from __future__ import annotations
@@ -12,9 +21,19 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
-from ..cli import (CliError, HelpFormatter, check_dependencies, check_writable_dir, device, fail,
-                   float_range, int_range, positive_float)
+from ..cli import (
+    CliError,
+    HelpFormatter,
+    check_dependencies,
+    check_writable_dir,
+    device,
+    fail,
+    float_range,
+    int_range,
+    positive_float,
+)
 
 DEFAULT_OUT = "optimal_loss_out/optimal_loss"
 MAX_SIGMAS = 10_000  # far more levels than a smooth curve needs; each one costs a pass over the data
@@ -22,6 +41,10 @@ SIGMA_LIMITS = (1e-100, 1e100)  # s^2 and distance^2 / s^2 stay far from float64
 MAX_QUERIES = 10**9  # per level; the per-level statistics keep a few numbers per 64 queries
 
 _DATA_HELP = ".npy (memory-mapped), .npz, .pt, .safetensors, or 'digits' (scikit-learn's bundled set, in [-1, 1])"
+_OL_DATA_HELP = (".npy (memory-mapped; under torchrun each process reads only its own rows), .npz, .pt, .safetensors "
+                 "(under torchrun every process loads these whole, then keeps its rows), or 'digits' (scikit-learn's "
+                 "bundled set, in [-1, 1])")
+_SCAN_ELEMENTS = 1 << 24  # a shard is checked for NaN / Inf in pieces of this many elements
 _RANGES = {"255": "0..255 (as is)", "unit": "0..1 (x 255)", "signed": "-1..1 ((x + 1) x 127.5)"}
 
 
@@ -73,14 +96,155 @@ def _check_out(text: str) -> Path:
     return prefix
 
 
-def cmd_optimal_loss(args) -> int:
+class Launch(NamedTuple):
+    """This process's place in a torchrun launch."""
+
+    rank: int
+    world_size: int
+    local_rank: int | None
+
+
+def _env_int(name: str, lo: int, hi: int | None = None) -> int:
+    text = os.environ.get(name)
+    if text is None:
+        raise CliError(f"{name} is not set (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT)")
+    try:
+        value = int(text)
+    except ValueError:
+        raise CliError(f"environment variable {name}={text!r} is not an integer") from None
+    if value < lo or (hi is not None and value > hi):
+        raise CliError(f"environment variable {name}={value} is out of range")
+    return value
+
+
+def launch_from_env() -> Launch | None:
+    """The torchrun launch this process belongs to, or None when neither RANK nor WORLD_SIZE is set
+    (one process). CliError naming a missing or malformed variable."""
+    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+        return None
+    world = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    if rank >= world:
+        raise CliError(f"environment variable RANK={rank} is not below WORLD_SIZE={world}")
+    _env_int("MASTER_PORT", 0, 65535)
+    if not os.environ.get("MASTER_ADDR"):
+        raise CliError("MASTER_ADDR is not set (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT)")
+    local = _env_int("LOCAL_RANK", 0) if "LOCAL_RANK" in os.environ else None
+    return Launch(rank, world, local)
+
+
+def _process_device(text: str | None, launch: Launch) -> str:
+    """This process's compute device: plain ``cuda`` (or the default where CUDA is available) is
+    cuda:LOCAL_RANK, one GPU per process; ``cuda:N`` is taken as given."""
+    import torch
+
+    if text is None:
+        text = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(text)
+    if dev.type != "cuda" or dev.index is not None:
+        return text
+    if launch.local_rank is None:
+        raise CliError("--device cuda under torchrun needs LOCAL_RANK (one GPU per process); or pass --device cuda:N")
+    count = torch.cuda.device_count()
+    if launch.local_rank >= count:
+        raise CliError(f"LOCAL_RANK={launch.local_rank} but only {count} CUDA device{'s are' if count != 1 else ' is'} "
+                       f"visible: start at most {count} processes per node (--nproc-per-node), or pass --device cuda:N")
+    return f"cuda:{launch.local_rank}"
+
+
+def _dist_backend(choice: str | None, dev: str) -> str:
+    """The process group's backend: nccl for CUDA, gloo for the CPU, unless --dist-backend says otherwise."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise CliError("this torch is built without torch.distributed; run without torchrun")
+    backend = choice or ("nccl" if dev.startswith("cuda") else "gloo")
+    if backend == "nccl" and not dev.startswith("cuda"):
+        raise CliError(f"--dist-backend nccl needs --device cuda (nccl moves only CUDA tensors), not {dev}")
+    available = {"nccl": dist.is_nccl_available, "gloo": dist.is_gloo_available}[backend]()
+    if not available:
+        raise CliError(f"--dist-backend {backend}: this torch has no {backend}; use --dist-backend "
+                       f"{'gloo' if backend == 'nccl' else 'nccl'}")
+    return backend
+
+
+def _npy_shard(spec: str, rank: int, world: int):
+    """(this process's rows of the .npy file ``spec`` as an (n, D) memory map, N): only the header
+    and these rows are read. DataError as from load_data, naming rows by their global index."""
     import numpy as np
 
-    from .estimators import estimate_curve
-    from .io import DIGITS, load_data
+    from . import shard_bounds
+    from .io import DataError
+
+    path = Path(spec)
+    if not path.exists():
+        raise DataError(f"{spec}: no such file")
+    if path.is_dir():
+        raise DataError(f"{spec} is a directory, not a data file")
+    try:
+        whole = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as exc:  # a damaged or foreign file
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"cannot read {spec}: {msg}") from exc
+    if whole.dtype.kind not in "fiu":
+        raise DataError(f"{spec} has dtype {whole.dtype}; need real numbers")
+    if whole.ndim < 2:
+        raise DataError(f"{spec} has shape {whole.shape} (rank {whole.ndim}); need (N, ...) with one row "
+                        "per sample and at least 2 dimensions")
+    N, D = whole.shape[0], int(np.prod(whole.shape[1:]))
+    if N == 0 or D == 0:
+        raise DataError(f"{spec} is empty: shape {whole.shape}")
+    if N < world:
+        raise DataError(f"{spec} has {N} rows, fewer than the {world} processes (WORLD_SIZE)")
+    lo, hi = shard_bounds(N, rank, world)
+    shard = whole[lo:hi].reshape(hi - lo, D)
+    if shard.dtype.kind == "f":
+        step = max(1, _SCAN_ELEMENTS // D)
+        for start in range(0, hi - lo, step):
+            bad = np.flatnonzero(~np.isfinite(shard[start:start + step]).all(axis=1))
+            if bad.size:
+                raise DataError(f"{spec} row {lo + start + int(bad[0])} contains NaN or Inf")
+    return shard, N
+
+
+def _load_rows(args, launch: Launch | None):
+    """(the rows this process holds, N of the whole dataset)."""
+    from . import shard_bounds
+    from .io import DIGITS, DataError, load_data
+
+    if launch is None:
+        data = load_data(args.data, key=args.key)
+        return data, data.shape[0]
+    if args.data != DIGITS and Path(args.data).suffix.lower() == ".npy":
+        return _npy_shard(args.data, launch.rank, launch.world_size)
+    data = load_data(args.data, key=args.key)  # other formats: loaded whole, then sliced
+    N = data.shape[0]
+    if N < launch.world_size:
+        raise DataError(f"{args.data} has {N} rows, fewer than the {launch.world_size} processes (WORLD_SIZE)")
+    lo, hi = shard_bounds(N, launch.rank, launch.world_size)
+    return data[lo:hi], N
+
+
+def _agree(error: str | None) -> str | None:
+    """Every process's error (or None) gathered: the one error they all report, or the first failing
+    rank's, prefixed with its rank; None when every process is fine."""
+    import torch.distributed as dist
+
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, error)
+    failed = [(r, e) for r, e in enumerate(every) if e is not None]
+    if not failed:
+        return None
+    if len(failed) == len(every) and len({e for _, e in failed}) == 1:
+        return failed[0][1]
+    return f"rank {failed[0][0]}: {failed[0][1]}"
+
+
+def cmd_optimal_loss(args) -> int:
+    from .io import DIGITS
 
     name = "optimal-loss"
-    try:  # the options, the output path and the data, before any work
+    try:  # the options and the environment: the same on every process, so every process stops here
         if args.sigma_min > args.sigma_max:
             raise CliError(f"need --sigma-min <= --sigma-max, got {args.sigma_min} and {args.sigma_max}")
         if args.estimator == "full" and args.subset is not None:
@@ -93,32 +257,97 @@ def cmd_optimal_loss(args) -> int:
             raise CliError("--key does not apply to 'digits'")
         if args.plot:
             check_dependencies("--plot", ("matplotlib",))
-        prefix = _check_out(args.out)
-        ckpt = Path(str(prefix) + ".ckpt.json")
-        data = load_data(args.data, key=args.key)
-        if args.subset is not None and args.subset > data.shape[0]:
-            raise CliError(f"--subset {args.subset} is larger than the number of data rows N = {data.shape[0]}")
-    except (ValueError, TypeError, OSError) as exc:  # CliError and DataError are ValueErrors
+        launch = launch_from_env()
+        if launch is None and args.dist_backend is not None:
+            raise CliError("--dist-backend applies only under torchrun (RANK and WORLD_SIZE set)")
+        dev, backend = args.device, None
+        if launch is not None:
+            dev = _process_device(args.device, launch)
+            backend = _dist_backend(args.dist_backend, dev)
+    except (ValueError, TypeError, OSError) as exc:
         return fail(name, str(exc))
 
-    sigmas = np.geomspace(args.sigma_min, args.sigma_max, args.num_sigmas)
+    rank = 0 if launch is None else launch.rank
+    error = None
+    try:  # the output folder (rank 0 writes) and the data: files, which processes may see differently
+        prefix = _check_out(args.out) if rank == 0 else _out_prefix(args.out)
+        ckpt = Path(str(prefix) + ".ckpt.json")
+        data, N = _load_rows(args, launch)
+        if args.subset is not None and args.subset > N:
+            raise CliError(f"--subset {args.subset} is larger than the number of data rows N = {N}")
+    except (ValueError, TypeError, OSError) as exc:  # CliError and DataError are ValueErrors
+        error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if launch is None:
+        return fail(name, error) if error is not None else _run(args, data, prefix, ckpt, dev, None)
+
+    import torch
+    import torch.distributed as dist
+
+    try:
+        if dev.startswith("cuda"):
+            torch.cuda.set_device(torch.device(dev))
+        dist.init_process_group(backend, init_method="env://", rank=launch.rank, world_size=launch.world_size)
+    except (ValueError, RuntimeError) as exc:
+        return fail(name, f"cannot initialise the {backend} process group: {exc}")
+    try:
+        try:
+            error = _agree(error)
+            if error is None:  # all inputs are valid: rank 0 prepares the outputs, and says if it cannot
+                error = _agree(_prepare_out(prefix, ckpt, args.resume) if rank == 0 else None)
+        except RuntimeError as exc:  # another process died
+            error = f"the processes could not agree that the input is valid: {exc}"
+        if error is not None:
+            return fail(name, error)
+        return _run(args, data, prefix, ckpt, dev, launch)
+    finally:
+        dist.destroy_process_group()
+
+
+def _prepare_out(prefix: Path, ckpt: Path, resume: bool) -> str | None:
+    """Create the output folder and, for a fresh run, delete an old checkpoint; the error, if any."""
     try:
         prefix.parent.mkdir(parents=True, exist_ok=True)
-        if not args.resume and ckpt.exists():
+        if not resume and ckpt.exists():
             ckpt.unlink()  # a fresh run; --resume would continue from it
+    except OSError as exc:
+        return str(exc)
+    return None
+
+
+def _run(args, data, prefix: Path, ckpt: Path, device: str | None, launch: Launch | None) -> int:
+    """Estimate the curve (on every process) and write the outputs (rank 0)."""
+    import numpy as np
+
+    from . import estimate_curve
+
+    name = "optimal-loss"
+    rank = 0 if launch is None else launch.rank
+    sigmas = np.geomspace(args.sigma_min, args.sigma_max, args.num_sigmas)
+    if launch is None:
+        error = _prepare_out(prefix, ckpt, args.resume)
+        if error is not None:
+            return fail(name, error)
+    try:
+        # Every process passes the checkpoint path: rank 0 reads it and shares the finished levels,
+        # and writes it after every level.
         result = estimate_curve(data, sigmas, estimator=args.estimator, num_queries=args.queries,
                                 subset_size=args.subset, C=args.C, seed=args.seed, batch_size=args.batch_size,
-                                progress=not args.quiet, checkpoint=ckpt, device=args.device,
-                                precision=args.precision)
+                                progress=not args.quiet, checkpoint=ckpt, device=device,
+                                precision=args.precision, distributed=launch is not None)
     except (ValueError, TypeError, OSError, RuntimeError) as exc:  # e.g. a checkpoint of other settings
         return fail(name, str(exc))
     except KeyboardInterrupt:
-        done = f"the finished noise levels are in {ckpt}; " if ckpt.exists() else ""
-        print(f"diffkernels {name}: interrupted; {done}rerun the same command with --resume to continue",
-              file=sys.stderr)
+        if rank == 0:
+            done = f"the finished noise levels are in {ckpt}; " if ckpt.exists() else ""
+            print(f"diffkernels {name}: interrupted; {done}rerun the same command with --resume to continue",
+                  file=sys.stderr)
         return 130
+    if rank != 0:
+        return 0
 
     result.extra = {"data": args.data, "command": "diffkernels " + shlex.join(args.argv)}
+    if launch is not None:
+        result.extra["processes"] = launch.world_size
     written = [str(prefix) + ".csv", str(prefix) + ".json"]
     try:
         result.to_csv(written[0])
@@ -187,13 +416,19 @@ def add_subcommands(sub) -> None:
         "optimal-loss", help="estimate the optimal loss curve J*(s) of a dataset", formatter_class=HelpFormatter,
         description="Estimate the optimal x0-loss J*(s) of a dataset on a log grid of VE noise levels.\n"
                     "Writes OUT.csv and OUT.json (and OUT.png with --plot); the checkpoint OUT.ckpt.json is\n"
-                    "updated after every noise level, and --resume continues from it.",
+                    "updated after every noise level, and --resume continues from it.\n\n"
+                    "Under torchrun (RANK and WORLD_SIZE set) the processes split the rows of DATA: each\n"
+                    "takes a contiguous shard, the process group is created from the torchrun environment\n"
+                    "(nccl with --device cuda, one GPU per process; gloo on the CPU), and the shards' sums\n"
+                    "are merged exactly: the result equals one process's to float64 rounding. Rank 0 alone\n"
+                    "prints and writes OUT.* and the checkpoint. Every node must see DATA at the same path.",
         epilog="examples:\n"
                "  diffkernels optimal-loss digits --num-sigmas 16 --plot\n"
                "  diffkernels optimal-loss train.npy --queries 4096 --out results/train\n"
                "  diffkernels optimal-loss train.npy --queries 4096 --out results/train --resume   # after a crash\n"
-               "  diffkernels optimal-loss train.npz --key images --estimator cdol --subset 1000")
-    p.add_argument("data", metavar="DATA", help=_DATA_HELP)
+               "  diffkernels optimal-loss train.npz --key images --estimator cdol --subset 1000\n"
+               "  torchrun --nproc-per-node 8 -m diffkernels optimal-loss train.npy --device cuda --out results/train")
+    p.add_argument("data", metavar="DATA", help=_OL_DATA_HELP)
     p.add_argument("--key", default=None, help="array name inside .npz/.pt/.safetensors (default: the first)")
     sigma = float_range(*SIGMA_LIMITS, lo_open=False)
     p.add_argument("--sigma-min", type=sigma, default=0.002, help="smallest noise level s, in [1e-100, 1e100]")
@@ -208,7 +443,11 @@ def add_subcommands(sub) -> None:
     p.add_argument("--seed", type=int_range(0, 2**64 - 1), default=0, help="seed of every random draw")
     p.add_argument("--batch-size", type=int_range(1), default=None,
                    help="queries per pass over the data (default: 4096 on CUDA, 1024 on CPU)")
-    p.add_argument("--device", type=device, default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--device", type=device, default=None,
+                   help="cpu, cuda or cuda:N (default: cuda if available); under torchrun cuda means "
+                        "cuda:LOCAL_RANK")
+    p.add_argument("--dist-backend", choices=("nccl", "gloo"), default=None,
+                   help="under torchrun: the process group's backend (default: nccl with CUDA, gloo on the CPU)")
     p.add_argument("--precision", choices=("auto", "float64"), default=None,
                    help="posterior engine: auto = screen with an fp32-accurate GEMM and recompute the top rows "
                         "exactly, float64 = float64 GEMMs; both exact to float64 rounding "
