@@ -164,7 +164,7 @@ def bench_sparse_mse(ctx, shape, dtype_name, eta) -> dict:
     targets = [torch.randn(shape, generator=g).to(dtype).to(device) for _ in range(k)]
     B = shape[0]
     scale = torch.full((B,), 2.0 / numel, dtype=_acc(dtype), device=device)
-    kern = {name: _kernels._BY_NAME[name] for name in (a, b)}
+    kern = {name: _kernels.kernels_for(name) for name in (a, b)}
     # Bit-equality of the two backends on the first copy, before timing.
     outs = {name: kern[name].sparse_mse_fwd(preds[0], targets[0], eta, SEED, 1, scale) for name in (a, b)}
     sa, ka, ga = outs[a]
@@ -201,7 +201,7 @@ def bench_scale_rows(ctx, shape, dtype_name) -> dict:
     grads = [torch.randn(shape, generator=g).to(dtype).to(device) for _ in range(k)]
     B = shape[0]
     factor = (1.0 + torch.rand(B, generator=g) * 2.0**-10).to(_acc(dtype)).to(device)  # != 1: every row scaled
-    kern = {name: _kernels._BY_NAME[name] for name in (a, b)}
+    kern = {name: _kernels.kernels_for(name) for name in (a, b)}
     x, y = grads[0].clone(), grads[0].clone()
     kern[a].scale_rows_(x, factor)
     kern[b].scale_rows_(y, factor)
@@ -225,7 +225,7 @@ def bench_mask_tokens(ctx, shape, mode) -> dict:
     ids = [torch.randint(0, 32000, shape, generator=g).to(device) for _ in range(k)]
     p = ((torch.arange(B, dtype=torch.float32) + 0.5) / B).to(device)  # stratified, mean 0.5
     table = row_table(p, 0.0, torch.ones(B, dtype=torch.bool, device=device) if mirror else None, False)
-    kern = {name: _kernels._BY_NAME[name] for name in (a, b)}
+    kern = {name: _kernels.kernels_for(name) for name in (a, b)}
     outs = {name: kern[name].mask_tokens(ids[0], table, SEED, 32000, None, None, mirror) for name in (a, b)}
     same = all(torch.equal(x, y) for x, y in zip(outs[a], outs[b]))
     row["check"] = "✓" if same else "✗ outputs differ"
@@ -356,7 +356,7 @@ def main(args) -> int:
     meta = machine_info(device)
     meta.update(runs=runs, warmup=warmup, backends_compared=list(backends))
     for name in backends:
-        why = _backend._unavailable(name, device)
+        why = _backend.unavailable(name, device)
         if why:
             errors.append(f"backend {name!r} is unavailable here: {why}")
     l2 = meta.get("l2_bytes") or int(args.l2_mb * 2**20)

@@ -271,7 +271,7 @@ _masked_ce_hidden.register_autograd(_backward_hidden, setup_context=_setup_hidde
 def load_head():
     """The embedded source as a module, its custom ops renamed so both versions can coexist."""
     src = HEAD_SOURCE.replace('"diffkernels::masked_ce_', '"diffkernels_head::masked_ce_')
-    src = src.replace("from ._inplace import saved_tensors", "from diffkernels.ops._inplace import saved_tensors")
+    src = src.replace("from ._inplace import saved_tensors", "from diffkernels.ops.scale_rows import saved_tensors")
     mod = types.ModuleType("diffkernels_head_masked_ce")
     mod.__file__ = f"<diffkernels/ops/masked_ce.py at {HEAD_COMMIT[:7]}>"
     sys.modules[mod.__name__] = mod
@@ -364,7 +364,7 @@ def variant_fns(head, hidden, weight, masks, V, backend=None):
 
 def uses_triton(device, dtype, backend) -> bool:
     with diffkernels.use_backend(backend):
-        return new_ops._use_triton(device, dtype)
+        return new_ops.row_kernel(device, dtype)[1]
 
 
 def interpreting() -> bool:
@@ -374,10 +374,10 @@ def interpreting() -> bool:
 def accumulation_mode(device, dtype, chunks) -> str:
     if chunks <= 1:
         return "direct (one chunk)"
-    acc = new_ops._acc(dtype)
+    acc = new_ops.acc_dtype(dtype)
     if dtype == acc:
         return "direct (addmm_ in the input dtype)"
-    return "gemm_fp32 (addmm out_dtype=float32)" if new_ops._gemm_accumulates_in_fp32(str(device), dtype) \
+    return "gemm_fp32 (addmm out_dtype=float32)" if new_ops.gemm_accumulates_in_fp32(str(device), dtype) \
         else "add_fp32 (bf16 product + float32 add)"
 
 
@@ -397,7 +397,7 @@ def bench_shape(shape, dtype, device, args, head) -> dict:
     row.update(tokens=N, masked_mean=T, masked_fraction=T / N, masks=len(masks),
                head_chunk_tokens=head.default_chunk_size(V),
                head_chunks=math.ceil(T / head.default_chunk_size(V)),
-               new_chunk_tokens=new_ops._chunk_tokens(0, V, dtype, uses_triton(device, dtype, args.backend)),
+               new_chunk_tokens=new_ops.chunk_tokens(0, V, dtype, uses_triton(device, dtype, args.backend)),
                new_path="triton" if uses_triton(device, dtype, args.backend) else "torch")
     row["new_chunks"] = math.ceil(T / row["new_chunk_tokens"])
     row["accumulation"] = {v: accumulation_mode(device, dtype, c) for v, c in
@@ -586,11 +586,11 @@ def head_parts_section(head, T, H, V, dtype, device, args) -> dict:
     tg = torch.randint(0, V, (buf.shape[0],), generator=gen, device=device)
     c = torch.full((buf.shape[0],), 1.0 / T, device=device)
     h = torch.randn(buf.shape[0], H, generator=gen, device=device).to(dtype)
-    acc = torch.zeros(V, H, device=device, dtype=new_ops._acc(dtype))
+    acc = torch.zeros(V, H, device=device, dtype=new_ops.acc_dtype(dtype))
 
     def elementwise():
         for _ in range(n_chunks):
-            block = buf.to(new_ops._acc(dtype))
+            block = buf.to(new_ops.acc_dtype(dtype))
             head._chunk_ce_(block, tg, c)
             block.to(dtype)
 

@@ -35,7 +35,7 @@ def offset_copy(x: torch.Tensor, offset: int) -> torch.Tensor:
 
 def primitives(backend: str, g: torch.Generator) -> None:
     """The backend primitives directly: unaligned inputs, long rows, every dtype."""
-    k = _kernels._BY_NAME[backend]
+    k = _kernels.kernels_for(backend)
     for shape, C in [((2, 3, 67, 129), 3), ((1, 70001), 1), ((5, 4099), 1), ((3, 3, 64, 64), 1)]:
         for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             acc = torch.float64 if dtype == torch.float64 else torch.float32
@@ -101,7 +101,7 @@ def main(argv=None) -> None:
     assert torch.cuda.is_available(), "needs a CUDA device"
     ran = []
     for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
-        why = _backend._unavailable(backend, torch.device("cuda"))
+        why = _backend.unavailable(backend, torch.device("cuda"))
         if why is not None:
             print(f"sanitize_kernels: backend {backend!r} skipped: {why}")
             continue

@@ -1,11 +1,11 @@
-"""Which implementation runs an op: ``triton`` | ``cuda`` | ``cpp`` | ``torch``.
+"""Which backend runs an op: ``triton`` | ``cuda`` | ``cpp`` | ``torch``.
 
-Defaults: CUDA tensors -> Triton, CPU tensors -> the C++ kernels, anything else (or a backend
-that is missing) -> the plain-PyTorch reference. ``cuda`` (the CUDA kernels of csrc/, compiled
-with nvcc into the native library where torch is a CUDA build and nvcc is found) runs on CUDA
-tensors when forced; it is not yet the default for them. ``DIFFKERNELS_BACKEND`` or
-``diffkernels.use_backend(name)`` forces one; a forced backend that cannot run on the given
-tensors is an error, never a silent fallback.
+Defaults (``default``): CUDA tensors -> the CUDA kernels of csrc/ where they are built (compiled
+with nvcc into the native library where torch is a CUDA build and nvcc is found), else the Triton
+kernels; CPU tensors -> the C++ kernels; anything else, or a backend that is missing -> ``torch``,
+the plain-PyTorch reference. ``DIFFKERNELS_BACKEND`` or ``diffkernels.use_backend(name)`` forces
+one; a forced backend that cannot run on the given tensors is an error, never a silent fallback.
+What each backend runs for each primitive is the table of diffkernels/ops/_kernels.py.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def _triton_installed() -> str | None:
     return None
 
 
-def _unavailable(name: str, device: torch.device) -> str | None:
+def unavailable(name: str, device: torch.device) -> str | None:
     """Why ``name`` cannot run on ``device``, or None if it can."""
     if name == "torch":
         return None
@@ -74,7 +74,7 @@ def select(device: torch.device) -> str:
     """The backend that runs an op on tensors of ``device``."""
     name = forced()
     if name is not None:
-        why = _unavailable(name, device)
+        why = unavailable(name, device)
         if why:
             raise RuntimeError(f"diffkernels backend {name!r} was requested but cannot run here: {why}")
         return name
@@ -90,9 +90,9 @@ def default(device: torch.device) -> str:
     """
     if device.type == "cuda":
         for name in ("cuda", "triton"):
-            if _unavailable(name, device) is None:
+            if unavailable(name, device) is None:
                 return name
-    if device.type == "cpu" and _unavailable("cpp", device) is None:
+    if device.type == "cpu" and unavailable("cpp", device) is None:
         return "cpp"
     return "torch"
 
@@ -118,8 +118,8 @@ def backends() -> dict:
     triton_device = gpu if torch.cuda.is_available() else cpu
     triton_note = " (interpreter, TRITON_INTERPRET=1)" if interpreting() else ""
     report = {
-        "triton": _unavailable("triton", triton_device) or "available" + triton_note,
-        "cuda": _unavailable("cuda", gpu) or _native.cuda_status(),
+        "triton": unavailable("triton", triton_device) or "available" + triton_note,
+        "cuda": unavailable("cuda", gpu) or _native.cuda_status(),
         "cpp": _native.status(),
         "torch": "available (plain-PyTorch reference)",
     }

@@ -1,5 +1,5 @@
-"""Argument checks shared by the public functions (each error names the argument), and the test
-for the ops' eager fast path."""
+"""Argument checks shared by the public functions (each error names the argument), the test for the
+ops' eager fast path, and the accumulation dtype that every layer uses."""
 
 from __future__ import annotations
 
@@ -10,6 +10,11 @@ import torch
 from torch import Tensor
 
 from .rng import seed_to_int64
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sums and the gradient scale are kept in: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def check_float_tensor(x, name: str) -> None:
@@ -81,17 +86,18 @@ def check_fake_devices(op: str, *tensors) -> None:
         raise ValueError(f"{op}: all tensor arguments must be on one device, got {sorted(map(str, devices))}")
 
 
-def check_on_device(condition: Tensor, message: str) -> None:
+def check_on_device(condition: Tensor, message: str, where: str | None = None) -> None:
     """A data-dependent check: a ValueError for CPU tensors; on the GPU, inside torch.compile or on
     fake tensors an asynchronous device-side assert instead, because reading the result would be a
-    host sync (or impossible: a fake tensor holds no data)."""
+    host sync (or impossible: a fake tensor holds no data). ``where`` (e.g. the public function)
+    prefixes the assert's message, which surfaces far from the call."""
     from torch._subclasses.fake_tensor import is_fake
 
     if condition.device.type == "cpu" and not torch.compiler.is_compiling() and not is_fake(condition):
         if not bool(condition):
             raise ValueError(message)
     else:
-        torch._assert_async(condition, message)
+        torch._assert_async(condition, f"{where}: {message}" if where else message)
 
 
 def intercepted() -> bool:

@@ -24,7 +24,7 @@ def backends_for(device: str) -> list[str]:
     """Every backend that can run on ``device`` here (the reference always can)."""
     names = []
     for name in ("triton", "cuda", "cpp", "torch"):
-        if _backend._unavailable(name, torch.device(device)) is None:
+        if _backend.unavailable(name, torch.device(device)) is None:
             names.append(name)
     return names
 

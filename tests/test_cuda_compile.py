@@ -91,7 +91,7 @@ def test_cuda_sources_compile_for_sm90():
 def _why_no_cuda_backend() -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA device"
-    return _backend._unavailable("cuda", torch.device("cuda"))
+    return _backend.unavailable("cuda", torch.device("cuda"))
 
 
 WHY_NO_CUDA = _why_no_cuda_backend()

@@ -51,7 +51,7 @@ def test_sparse_mse_fast_path_is_taken(monkeypatch, gen):
     def no_custom_op(*args):
         raise AssertionError("the custom op ran in plain eager mode")
 
-    monkeypatch.setattr(ops_mod, "_sparse_mse", no_custom_op)
+    monkeypatch.setattr(ops_mod, "sparse_mse_op", no_custom_op)
     dk.sparse_mse_loss(pred, target, 0.5, 3).backward()
     with torch.no_grad():
         dk.sparse_mse_loss(pred, target, 0.5, 3)
@@ -145,7 +145,7 @@ def test_mask_tokens_issues_few_tensor_ops(monkeypatch, gen):
             return out
 
     monkeypatch.setattr(_kernels, "for_device", lambda device: Stub)
-    monkeypatch.setattr("diffkernels.mdm.masking._check_on_device", lambda condition, message: None)
+    monkeypatch.setattr("diffkernels.mdm.masking.check_on_device", lambda condition, message, where=None: None)
     ops = launch_ops(lambda: mask_tokens(ids, p, 1, mask_id=99))
     expected = ["aten::clamp", "aten::eq", "aten::all",  # p check (on the GPU then one device-side assert)
                 "aten::eq", "aten::any", "aten::bitwise_not",  # mask-id collision check, CPU only
@@ -165,7 +165,7 @@ def test_mask_tokens_fast_path_is_taken_and_matches_custom_op(backend_device, mo
     def no_custom_op(*args):
         raise AssertionError("the custom op ran in plain eager mode")
 
-    monkeypatch.setattr(mask_op, "_mask_tokens", no_custom_op)
+    monkeypatch.setattr(mask_op, "mask_tokens_op", no_custom_op)
     fast = mask_tokens(ids, p, 8, **kw)
     for name in ("noisy_ids", "masked", "weights", "row_weight", "eligible_count", "p", "source_row"):
         assert torch.equal(getattr(fast, name), getattr(slow, name)), name
@@ -200,7 +200,7 @@ def test_row_table_is_bit_exact(gen, rare_delta, rows, union_weights):
     expected = old_row_table(p, rare_delta, mirror_rows, union_weights)
     assert torch.equal(mask_op.row_table(p, rare_delta, mirror_rows, union_weights), expected)
     if rows == "all":  # every row mirrored: the path that skips the per-row selects
-        assert torch.equal(mask_op._row_table(p, rare_delta, True, union_weights), expected)
+        assert torch.equal(mask_op.row_table(p, rare_delta, True, union_weights), expected)
 
 
 def test_p_check_accepts_exactly_0_to_1(gen):

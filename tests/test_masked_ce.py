@@ -135,20 +135,20 @@ def test_target_outside_vocabulary_gives_nan_not_a_stray_read(gen):
 
 
 def test_chunks_are_balanced():
-    assert op._chunks(0, 4) == []
-    assert op._chunks(10, 4) == [(0, 4), (4, 8), (8, 10)]
-    assert op._chunks(9, 4) == [(0, 3), (3, 6), (6, 9)]
-    assert op._chunks(8193, 8192) == [(0, 4097), (4097, 8193)]  # never a tiny last chunk
-    assert op._chunks(5, 1000) == [(0, 5)]
+    assert op.chunks(0, 4) == []
+    assert op.chunks(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert op.chunks(9, 4) == [(0, 3), (3, 6), (6, 9)]
+    assert op.chunks(8193, 8192) == [(0, 4097), (4097, 8193)]  # never a tiny last chunk
+    assert op.chunks(5, 1000) == [(0, 5)]
 
 
 def test_default_chunk_is_one_chunk_at_the_issue_shapes():
     """~8k masked bf16 tokens at V <= 128256: one chunk on the Triton path (no grad-W accumulation)."""
     for V in (32000, 128256):
-        assert op._chunk_tokens(0, V, torch.bfloat16, True) >= 8300
-    assert op._chunk_tokens(7, 128256, torch.bfloat16, True) == 7
+        assert op.chunk_tokens(0, V, torch.bfloat16, True) >= 8300
+    assert op.chunk_tokens(7, 128256, torch.bfloat16, True) == 7
     # the plain-PyTorch path counts the float32 copy of bf16 logits
-    assert op._chunk_tokens(0, 1000, torch.bfloat16, False) == op.CHUNK_BYTES // (6 * 1000)
+    assert op.chunk_tokens(0, 1000, torch.bfloat16, False) == op.CHUNK_BYTES // (6 * 1000)
 
 
 # --- the op with the Triton backend forced --------------------------------------------------------
@@ -237,7 +237,7 @@ def test_weight_grad_accumulation_modes(gen):
     parts = [(torch.randn(V, 5, generator=gen).to(dtype), torch.randn(5, H, generator=gen).to(dtype)) for _ in range(3)]
     exact = sum(a.double() @ b.double() for a, b in parts)
     for n_chunks in (1, 3):
-        acc = op._WeightGrad(V, H, dtype, torch.device("cpu"), n_chunks)
+        acc = op.WeightGrad(V, H, dtype, torch.device("cpu"), n_chunks)
         assert acc.mode == ("direct" if n_chunks == 1 else "add_fp32")  # no out_dtype GEMM on CPU
         use = parts[:n_chunks]
         for a, b in use:
@@ -247,7 +247,7 @@ def test_weight_grad_accumulation_modes(gen):
         want = sum(a.double() @ b.double() for a, b in use)
         assert rel_err(got, want) <= 2 ** -8
     assert exact.abs().max() > 0
-    assert not op._gemm_accumulates_in_fp32("cpu", torch.bfloat16)
+    assert not op.gemm_accumulates_in_fp32("cpu", torch.bfloat16)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
@@ -255,7 +255,7 @@ def test_gemm_fp32_accumulation_mode_on_cuda(gen):
     V, H, dtype = 64, 32, torch.bfloat16
     parts = [(torch.randn(V, 16, generator=gen).to(dtype).cuda(), torch.randn(16, H, generator=gen).to(dtype).cuda())
              for _ in range(4)]
-    acc = op._WeightGrad(V, H, dtype, torch.device("cuda"), 4)
+    acc = op.WeightGrad(V, H, dtype, torch.device("cuda"), 4)
     for a, b in parts:
         acc.add(a, b)
     want = sum(a.double() @ b.double() for a, b in parts)
@@ -279,7 +279,7 @@ def compile_for_sm90():
                 sig = {"x_ptr": f"*{dtype}", "g_ptr": f"*{dtype}", "rows_ptr": "*i64", "targets_ptr": "*i64",
                        "coef_ptr": "*fp32", "ce_ptr": "*fp32", "V": "i32", "stride_x": "i64", "stride_g": "i64",
                        "HAS_ROWS": "constexpr", "WANT_GRAD": "constexpr", "BLOCK": "constexpr"}
-                k = triton.compile(ASTSource(fn=masked_ce._masked_ce_kernel, signature=sig, constexprs={
+                k = triton.compile(ASTSource(fn=masked_ce.masked_ce_kernel, signature=sig, constexprs={
                     "HAS_ROWS": has_rows, "WANT_GRAD": want_grad, "BLOCK": masked_ce.MAX_BLOCK}),
                     target=target, options={"num_warps": 8})
                 assert k.asm["ptx"]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import diffkernels as dk
-from diffkernels.ops import sparse_mse as ops_mod
+from diffkernels.sparse import loss as sparse_loss
 
 from conftest import BACKEND_DEVICE
 
@@ -98,6 +98,6 @@ def test_fake_tensor_shapes():
 
 
 def test_public_names():
-    assert dk.sparse_mse_loss is ops_mod.sparse_mse_loss
+    assert dk.sparse_mse_loss is dk.sparse.sparse_mse_loss is sparse_loss.sparse_mse_loss
     for name in dk.__all__:
         assert hasattr(dk, name)

@@ -20,7 +20,7 @@ KAT = [
 ]
 
 HAS_CPP = _native.load()
-HAS_TRITON = _backend._unavailable("triton", torch.device("cuda" if torch.cuda.is_available() else "cpu")) is None
+HAS_TRITON = _backend.unavailable("triton", torch.device("cuda" if torch.cuda.is_available() else "cpu")) is None
 
 
 def random_seeds(rng, n=6):

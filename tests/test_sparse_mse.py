@@ -11,7 +11,7 @@ import diffkernels as dk
 from diffkernels import reference as ref
 
 from conftest import BACKEND_DEVICE, DEVICES
-from diffkernels.ops.sparse_mse import NORMALIZATIONS
+from diffkernels.sparse.loss import NORMALIZATIONS
 from diffkernels.rng import uniform
 
 OPTIONS = list(itertools.product(("element", "pixel"), ("expected", "all", "kept"), ("mean", "sum", "none")))

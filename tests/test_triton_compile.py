@@ -19,7 +19,7 @@ def compile_all():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from diffkernels.triton import philox, sparse_mse
+    from diffkernels.triton import philox, scale_rows, sparse_mse
 
     target = GPUTarget("cuda", 90, 32)
 
@@ -30,17 +30,17 @@ def compile_all():
     for dtype in ("fp32", "bf16", "fp16", "fp64"):
         acc = "fp64" if dtype == "fp64" else "fp32"
         for want_grad in (True, False):
-            build(sparse_mse._sparse_mse_fwd_kernel, {
+            build(sparse_mse.sparse_mse_fwd_kernel, {
                 "pred_ptr": f"*{dtype}", "target_ptr": f"*{dtype}", "grad_ptr": f"*{dtype}",
                 "grad_scale_ptr": f"*{acc}", "sq_ptr": f"*{acc}", "kept_ptr": "*i32", "R": "i64", "C": "i32",
                 "T": "i32", "seed": "i64", "eta": "fp32", "WANT_GRAD": "constexpr", "G": "constexpr",
             }, {"WANT_GRAD": want_grad, "G": sparse_mse.COUNTERS_PER_PROGRAM})
-        build(sparse_mse._scale_rows_kernel, {"grad_ptr": f"*{dtype}", "factor_ptr": f"*{acc}", "n": "i64",
-                                              "T": "i32", "BLOCK": "constexpr"}, {"BLOCK": sparse_mse.SCALE_BLOCK})
-    build(sparse_mse._sparse_mask_kernel, {"out_ptr": "*i8", "R": "i64", "C": "i32", "T": "i32", "seed": "i64",
-                                          "eta": "fp32", "G": "constexpr"}, {"G": sparse_mse.COUNTERS_PER_PROGRAM})
-    build(philox._uniform_kernel, {"index_ptr": "*i64", "out_ptr": "*fp32", "numel": "i64", "seed": "i64",
-                                   "BLOCK": "constexpr"}, {"BLOCK": 1024})
+        build(scale_rows.scale_rows_kernel, {"grad_ptr": f"*{dtype}", "factor_ptr": f"*{acc}", "n": "i64",
+                                             "T": "i32", "BLOCK": "constexpr"}, {"BLOCK": scale_rows.SCALE_BLOCK})
+    build(sparse_mse.sparse_mask_kernel, {"out_ptr": "*i8", "R": "i64", "C": "i32", "T": "i32", "seed": "i64",
+                                         "eta": "fp32", "G": "constexpr"}, {"G": sparse_mse.COUNTERS_PER_PROGRAM})
+    build(philox.uniform_kernel, {"index_ptr": "*i64", "out_ptr": "*fp32", "numel": "i64", "seed": "i64",
+                                  "BLOCK": "constexpr"}, {"BLOCK": 1024})
 
 
 def test_kernels_compile_for_sm90():

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .._validate import check_choice, check_devices, check_finite
-from ..ops.masked_ce import _masked_ce_hidden, _masked_ce_logits
+from ..ops.masked_ce import masked_ce_hidden_op, masked_ce_logits_op
 from .masking import MaskedTokens
 
 NORMALIZERS = ("row", "batch", "global")
@@ -49,11 +49,11 @@ def masked_cross_entropy(
     chunk = chunk_size or 0  # 0: the op's default, which depends on the path and dtype
     if logits is not None:
         V = logits.shape[-1]
-        loss, _, _ = _masked_ce_logits(logits.reshape(flat_targets.numel(), V), flat_targets, flat_coef, chunk,
+        loss, _, _ = masked_ce_logits_op(logits.reshape(flat_targets.numel(), V), flat_targets, flat_coef, chunk,
                                        _needs_grad(logits))
         return loss
     need = _needs_grad(hidden, lm_head_weight, lm_head_bias)
-    loss, *_ = _masked_ce_hidden(hidden.reshape(flat_targets.numel(), hidden.shape[-1]), lm_head_weight,
+    loss, *_ = masked_ce_hidden_op(hidden.reshape(flat_targets.numel(), hidden.shape[-1]), lm_head_weight,
                                  lm_head_bias, flat_targets, flat_coef, chunk, need)
     return loss
 
@@ -205,8 +205,8 @@ def _per_token_ce(targets, coef, *, logits, hidden, lm_head_weight, lm_head_bias
     flat_c = coef.reshape(-1).to(torch.float64 if source.dtype == torch.float64 else torch.float32)
     if logits is not None:
         V = logits.shape[-1]
-        _, ce, _ = _masked_ce_logits(logits.reshape(-1, V), flat_t, flat_c, chunk_size or 0, False)
+        _, ce, _ = masked_ce_logits_op(logits.reshape(-1, V), flat_t, flat_c, chunk_size or 0, False)
     else:
-        _, ce, *_ = _masked_ce_hidden(hidden.reshape(flat_t.numel(), hidden.shape[-1]), lm_head_weight,
+        _, ce, *_ = masked_ce_hidden_op(hidden.reshape(flat_t.numel(), hidden.shape[-1]), lm_head_weight,
                                       lm_head_bias, flat_t, flat_c, chunk_size or 0, False)
     return ce.view(targets.shape)

@@ -1,4 +1,4 @@
-"""Token masks for masked diffusion LMs: standard, MIRROR (antithetic), ISAD (METHODS.md section 2)."""
+"""Token masks for masked diffusion LMs: standard, MIRROR (antithetic), ISAD (docs/METHODS.md section 2)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import torch
 from torch import Tensor
 
 from .._validate import check_choice, check_devices, check_on_device, check_real, check_seed
-from ..ops.mask_tokens import _row_table, mask_tokens_op
+from ..ops import mask_tokens as op
 
 MODES = ("standard", "mirror")
+_WHERE = "diffkernels.mdm.mask_tokens"  # names the function in device-side assert messages
 _F32_SMALLEST = 2.0**-149  # the smallest positive (subnormal) float32
 
 
@@ -31,7 +32,7 @@ class MaskedTokens:
     p (R,) float32: each row's masking probability (in standard mode, the float32 tensor p that
         was passed in, not a copy). source_row (R,) int64: its input row.
 
-    Per-sequence loss (METHODS.md): l_b = sum_rows(row_weight * sum_l weights * CE) / eligible_count.
+    Per-sequence loss (docs/METHODS.md): l_b = sum_rows(row_weight * sum_l weights * CE) / eligible_count.
     """
 
     noisy_ids: Tensor
@@ -59,14 +60,8 @@ def _check_p(p, B: int, device) -> Tensor:
     p = p.to(torch.float32).contiguous()
     # p in (0, 1] <=> clamping to [smallest positive float32, 1] leaves it unchanged (NaN never
     # equals itself): one op fewer than (p > 0) & (p <= 1) on the GPU, where each is a launch.
-    _check_on_device((p.clamp(_F32_SMALLEST, 1.0) == p).all(), "p must lie in (0, 1]")
+    check_on_device((p.clamp(_F32_SMALLEST, 1.0) == p).all(), "p must lie in (0, 1]", _WHERE)
     return p
-
-
-def _check_on_device(condition: Tensor, message: str) -> None:
-    """A data-dependent check: a ValueError on CPU; on the GPU or inside torch.compile an
-    asynchronous device-side assert instead, because reading the result would be a host sync."""
-    check_on_device(condition, message if condition.is_cpu else f"diffkernels.mdm.mask_tokens: {message}")
 
 
 _INT64 = torch.iinfo(torch.int64)
@@ -186,11 +181,12 @@ def mask_tokens(
         collides = ids == mask_id
         if eligible is not None:
             collides &= eligible
-        _check_on_device(~collides.any(), f"mask_id {mask_id} already occurs among the eligible tokens of input_ids")
+        check_on_device(~collides.any(), f"mask_id {mask_id} already occurs among the eligible tokens of input_ids",
+                        _WHERE)
 
     # The q columns are read for rare tokens only; without any, q = p spares their ops.
-    table = _row_table(p, float(rare_delta) if rare_flags is not None else 0.0, copy2, union_weights)
-    noisy, masked, weights = mask_tokens_op(ids, table, seed, mask_id, eligible, rare_flags, mirror)
+    table = op.row_table(p, float(rare_delta) if rare_flags is not None else 0.0, copy2, union_weights)
+    noisy, masked, weights = op.mask_tokens(ids, table, seed, mask_id, eligible, rare_flags, mirror)
     copies = 2 if mirror else 1
     if not mirror:
         row_weight = torch.ones(B, dtype=torch.float32, device=device)

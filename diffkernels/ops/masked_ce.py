@@ -13,9 +13,10 @@ plain-PyTorch path counts the float32 copy of narrower logits too). Per chunk:
 1. gather the chunk's hidden rows h (m, H); logits = h @ W^T (+ b) in the input dtype (one GEMM
    into a reused buffer, never a float32 copy);
 2. per row, log-sum-exp, CE and d = coef * (softmax - onehot) written over the logits in place:
-   one Triton kernel on the GPU (``diffkernels.triton.masked_ce``: reads the bf16 row twice,
-   writes it once, float32 arithmetic in registers), or in-place float32 torch ops on the
-   plain-PyTorch path (CPU; no temporaries beyond the float32 copy of a low-precision chunk);
+   the backend's ``masked_ce_rows`` primitive (diffkernels/ops/_kernels.py), i.e. the Triton kernel
+   (``diffkernels.triton.masked_ce``: reads the bf16 row twice, writes it once, float32 arithmetic
+   in registers), or the plain-PyTorch reference (``diffkernels.reference.masked_ce``: in-place
+   float32 torch ops, no temporaries beyond the float32 copy of a low-precision chunk);
 3. grad W += d^T h, grad h[rows] = d @ W (two GEMMs; grad b += column sums of d).
 
 grad W is accumulated in float32: with one chunk the GEMM (float32 accumulation inside) writes
@@ -24,11 +25,13 @@ it once in the weight dtype; with several, the GEMM accumulates into a float32 b
 once) or, failing that, a per-chunk product is added to it. The (tokens x vocabulary) logits are
 never materialised; peak extra memory is one chunk of logits plus the gradients.
 
-Logits form. On the Triton path one kernel covers every row (rows with coef == 0 are never read;
-their gradient row is written as zeros): no compaction, no host sync, no chunks. The plain-PyTorch
-path compacts and chunks as above.
+Logits form. With the Triton kernel and contiguous logits one kernel covers every row (rows with
+coef == 0 are never read; their gradient row is written as zeros): no compaction, no host sync, no
+chunks. Otherwise the rows with a loss are compacted and chunked as above.
 
-float64 inputs always take the plain-PyTorch path (the kernel accumulates in float32).
+There is no C++ or CUDA kernel for ``masked_ce_rows``: the ``cpp`` backend runs the reference, the
+``cuda`` backend the Triton kernel (the reference where Triton is not installed). float64 inputs
+always take the reference (the kernel accumulates in float32).
 
 Targets of tokens with a loss must lie in [0, V) (tokens with coef == 0 are never read, so any id,
 e.g. -100 padding, is fine there): a ValueError for CPU tensors on every path; for CUDA tensors an
@@ -46,9 +49,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _backend
-from .._validate import check_fake_devices
-from ._inplace import saved_tensors
+from .._validate import acc_dtype, check_fake_devices
+from ..reference import masked_ce as reference
+from . import _kernels
+from .scale_rows import saved_tensors, scale_rows_
 
 CHUNK_BYTES = 1 << 31  # logits per chunk, in the input dtype: 2 GiB
 
@@ -58,36 +62,27 @@ def default_chunk_size(vocab: int, element_size: int = 2) -> int:
     return max(1, CHUNK_BYTES // (max(1, element_size) * max(1, vocab)))
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _chunk_tokens(chunk_size: int, V: int, dtype: torch.dtype, fused: bool) -> int:
+def chunk_tokens(chunk_size: int, V: int, dtype: torch.dtype, fused: bool) -> int:
     """``chunk_size`` if positive, else the default: CHUNK_BYTES of chunk working set, i.e. the
-    logits in the input dtype (Triton path), plus their float32 copy on the plain-PyTorch path
-    when the input dtype is narrower."""
+    logits in the input dtype (fused kernel), plus their float32 copy on the reference when the
+    input dtype is narrower."""
     if chunk_size > 0:
         return chunk_size
     item = torch.empty((), dtype=dtype).element_size()
-    acc = _acc(dtype)
+    acc = acc_dtype(dtype)
     if not fused and acc != dtype:
         item += torch.empty((), dtype=acc).element_size()
     return default_chunk_size(V, item)
 
 
-def _use_triton(device: torch.device, dtype: torch.dtype) -> bool:
-    """The Triton kernel runs where Triton is the backend (default for CUDA tensors, or forced);
-    a forced ``cpp``/``cuda``/``torch`` backend, CPU tensors by default, and float64 take the
-    plain-PyTorch path (there is no C++/CUDA kernel for this op: its GEMMs are cuBLAS/BLAS)."""
+def row_kernel(device: torch.device, dtype: torch.dtype):
+    """(``masked_ce_rows`` of the backend that runs on ``device``, whether it is a fused kernel):
+    anything but the plain-PyTorch reference reads the rows in their own dtype, in place, with no
+    temporaries. float64 always takes the reference, since the kernel accumulates in float32."""
+    rows = _kernels.for_device(device).masked_ce_rows
     if dtype == torch.float64:
-        return False
-    name = _backend.forced()
-    if name is None:  # Triton is this op's only GPU kernel, whatever the default of the others
-        return device.type == "cuda" and _backend._unavailable("triton", device) is None
-    if name == "triton":
-        _backend.select(device)  # a clear error when Triton cannot run on these tensors
-        return True
-    return False
+        rows = reference.masked_ce_rows
+    return rows, rows is not reference.masked_ce_rows
 
 
 def _check_targets(targets: Tensor, coef: Tensor, V: int) -> None:
@@ -114,7 +109,7 @@ def _active(coef: Tensor) -> Tensor:
     return torch.nonzero(coef != 0).squeeze(1)
 
 
-def _chunks(n: int, chunk_size: int) -> list[tuple[int, int]]:
+def chunks(n: int, chunk_size: int) -> list[tuple[int, int]]:
     """[start, end) bounds of ceil(n / chunk_size) chunks of (nearly) equal size."""
     if n == 0:
         return []
@@ -123,39 +118,8 @@ def _chunks(n: int, chunk_size: int) -> list[tuple[int, int]]:
     return [(s, min(n, s + size)) for s in range(0, n, size)]
 
 
-def _chunk_ce_(x: Tensor, targets: Tensor, coef: Tensor) -> Tensor:
-    """Plain-PyTorch path. CE of each row of float32/float64 ``x``, overwritten in place with
-    coef * (softmax - onehot). Five passes over x, no temporaries of its size."""
-    x_t = x.gather(1, targets[:, None]).squeeze(1)
-    m = x.amax(dim=1, keepdim=True)
-    m = torch.where(m == float("-inf"), 0.0, m)  # a row of -inf: s = 0, CE NaN (as log_softmax)
-    x.sub_(m).exp_()
-    s = x.sum(dim=1)
-    ce = m.squeeze(1) + s.log() - x_t
-    x.mul_((coef / s)[:, None])
-    x.scatter_add_(1, targets[:, None], -coef[:, None])
-    return ce
-
-
-def _ce_into_(x: Tensor, rows: Tensor, targets: Tensor, coef: Tensor, ce_all: Tensor, fused: bool,
-              need_grad: bool) -> None:
-    """Chunk logits ``x`` (m, V) of tokens ``rows``: CE into ``ce_all[rows]``; with ``need_grad``,
-    x is overwritten with coef * (softmax - onehot) in its own dtype."""
-    if fused:
-        from ..triton.masked_ce import masked_ce_rows
-
-        masked_ce_rows(x, targets, coef, ce_all, rows=rows, grad=x if need_grad else None)
-        return
-    acc = _acc(x.dtype)
-    xf = x.to(acc)  # the same tensor when x is already float32/float64
-    ce = _chunk_ce_(xf, targets.index_select(0, rows), coef.index_select(0, rows).to(acc))
-    ce_all.index_copy_(0, rows, ce)
-    if need_grad and xf is not x:
-        x.copy_(xf)
-
-
 @functools.lru_cache(maxsize=None)
-def _gemm_accumulates_in_fp32(device: str, dtype: torch.dtype) -> bool:
+def gemm_accumulates_in_fp32(device: str, dtype: torch.dtype) -> bool:
     """Whether ``torch.mm(a, b, out_dtype=float32, out=acc)`` and ``torch.addmm(acc, a, b,
     out_dtype=float32, out=acc)`` work here for ``dtype`` inputs (a transposed, as ``d^T`` is) and
     really add in float32. Probed once per device and dtype with small integers: the products are
@@ -176,19 +140,19 @@ def _gemm_accumulates_in_fp32(device: str, dtype: torch.dtype) -> bool:
         return False
 
 
-class _WeightGrad:
+class WeightGrad:
     """grad W = sum over chunks of d_c^T h_c, accumulated in float32 (float64 for float64)."""
 
     def __init__(self, V: int, H: int, dtype: torch.dtype, device: torch.device, n_chunks: int):
         self.dtype = dtype
         self.first = True
-        acc = _acc(dtype)
+        acc = acc_dtype(dtype)
         if n_chunks == 0:
             self.mode, self.out = "none", torch.zeros(V, H, dtype=dtype, device=device)
         elif n_chunks == 1 or dtype == acc:
             # The GEMM accumulates in float32 internally: write (and add into) the result directly.
             self.mode, self.out = "direct", torch.empty(V, H, dtype=dtype, device=device)
-        elif _gemm_accumulates_in_fp32(str(device), dtype):
+        elif gemm_accumulates_in_fp32(str(device), dtype):
             self.mode, self.out = "gemm_fp32", torch.empty(V, H, dtype=acc, device=device)
         else:
             self.mode, self.out = "add_fp32", torch.zeros(V, H, dtype=acc, device=device)
@@ -212,65 +176,105 @@ class _WeightGrad:
         return self.out if self.out.dtype == self.dtype else self.out.to(self.dtype)
 
 
+def _scratch_grad(x: Tensor, need_grad: bool, fused: bool) -> Optional[Tensor]:
+    """The ``grad`` argument of masked_ce_rows for a scratch chunk ``x``: x itself where the gradient
+    is wanted, and on the reference, which computes it anyway (and would otherwise work on a copy)."""
+    return x if need_grad or not fused else None
+
+
 def _loss(coef: Tensor, ce_all: Tensor, acc: torch.dtype) -> Tensor:
     # ce_all is 0 where coef == 0; summed in float64.
     return (coef.double() * ce_all.double()).sum().to(acc)
 
 
+def _check_targets_coef(targets: Tensor, coef: Tensor, N: int) -> None:
+    torch._check_type(targets.dtype == torch.int64, lambda: f"targets must be int64, got {targets.dtype}")
+    torch._check_value(targets.dim() == 1 and targets.shape[0] == N and targets.is_contiguous(),
+                       lambda: f"targets must be a contiguous ({N},) tensor, got shape {tuple(targets.shape)}")
+    torch._check_type(coef.dtype.is_floating_point, lambda: f"coef must be floating-point, got {coef.dtype}")
+    torch._check_value(coef.dim() == 1 and coef.shape[0] == N and coef.is_contiguous(),
+                       lambda: f"coef must be a contiguous ({N},) tensor, got shape {tuple(coef.shape)}")
+
+
+def check_logits_args(logits: Tensor, targets: Tensor, coef: Tensor, chunk_size: int) -> None:
+    """What masked_ce_logits assumes (checked by the custom op and its fake kernel alike)."""
+    torch._check_type(logits.dtype.is_floating_point, lambda: f"logits must be floating-point, got {logits.dtype}")
+    torch._check_value(logits.dim() == 2, lambda: f"logits must have shape (N, V), got {tuple(logits.shape)}")
+    _check_targets_coef(targets, coef, logits.shape[0])
+    torch._check_value(chunk_size >= 0, lambda: f"chunk_size must be >= 0, got {chunk_size}")
+
+
+def check_hidden_args(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, coef: Tensor,
+                      chunk_size: int) -> None:
+    """What masked_ce_hidden assumes (checked by the custom op and its fake kernel alike)."""
+    torch._check_type(hidden.dtype.is_floating_point, lambda: f"hidden must be floating-point, got {hidden.dtype}")
+    torch._check_value(hidden.dim() == 2, lambda: f"hidden must have shape (N, H), got {tuple(hidden.shape)}")
+    torch._check_type(weight.dtype == hidden.dtype, lambda: f"weight must have hidden's dtype, got {weight.dtype}")
+    torch._check_value(weight.dim() == 2 and weight.shape[1] == hidden.shape[1],
+                       lambda: f"weight must have shape (V, H) with H = {hidden.shape[1]}, got {tuple(weight.shape)}")
+    if bias is not None:
+        torch._check_type(bias.dtype == hidden.dtype, lambda: f"bias must have hidden's dtype, got {bias.dtype}")
+        torch._check_value(bias.dim() == 1 and bias.shape[0] == weight.shape[0],
+                           lambda: f"bias must have shape (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
+    _check_targets_coef(targets, coef, hidden.shape[0])
+    torch._check_value(chunk_size >= 0, lambda: f"chunk_size must be >= 0, got {chunk_size}")
+
+
 @torch.library.custom_op("diffkernels::masked_ce_logits", mutates_args=())
-def _masked_ce_logits(logits: Tensor, targets: Tensor, coef: Tensor, chunk_size: int,
-                      need_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+def masked_ce_logits_op(logits: Tensor, targets: Tensor, coef: Tensor, chunk_size: int,
+                        need_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, per-token CE (N,) float32 with 0 where coef == 0, gradient w.r.t. logits or empty)."""
+    check_logits_args(logits, targets, coef, chunk_size)
     N, V = logits.shape
     _check_targets(targets, coef, V)
-    acc = _acc(logits.dtype)
-    if _use_triton(logits.device, logits.dtype) and logits.is_contiguous():
-        from ..triton.masked_ce import masked_ce_rows
-
+    acc = acc_dtype(logits.dtype)
+    rows_kernel, fused = row_kernel(logits.device, logits.dtype)
+    if fused and logits.is_contiguous():
         ce_all = torch.empty(N, dtype=acc, device=logits.device)
         grad = torch.empty_like(logits) if need_grad else logits.new_empty(0)  # every row is written
-        masked_ce_rows(logits, targets, coef, ce_all, grad=grad if need_grad else None)
+        rows_kernel(logits, targets, coef, ce_all, grad=grad if need_grad else None)
         return _loss(coef, ce_all, acc), ce_all, grad
     ce_all = torch.zeros(N, dtype=acc, device=logits.device)
     # contiguous whatever the logits' layout: backward rescales the gradient rows in place
     grad = logits.new_zeros(logits.shape) if need_grad else logits.new_empty(0)
     active = _active(coef)
-    for start, end in _chunks(active.numel(), _chunk_tokens(chunk_size, V, logits.dtype, False)):
+    for start, end in chunks(active.numel(), chunk_tokens(chunk_size, V, logits.dtype, fused)):
         rows = active[start:end]
-        block = logits.index_select(0, rows).to(acc)
-        ce = _chunk_ce_(block, targets.index_select(0, rows), coef.index_select(0, rows).to(acc))
-        ce_all.index_copy_(0, rows, ce)
+        block = logits.index_select(0, rows)
+        rows_kernel(block, targets, coef, ce_all, rows=rows, grad=_scratch_grad(block, need_grad, fused))
         if need_grad:
-            grad.index_copy_(0, rows, block.to(grad.dtype))
+            grad.index_copy_(0, rows, block)
     return _loss(coef, ce_all, acc), ce_all, grad
 
 
-@_masked_ce_logits.register_fake
+@masked_ce_logits_op.register_fake
 def _(logits, targets, coef, chunk_size, need_grad):
     check_fake_devices("diffkernels::masked_ce_logits", logits, targets, coef)
+    check_logits_args(logits, targets, coef, chunk_size)
     N = logits.shape[0]
-    acc = _acc(logits.dtype)
+    acc = acc_dtype(logits.dtype)
     return (logits.new_empty((), dtype=acc), logits.new_empty(N, dtype=acc),
             logits.new_empty(logits.shape) if need_grad else logits.new_empty(0))
 
 
 @torch.library.custom_op("diffkernels::masked_ce_hidden", mutates_args=())
-def _masked_ce_hidden(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, coef: Tensor,
-                      chunk_size: int, need_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def masked_ce_hidden_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, coef: Tensor,
+                        chunk_size: int, need_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss, per-token CE, grad hidden (N, H), grad weight (V, H), grad bias (V,)); grads empty without need_grad."""
+    check_hidden_args(hidden, weight, bias, targets, coef, chunk_size)
     N, H = hidden.shape
     V = weight.shape[0]
     _check_targets(targets, coef, V)
     dev = hidden.device
     dtype = hidden.dtype
-    acc = _acc(dtype)
-    fused = _use_triton(dev, dtype)
+    acc = acc_dtype(dtype)
+    rows_kernel, fused = row_kernel(dev, dtype)
     ce_all = torch.zeros(N, dtype=acc, device=dev)
     active = _active(coef)
-    bounds = _chunks(active.numel(), _chunk_tokens(chunk_size, V, dtype, fused))
+    bounds = chunks(active.numel(), chunk_tokens(chunk_size, V, dtype, fused))
     if need_grad:
         grad_hidden = hidden.new_zeros(hidden.shape)  # contiguous: backward rescales its rows in place
-        grad_weight = _WeightGrad(V, H, weight.dtype, dev, len(bounds))
+        grad_weight = WeightGrad(V, H, weight.dtype, dev, len(bounds))
         grad_bias = torch.zeros(V, dtype=acc, device=dev) if bias is not None else hidden.new_empty(0, dtype=torch.float32)
     if bounds:
         m_max = bounds[0][1] - bounds[0][0]
@@ -285,7 +289,7 @@ def _masked_ce_hidden(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ta
             torch.mm(h, weight.t(), out=x)
         else:
             torch.addmm(bias, h, weight.t(), out=x)
-        _ce_into_(x, rows, targets, coef, ce_all, fused, need_grad)
+        rows_kernel(x, targets, coef, ce_all, rows=rows, grad=_scratch_grad(x, need_grad, fused))
         if need_grad:  # x now holds d = coef * (softmax - onehot) in the input dtype
             if bias is not None:
                 grad_bias.add_(x.sum(dim=0, dtype=acc))
@@ -299,11 +303,12 @@ def _masked_ce_hidden(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], ta
     return loss, ce_all, grad_hidden, grad_weight.result(), grad_bias
 
 
-@_masked_ce_hidden.register_fake
+@masked_ce_hidden_op.register_fake
 def _(hidden, weight, bias, targets, coef, chunk_size, need_grad):
     check_fake_devices("diffkernels::masked_ce_hidden", hidden, weight, bias, targets, coef)
+    check_hidden_args(hidden, weight, bias, targets, coef, chunk_size)
     N = hidden.shape[0]
-    acc = _acc(hidden.dtype)
+    acc = acc_dtype(hidden.dtype)
     loss = hidden.new_empty((), dtype=acc)
     ce = hidden.new_empty(N, dtype=acc)
     if not need_grad:
@@ -317,8 +322,7 @@ def _(hidden, weight, bias, targets, coef, chunk_size, need_grad):
 
 def _scale_(grad: Tensor, grad_output: Tensor) -> None:
     if grad.numel():
-        factor = grad_output.to(_acc(grad.dtype)).expand(grad.shape[0])
-        torch.ops.diffkernels.scale_rows_(grad, factor)
+        scale_rows_(grad, grad_output.to(acc_dtype(grad.dtype)).expand(grad.shape[0]))
 
 
 SECOND_BACKWARD = (
@@ -375,5 +379,5 @@ def _backward_hidden(ctx, grad_loss, *_):
     return out[0], out[1], out[2], None, None, None, None
 
 
-_masked_ce_logits.register_autograd(_backward_logits, setup_context=_setup_logits)
-_masked_ce_hidden.register_autograd(_backward_hidden, setup_context=_setup_hidden)
+masked_ce_logits_op.register_autograd(_backward_logits, setup_context=_setup_logits)
+masked_ce_hidden_op.register_autograd(_backward_hidden, setup_context=_setup_hidden)

@@ -1,18 +1,20 @@
-"""``diffkernels::sparse_mse``: the fused masked, weighted MSE of sparse supervision.
+"""``diffkernels::sparse_mse``: the fused masked, weighted MSE of sparse supervision (the op layer
+of ``diffkernels.sparse.sparse_mse_loss``, docs/METHODS.md section 1).
 
 Default (backward="fused"): one pass over pred and target produces the per-sample losses and,
 when an input needs a gradient, the gradient itself (already scaled for an upstream gradient of
-1). Backward then only rescales it in place, in a kernel that skips rows whose factor is exactly
-1, so the usual ``loss.backward()`` costs no second pass and no host sync. backward="recompute"
-regenerates the mask in backward instead, for graphs differentiated more than once and for
-second-order gradients (``create_graph=True``: backward is then written in differentiable tensor
-ops, with the mask materialised). The keep-mask is regenerated from (seed, index) inside every
-kernel and never stored.
+1). Backward then only rescales it in place (``diffkernels::scale_rows_``, which skips rows whose
+factor is exactly 1), so the usual ``loss.backward()`` costs no second pass and no host sync.
+backward="recompute" regenerates the mask in backward instead (``diffkernels::sparse_mse_grad``),
+for graphs differentiated more than once and for second-order gradients (``create_graph=True``:
+backward is then written in differentiable tensor ops, with the mask materialised). The
+keep-mask is regenerated from (seed, index) inside every kernel and never stored.
 
-The custom op is what torch.compile, export and fake tensors see. Plain eager calls skip its
+The custom ops are what torch.compile, export and fake tensors see. Plain eager calls skip their
 Python dispatcher (about 100 us a call, more than the kernels at small shapes) through an
-autograd.Function that runs the same ``_forward`` / ``_backward``; both issue as few tensor ops
-as they can, since on a GPU each is a kernel launch.
+autograd.Function that runs the same ``_forward`` / ``_backward`` (``sparse_mse``, the entry point
+of the public function); both issue as few tensor ops as they can, since on a GPU each is a
+kernel launch.
 """
 
 from __future__ import annotations
@@ -23,20 +25,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._validate import (check_choice, check_devices, check_fake_devices, check_float_tensor, check_mask_ratio,
-                         check_seed, eager_fast_path)
-from ..reference import sparse_mse as _reference
+from .._validate import acc_dtype, check_fake_devices, eager_fast_path
+from ..reference import sparse_mse as reference
 from . import _kernels
-from ._inplace import saved_tensors
+from .scale_rows import saved_tensors, scale_rows_
 
-GRANULARITIES = ("element", "pixel")
 NORMALIZATIONS = ("expected", "all", "kept")
 REDUCTIONS = ("mean", "sum", "none")
-BACKWARD_MODES = ("fused", "recompute")
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -89,7 +84,7 @@ def _forward(kernels, pred: Tensor, target: Tensor, weight: Optional[Tensor], ma
     B = pred.shape[0]
     n = pred.numel() // B if B else 0
     scale = _loss_scale(B, n, mask_ratio, normalize, reduction)
-    grad_scale = _grad_scale(weight, B, 2.0 * scale, _acc_dtype(pred.dtype), pred.device) if fused_grad else None
+    grad_scale = _grad_scale(weight, B, 2.0 * scale, acc_dtype(pred.dtype), pred.device) if fused_grad else None
     sq_sum, kept, grad = kernels.sparse_mse_fwd(pred, target, mask_ratio, seed, channels, grad_scale)
     kept = kept.clamp(min=1) if normalize == "kept" else None
     per_sample = sq_sum if kept is None else sq_sum / kept  # float64, like the per-row sums
@@ -134,12 +129,11 @@ def _differentiable_backward(ctx, pred, target, weight, kept, per_row, scale, ke
     mask_ratio, seed, channels, _, _ = ctx.options
     B, n = ctx.rows
     R = n // channels if channels else 0
-    if kernels is not None:
-        keep = kernels.sparse_mask(seed, B, channels, R, mask_ratio, pred.device)
-    else:  # plain tensor ops: traceable
-        keep = _reference.keep_mask(B, channels, R, mask_ratio, seed, pred.device)
+    # the eager fast path's backend, else plain tensor ops (traceable)
+    keep = (kernels.sparse_mask if kernels is not None else reference.keep_mask)(seed, B, channels, R, mask_ratio,
+                                                                                   pred.device)
     keep = keep.reshape(B, n)
-    acc = _acc_dtype(pred.dtype)
+    acc = acc_dtype(pred.dtype)
     diff = torch.where(keep, pred.reshape(B, n).to(acc) - target.reshape(B, n).to(acc), 0.0)
     factor = (per_row if kept is None else per_row / kept).to(acc)
     grad_pred = grad_target = grad_weight = None
@@ -173,19 +167,14 @@ def _backward(ctx, grad_loss: Tensor, kernels) -> tuple:
     if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
         factor = per_row if kept is None else per_row / kept  # (B,), in the loss dtype = accumulation dtype
         if ctx.fused_grad:
-            factor = factor.contiguous()  # as the primitives take it
-            if kernels is not None:
-                kernels.scale_rows_(grad, factor)
-                torch.autograd.graph.increment_version(grad)  # so that a second backward is detected
-            else:
-                torch.ops.diffkernels.scale_rows_(grad, factor)
+            scale_rows_(grad, factor.contiguous(), kernels)  # contiguous: as the primitives take it
         else:
             grad_scale = factor * (2.0 * scale) if weight is None else (
                 _grad_scale(weight, B, 2.0 * scale, factor.dtype, factor.device) * factor)
             if kernels is not None:
                 grad = kernels.sparse_mse_fwd(pred, target, mask_ratio, seed, channels, grad_scale)[2]
             else:
-                grad = torch.ops.diffkernels.sparse_mse_grad(pred, target, grad_scale, mask_ratio, seed, channels)
+                grad = sparse_mse_grad_op(pred, target, grad_scale, mask_ratio, seed, channels)
         grad_pred = grad if ctx.needs_input_grad[0] else None
         grad_target = -grad if ctx.needs_input_grad[1] else None
     if ctx.needs_input_grad[2]:
@@ -197,8 +186,36 @@ def _backward(ctx, grad_loss: Tensor, kernels) -> tuple:
 # --- the custom ops: what torch.compile, export and fake tensors see -------------------------
 
 
+def check_args(pred: Tensor, target: Tensor, channels: int, per_row: Optional[Tensor], per_row_name: str) -> None:
+    """What the kernels assume of the tensors (checked by the custom ops and their fake kernels
+    alike, so a direct call cannot skip it): pred and target contiguous, floating-point, of one
+    shape and dtype with a batch dimension B; ``per_row`` (weight or grad_scale) None or (B,)
+    floating-point; ``channels`` 1 or pred's dim 1 (granularity "pixel")."""
+    torch._check_type(pred.dtype.is_floating_point, lambda: f"pred must be floating-point, got {pred.dtype}")
+    torch._check_type(target.dtype == pred.dtype,
+                      lambda: f"target must have pred's dtype {pred.dtype}, got {target.dtype}")
+    torch._check_value(pred.dim() >= 1, lambda: "pred must have a batch dimension (dim 0)")
+    torch._check_value(target.shape == pred.shape,
+                       lambda: f"target must have pred's shape {tuple(pred.shape)}, got {tuple(target.shape)}")
+    torch._check_value(pred.is_contiguous() and target.is_contiguous(), lambda: "pred and target must be contiguous")
+    torch._check_value(channels == 1 or (pred.dim() >= 2 and channels == pred.shape[1]),
+                       lambda: f"channels must be 1 or pred's dim 1 ({tuple(pred.shape)}), got {channels}")
+    if per_row is not None:
+        torch._check_type(per_row.dtype.is_floating_point,
+                          lambda: f"{per_row_name} must be floating-point, got {per_row.dtype}")
+        torch._check_value(per_row.dim() == 1 and per_row.shape[0] == pred.shape[0],
+                           lambda: f"{per_row_name} must have shape (B,) = ({pred.shape[0]},), "
+                                   f"got {tuple(per_row.shape)}")
+
+
+def _check_options(mask_ratio: float, normalize: str, reduction: str) -> None:
+    torch._check_value(0.0 <= mask_ratio < 1.0, lambda: f"mask_ratio must lie in [0, 1), got {mask_ratio}")
+    torch._check_value(normalize in NORMALIZATIONS, lambda: f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+    torch._check_value(reduction in REDUCTIONS, lambda: f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
 @torch.library.custom_op("diffkernels::sparse_mse", mutates_args=())
-def _sparse_mse(
+def sparse_mse_op(
     pred: Tensor,
     target: Tensor,
     weight: Optional[Tensor],
@@ -210,6 +227,8 @@ def _sparse_mse(
     fused_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``_forward`` with its absent outputs as empty tensors: (loss, grad, kept, sq_sum)."""
+    check_args(pred, target, channels, weight, "weight")
+    _check_options(mask_ratio, normalize, reduction)
     loss, grad, kept, sq_sum = _forward(_kernels.for_device(pred.device), pred, target, weight, mask_ratio, seed,
                                         channels, normalize, reduction, fused_grad)
     return (loss, pred.new_empty(0) if grad is None else grad,
@@ -217,9 +236,11 @@ def _sparse_mse(
             pred.new_empty(0, dtype=torch.float64) if sq_sum is None else sq_sum)
 
 
-@_sparse_mse.register_fake
+@sparse_mse_op.register_fake
 def _(pred, target, weight, mask_ratio, seed, channels, normalize, reduction, fused_grad):
     check_fake_devices("diffkernels::sparse_mse", pred, target, weight)
+    check_args(pred, target, channels, weight, "weight")
+    _check_options(mask_ratio, normalize, reduction)
     B = pred.shape[0]
     loss = pred.new_empty(_loss_shape(pred, reduction), dtype=_loss_dtype(pred.dtype))
     grad = torch.empty_like(pred) if fused_grad else pred.new_empty(0)
@@ -228,29 +249,19 @@ def _(pred, target, weight, mask_ratio, seed, channels, normalize, reduction, fu
     return loss, grad, kept, sq_sum
 
 
-@torch.library.custom_op("diffkernels::scale_rows_", mutates_args=("grad",))
-def _scale_rows_(grad: Tensor, factor: Tensor) -> None:
-    """grad[b] *= factor[b] in place; rows with factor exactly 1 are not touched."""
-    _kernels.for_device(grad.device).scale_rows_(grad, factor)
-
-
-@_scale_rows_.register_fake
-def _(grad, factor):
-    check_fake_devices("diffkernels::scale_rows_", grad, factor)
-    return None
-
-
 @torch.library.custom_op("diffkernels::sparse_mse_grad", mutates_args=())
-def _sparse_mse_grad(pred: Tensor, target: Tensor, grad_scale: Tensor, mask_ratio: float, seed: int,
-                     channels: int) -> Tensor:
+def sparse_mse_grad_op(pred: Tensor, target: Tensor, grad_scale: Tensor, mask_ratio: float, seed: int,
+                       channels: int) -> Tensor:
     """grad_scale[b] * keep * (pred - target): the gradient, regenerating the mask (backward="recompute")."""
+    check_args(pred, target, channels, grad_scale, "grad_scale")
     kernels = _kernels.for_device(pred.device)
     return kernels.sparse_mse_fwd(pred, target, mask_ratio, seed, channels, grad_scale)[2]
 
 
-@_sparse_mse_grad.register_fake
+@sparse_mse_grad_op.register_fake
 def _(pred, target, grad_scale, mask_ratio, seed, channels):
     check_fake_devices("diffkernels::sparse_mse_grad", pred, target, grad_scale)
+    check_args(pred, target, channels, grad_scale, "grad_scale")
     return torch.empty_like(pred)
 
 
@@ -269,7 +280,7 @@ def _custom_op_backward(ctx, grad_loss, _grad, _kept, _sq_sum):
     return _backward(ctx, grad_loss, None)
 
 
-_sparse_mse.register_autograd(_custom_op_backward, setup_context=_setup_context)
+sparse_mse_op.register_autograd(_custom_op_backward, setup_context=_setup_context)
 
 
 class _SparseMSEFunction(torch.autograd.Function):
@@ -290,119 +301,22 @@ class _SparseMSEFunction(torch.autograd.Function):
         return _backward(ctx, grad_loss, ctx.kernels)
 
 
-# --- public functions -------------------------------------------------------------------------
+# --- the entry points of the public functions (diffkernels/sparse/loss.py) ------------------------
 
 
-def _channels(shape, granularity: str, name: str = "pred") -> int:
-    check_choice(granularity, "granularity", GRANULARITIES)
-    if granularity == "pixel":
-        if len(shape) < 2:
-            raise ValueError(
-                f"granularity='pixel' shares one draw across dim 1 (channels), but {name} has shape "
-                f"{tuple(shape)} with no channel dimension"
-            )
-        return shape[1]
-    return 1
-
-
-def sparse_mse_loss(
-    pred: Tensor,
-    target: Tensor,
-    mask_ratio: float,
-    seed: int,
-    *,
-    weight: Optional[Tensor] = None,
-    granularity: str = "element",
-    normalize: str = "expected",
-    reduction: str = "mean",
-    backward: str = "fused",
-) -> Tensor:
-    """Masked, weighted MSE of sparse supervision (METHODS.md section 1), fused.
-
-    loss_b = w_b * sum_i keep[b, i] * (pred[b, i] - target[b, i])**2 / Z_b, reduced over b by
-    ``reduction`` ("mean", "sum" or "none" for the (B,) vector), with
-    ``keep[b, i] = U(seed, index) >= mask_ratio`` from the counter RNG of :mod:`diffkernels.rng`
-    (index: the flat element index, or with ``granularity="pixel"`` the flat index with the
-    channel dim 1 removed, so all channels of a pixel share one draw).
-
-    ``normalize``: ``"expected"`` (Z_b = n * (1 - mask_ratio), an unbiased estimate of the dense
-    MSE), ``"all"`` (Z_b = n) or ``"kept"`` (Z_b = max(1, kept elements of sample b)).
-
-    Accumulates in float32 (float64 for float64 inputs); returns float32 for half, bfloat16 and
-    float32 inputs. NaN/Inf in kept elements propagate; in masked-out elements they are ignored.
-    An empty batch gives NaN for "mean" (like ``torch.mean`` of nothing), 0 for "sum" and an
-    empty vector for "none". Gradients flow to ``pred``, ``target`` and ``weight``.
-
-    ``backward``: ``"fused"`` (default, fastest) computes the gradient in the forward pass and
-    rescales it in place in backward (skipped when the upstream gradient is exactly 1), so the
-    graph can be differentiated once and gives no second-order gradients (``create_graph=True``
-    is an error); for bfloat16 inputs with an upstream gradient other than 1 the gradient is
-    rounded twice (at most 1 ulp more). float16 inputs always take the "recompute" path (a float16
-    gradient for an upstream gradient of 1 can under- or overflow before it is rescaled, e.g.
-    under GradScaler's loss scale). ``"recompute"`` computes only the loss in forward and
-    regenerates the mask in backward (one more read of pred and target); its graph can be
-    differentiated any number of times (retain_graph, gradcheck, Jacobians), and with
-    ``create_graph=True`` its backward is itself differentiable (gradient penalties, gradgradcheck).
-
-    All tensors must be on one device; meta tensors are rejected outside fake-tensor tracing.
-    """
-    check_float_tensor(pred, "pred")
-    check_float_tensor(target, "target")
-    if pred.shape != target.shape:
-        raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
-    if pred.dtype != target.dtype:
-        raise TypeError(f"pred and target must have the same dtype, got {pred.dtype} and {target.dtype}")
-    if pred.device != target.device:
-        raise ValueError(f"pred and target must be on the same device, got {pred.device} and {target.device}")
-    if weight is not None:
-        check_float_tensor(weight, "weight")
-    check_devices({"pred": pred, "target": target, "weight": weight})
-    if pred.dim() < 1:
-        raise ValueError("pred must have a batch dimension (dim 0), got a 0-d tensor")
-    mask_ratio = check_mask_ratio(mask_ratio)
-    seed = check_seed(seed)
-    check_choice(normalize, "normalize", NORMALIZATIONS)
-    check_choice(reduction, "reduction", REDUCTIONS)
-    channels = _channels(pred.shape, granularity)
-    B = pred.shape[0]
-    if B and math.prod(pred.shape[1:]) == 0:
-        raise ValueError(f"pred has no elements per sample (shape {tuple(pred.shape)})")
-    if weight is not None:
-        if weight.shape != (B,):
-            raise ValueError(f"weight must have shape (B,) = ({B},), one weight per sample, got {tuple(weight.shape)}")
-        weight = weight.contiguous()
-    check_choice(backward, "backward", BACKWARD_MODES)
-    grad_enabled = torch.is_grad_enabled()
-    # float16 takes the recompute path: its gradient stored for an upstream gradient of 1 can leave
-    # float16's range before the rescale (GradScaler's 65536 x tiny gradients would underflow to 0).
-    fused_grad = (backward == "fused" and pred.dtype != torch.float16 and grad_enabled
-                  and (pred.requires_grad or target.requires_grad))
-    args = (pred.contiguous(), target.contiguous(), weight, mask_ratio, seed, channels, normalize, reduction,
-            fused_grad)
+def sparse_mse(pred: Tensor, target: Tensor, weight: Optional[Tensor], mask_ratio: float, seed: int, channels: int,
+               normalize: str, reduction: str, fused_grad: bool) -> Tensor:
+    """The loss, for validated contiguous arguments: in plain eager mode the kernels directly (through
+    an autograd.Function where a gradient is wanted), else (torch.compile, fake tensors, ...) the custom op."""
+    args = (pred, target, weight, mask_ratio, seed, channels, normalize, reduction, fused_grad)
     if not eager_fast_path(pred, target, weight):
-        return _sparse_mse(*args)[0]
-    if grad_enabled and (pred.requires_grad or target.requires_grad or (weight is not None and weight.requires_grad)):
+        return sparse_mse_op(*args)[0]
+    if torch.is_grad_enabled() and (pred.requires_grad or target.requires_grad
+                                    or (weight is not None and weight.requires_grad)):
         return _SparseMSEFunction.apply(*args)
     return _forward(_kernels.for_device(pred.device), *args)[0]
 
 
-def sparse_mask(shape, mask_ratio: float, seed: int, *, granularity: str = "element", device=None) -> Tensor:
-    """The boolean keep-mask that ``sparse_mse_loss`` uses for a tensor of ``shape`` (True = kept)."""
-    shape = torch.Size(shape)
-    if len(shape) < 1:
-        raise ValueError("shape must have a batch dimension")
-    if any(s < 0 for s in shape):
-        raise ValueError(f"shape must be non-negative, got {tuple(shape)}")
-    mask_ratio = check_mask_ratio(mask_ratio)
-    seed = check_seed(seed)
-    C = _channels(shape, granularity, "shape")
-    B = shape[0]
-    n = math.prod(shape[1:])
-    R = n // C if C else 0
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    if device.type == "meta":
-        raise ValueError("device='meta': meta tensors are not supported (they hold no data)")
-    if C == 0:
-        return torch.zeros(shape, dtype=torch.bool, device=device)
-    mask = _kernels.for_device(device).sparse_mask(seed, B, C, R, mask_ratio, device)
-    return mask.reshape(shape)
+def sparse_mask(seed: int, B: int, C: int, R: int, mask_ratio: float, device: torch.device) -> Tensor:
+    """The (B, C, R) bool keep-mask of the backend that runs on ``device``."""
+    return _kernels.for_device(device).sparse_mask(seed, B, C, R, mask_ratio, device)

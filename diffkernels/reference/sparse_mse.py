@@ -1,8 +1,9 @@
-"""Reference sparse-supervision loss (METHODS.md section 1), written for clarity, not speed.
+"""Reference sparse-supervision loss (docs/METHODS.md section 1), written for clarity, not speed.
 
 ``sparse_mask`` and ``sparse_mse_loss`` are the independent oracles the tests compare every
-backend against (float64 math). ``sparse_mse_fwd`` and ``scale_rows_`` are the same primitives
-the C++ and Triton kernels implement, so the ``torch`` backend runs anywhere torch does.
+backend against (float64 math). ``sparse_mse_fwd`` and ``keep_mask`` are the ``torch`` backend's
+primitives ``sparse_mse_fwd`` and ``sparse_mask`` (diffkernels/ops/_kernels.py), which the C++,
+CUDA and Triton kernels implement too, so the ``torch`` backend runs anywhere torch does.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import math
 
 import torch
 
+from .._validate import acc_dtype
 from ..rng import uniform
 
 
@@ -22,16 +24,17 @@ def _mask_layout(shape, granularity: str) -> tuple[int, int, int]:
     return B, C, (n // C if C else 0)
 
 
-def keep_mask(B: int, C: int, R: int, mask_ratio: float, seed: int, device=None) -> torch.Tensor:
-    """Boolean keep-mask of shape (B, C, R): U(seed, b * R + r) >= mask_ratio (compared in float32)."""
+def keep_mask(seed: int, B: int, C: int, R: int, mask_ratio: float, device=None) -> torch.Tensor:
+    """Boolean keep-mask of shape (B, C, R), contiguous: U(seed, b * R + r) >= mask_ratio (compared
+    in float32), shared by the C channels. Plain tensor ops, so traceable."""
     u = uniform(seed, torch.arange(B * R, device=device, dtype=torch.int64)).view(B, 1, R)
     threshold = torch.tensor(mask_ratio, dtype=torch.float32, device=device)
-    return (u >= threshold).expand(B, C, R)
+    return (u >= threshold).expand(B, C, R).contiguous()
 
 
 def sparse_mask(shape, mask_ratio: float, seed: int, granularity: str = "element", device=None) -> torch.Tensor:
     B, C, R = _mask_layout(tuple(shape), granularity)
-    return keep_mask(B, C, R, mask_ratio, seed, device).reshape(tuple(shape))
+    return keep_mask(seed, B, C, R, mask_ratio, device).reshape(tuple(shape))
 
 
 def sparse_mse_loss(
@@ -45,7 +48,7 @@ def sparse_mse_loss(
     normalize: str = "expected",
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """The loss exactly as written in METHODS.md, in float64, differentiable by autograd."""
+    """The loss exactly as written in docs/METHODS.md, in float64, differentiable by autograd."""
     B = pred.shape[0]
     n = math.prod(pred.shape[1:])
     keep = sparse_mask(pred.shape, mask_ratio, seed, granularity, pred.device)
@@ -72,7 +75,7 @@ def sparse_mse_loss(
     raise ValueError(f"unknown reduction {reduction!r}")
 
 
-# --- the backend primitives, in plain PyTorch -------------------------------------------------
+# --- the torch backend's primitives -------------------------------------------------
 
 
 def sparse_mse_fwd(pred, target, mask_ratio: float, seed: int, channels: int, grad_scale):
@@ -80,8 +83,8 @@ def sparse_mse_fwd(pred, target, mask_ratio: float, seed: int, channels: int, gr
     B = pred.shape[0]
     n = pred.numel() // B if B else 0
     R = n // channels if channels else 0
-    keep = keep_mask(B, channels, R, mask_ratio, seed, pred.device).reshape(B, n)
-    acc = torch.float64 if pred.dtype == torch.float64 else torch.float32
+    keep = keep_mask(seed, B, channels, R, mask_ratio, pred.device).reshape(B, n)
+    acc = acc_dtype(pred.dtype)
     diff = pred.reshape(B, n).to(acc) - target.reshape(B, n).to(acc)
     zero = torch.zeros((), dtype=acc, device=pred.device)
     sq_sum = torch.where(keep, diff * diff, zero).double().sum(dim=1)
@@ -91,10 +94,3 @@ def sparse_mse_fwd(pred, target, mask_ratio: float, seed: int, channels: int, gr
     else:
         grad = torch.where(keep, grad_scale.to(acc).view(B, 1) * diff, zero).to(pred.dtype).reshape(pred.shape)
     return sq_sum, kept, grad
-
-
-def scale_rows_(grad: torch.Tensor, factor: torch.Tensor) -> None:
-    B, n = grad.shape[0], math.prod(grad.shape[1:])
-    acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
-    scaled = grad.reshape(B, n).to(acc) * factor.to(acc).view(B, 1)
-    grad.copy_(scaled.view(grad.shape))

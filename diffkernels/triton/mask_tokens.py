@@ -10,7 +10,7 @@ COUNTERS_PER_PROGRAM = 256
 
 
 @triton.jit
-def _mask_tokens_kernel(
+def mask_tokens_kernel(
     ids_ptr, table_ptr, eligible_ptr, rare_ptr, noisy_ptr, masked_ptr, weight_ptr,
     L, T, plane, seed, mask_id,
     HAS_ELIGIBLE: tl.constexpr, HAS_RARE: tl.constexpr, MIRROR: tl.constexpr, G: tl.constexpr,
@@ -54,7 +54,7 @@ def mask_tokens(ids, table, seed: int, mask_id: int, eligible, rare, mirror: boo
     weight = torch.empty((copies, B, L), dtype=torch.float32, device=ids.device)
     T = tasks_per_row(L, COUNTERS_PER_PROGRAM)
     if B * T:
-        _mask_tokens_kernel[(B * T,)](
+        mask_tokens_kernel[(B * T,)](
             ids, table,
             eligible.view(torch.int8) if eligible is not None else ids,
             rare.view(torch.int8) if rare is not None else ids,

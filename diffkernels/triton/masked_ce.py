@@ -23,7 +23,7 @@ MAX_BLOCK = 4096  # logits per loop iteration on a GPU: 8 KiB of bf16, 16 values
 
 
 @triton.jit
-def _masked_ce_kernel(
+def masked_ce_kernel(
     x_ptr, g_ptr, rows_ptr, targets_ptr, coef_ptr, ce_ptr,
     V, stride_x, stride_g,
     HAS_ROWS: tl.constexpr, WANT_GRAD: tl.constexpr, BLOCK: tl.constexpr,
@@ -103,7 +103,7 @@ def masked_ce_rows(x, targets, coef, ce_out, *, rows=None, grad=None, block=None
         raise ValueError("masked_ce_rows needs unit stride along the vocabulary")
     blk, warps = launch_config(V, x.device, block, num_warps)
     g = grad if grad is not None else x
-    _masked_ce_kernel[(n,)](
+    masked_ce_kernel[(n,)](
         x, g, rows if rows is not None else targets, targets, coef, ce_out,
         V, x.stride(0), g.stride(0),
         HAS_ROWS=rows is not None, WANT_GRAD=grad is not None, BLOCK=blk, num_warps=warps,

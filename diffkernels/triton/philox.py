@@ -40,7 +40,7 @@ def tasks_per_row(R: int, G: int) -> int:
 
 
 @triton.jit
-def _uniform_kernel(index_ptr, out_ptr, numel, seed, BLOCK: tl.constexpr):
+def uniform_kernel(index_ptr, out_ptr, numel, seed, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < numel
     index = tl.load(index_ptr + offs, mask=inside, other=0)
@@ -58,5 +58,5 @@ def uniform(seed: int, index):
     n = index.numel()
     BLOCK = 1024
     if n:
-        _uniform_kernel[(triton.cdiv(n, BLOCK),)](index.contiguous(), out, n, seed, BLOCK=BLOCK)
+        uniform_kernel[(triton.cdiv(n, BLOCK),)](index.contiguous(), out, n, seed, BLOCK=BLOCK)
     return out

@@ -1,4 +1,4 @@
-"""Triton kernels of the sparse-supervision loss (METHODS.md section 1).
+"""Triton kernels of the sparse-supervision loss (docs/METHODS.md section 1): sparse_mse_fwd, sparse_mask.
 
 The input is viewed as (B, C, R) with one keep draw per (b, r): mask index m = b * R + r
 (C = 1 for granularity "element"), tiled with ``philox.row_tile``. Masked-out elements are never
@@ -9,14 +9,14 @@ import torch
 import triton
 import triton.language as tl
 
+from .._validate import acc_dtype
 from .philox import row_tile, tasks_per_row
 
 COUNTERS_PER_PROGRAM = 256  # 1024 mask indices per program
-SCALE_BLOCK = 2048
 
 
 @triton.jit
-def _sparse_mse_fwd_kernel(
+def sparse_mse_fwd_kernel(
     pred_ptr, target_ptr, grad_ptr, grad_scale_ptr, sq_ptr, kept_ptr,
     R, C, T, seed, eta,
     WANT_GRAD: tl.constexpr, G: tl.constexpr,
@@ -42,27 +42,11 @@ def _sparse_mse_fwd_kernel(
 
 
 @triton.jit
-def _sparse_mask_kernel(out_ptr, R, C, T, seed, eta, G: tl.constexpr):
+def sparse_mask_kernel(out_ptr, R, C, T, seed, eta, G: tl.constexpr):
     pid, b, r, inside, u = row_tile(R, T, seed, G)
     keep = inside & (u >= eta)
     for c in range(C):
         tl.store(out_ptr + (b * C + c) * R + r, keep.to(tl.int8), mask=inside)
-
-
-@triton.jit
-def _scale_rows_kernel(grad_ptr, factor_ptr, n, T, BLOCK: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    b = pid // T
-    f = tl.load(factor_ptr + b)
-    if f != 1.0:  # the usual loss.backward() passes exactly 1: skip the pass, without a host sync
-        offs = (pid % T) * BLOCK + tl.arange(0, BLOCK)
-        inside = offs < n
-        g = tl.load(grad_ptr + b * n + offs, mask=inside)
-        tl.store(grad_ptr + b * n + offs, (g.to(factor_ptr.dtype.element_ty) * f).to(g.dtype), mask=inside)
-
-
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def sparse_mse_fwd(pred, target, mask_ratio: float, seed: int, channels: int, grad_scale):
@@ -70,14 +54,14 @@ def sparse_mse_fwd(pred, target, mask_ratio: float, seed: int, channels: int, gr
     n = pred.numel() // B if B else 0
     R = n // channels
     T = tasks_per_row(R, COUNTERS_PER_PROGRAM)
-    acc = _acc_dtype(pred.dtype)
+    acc = acc_dtype(pred.dtype)
     sq = torch.empty(B * T, dtype=acc, device=pred.device)
     kept = torch.empty(B * T, dtype=torch.int32, device=pred.device)
     want_grad = grad_scale is not None
     grad = torch.empty_like(pred) if want_grad else pred.new_empty(0)
     scale = grad_scale.to(acc).contiguous() if want_grad else torch.empty(1, dtype=acc, device=pred.device)
     if B * T:
-        _sparse_mse_fwd_kernel[(B * T,)](
+        sparse_mse_fwd_kernel[(B * T,)](
             pred, target, grad if want_grad else pred, scale, sq, kept,
             R, channels, T, seed, mask_ratio,
             WANT_GRAD=want_grad, G=COUNTERS_PER_PROGRAM,
@@ -91,14 +75,5 @@ def sparse_mask(seed: int, B: int, C: int, R: int, mask_ratio: float, device):
     out = torch.empty((B, C, R), dtype=torch.bool, device=device)
     T = tasks_per_row(R, COUNTERS_PER_PROGRAM)
     if B * T:
-        _sparse_mask_kernel[(B * T,)](out.view(torch.int8), R, C, T, seed, mask_ratio, G=COUNTERS_PER_PROGRAM)
+        sparse_mask_kernel[(B * T,)](out.view(torch.int8), R, C, T, seed, mask_ratio, G=COUNTERS_PER_PROGRAM)
     return out
-
-
-def scale_rows_(grad, factor) -> None:
-    B = grad.shape[0]
-    n = grad.numel() // B if B else 0
-    T = triton.cdiv(n, SCALE_BLOCK)
-    if B * T:
-        f = factor.to(_acc_dtype(grad.dtype)).contiguous()
-        _scale_rows_kernel[(B * T,)](grad, f, n, T, BLOCK=SCALE_BLOCK)
