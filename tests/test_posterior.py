@@ -112,7 +112,8 @@ def test_screen_and_refine_agrees_with_the_float64_engine(device, split, monkeyp
     args = dict(alpha=alpha.to(device), exclude_index=src.to(device), logit_bias=bias.to(device), chunk_size=64)
     auto = posterior_partial(queries.to(device), data.float().to(device), sigma.to(device), precision="auto", **args)
     assert fallback_queries and all(0 < m < M for m in fallback_queries), "both paths must run in one block"
-    exact = posterior_partial(queries.to(device), data.float().to(device), sigma.to(device), precision="float64", **args)
+    exact = posterior_partial(queries.to(device), data.float().to(device), sigma.to(device), precision="float64",
+                              **args)
     a, e = auto.finalize(), exact.finalize()
     torch.testing.assert_close(a.mean, e.mean, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(a.logsumexp, e.logsumexp, rtol=1e-12, atol=1e-12)

@@ -86,7 +86,8 @@ def load_checkpoint(path: Path, settings: dict) -> dict:
                          "delete it to start over")
     old = saved.get("settings")
     if not isinstance(old, dict):
-        raise ValueError(f"checkpoint {path} is malformed: 'settings' is missing or not an object; delete it to start over")
+        raise ValueError(f"checkpoint {path} is malformed: 'settings' is missing or not an object; "
+                         "delete it to start over")
     old = {"common_random_numbers": False, **old}  # files written before the option have independent draws
     if old.get("data") != settings["data"] and all(old.get(k) == v for k, v in settings.items() if k != "data"):
         raise ValueError(f"checkpoint {path} was written for other data (the checksum of the values differs: "

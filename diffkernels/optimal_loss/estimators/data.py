@@ -33,7 +33,8 @@ def as_2d(data, name: str = "data"):
     """(N, ...) tensor or numpy array -> (N, D) view, checked; errors name the argument ``name``."""
     if isinstance(data, Tensor):
         if data.device.type == "meta":
-            raise ValueError(f"{name} is a meta tensor: meta tensors are not supported (the result depends on the values)")
+            raise ValueError(f"{name} is a meta tensor: meta tensors are not supported "
+                             "(the result depends on the values)")
         ok_dtype = data.dtype.is_floating_point or not (data.dtype.is_complex or data.dtype == torch.bool)
     elif isinstance(data, np.ndarray):
         ok_dtype = data.dtype.kind in "fiu"

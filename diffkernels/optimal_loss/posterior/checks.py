@@ -35,7 +35,8 @@ def check_inputs(queries: Tensor, data: Tensor) -> None:
         if x.dim() != 2:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
     if queries.shape[1] != data.shape[1]:
-        raise ValueError(f"queries and data must have the same number of columns D, got {queries.shape[1]} and {data.shape[1]}")
+        raise ValueError("queries and data must have the same number of columns D, "
+                         f"got {queries.shape[1]} and {data.shape[1]}")
     if queries.shape[1] == 0:
         raise ValueError("queries and data have no columns (D = 0)")
 
@@ -102,7 +103,8 @@ def check_exclude(exclude_index, M: int, device, upper: Optional[int] = None) ->
         lo, hi = int(exclude_index.min()), int(exclude_index.max())
         if lo < -1 or (upper is not None and hi >= upper):
             allowed = f"[-1, {upper})" if upper is not None else ">= -1"
-            raise ValueError(f"exclude_index values must be {allowed} (-1: exclude nothing), got {lo if lo < -1 else hi}")
+            raise ValueError(f"exclude_index values must be {allowed} (-1: exclude nothing), "
+                             f"got {lo if lo < -1 else hi}")
     return exclude_index.to(device=device, dtype=torch.int64)
 
 

@@ -40,10 +40,10 @@ class PosteriorPartial:
 
     def finalize(self) -> "PosteriorStats":
         """Normalise: the posterior mean, log-sum-exp of the logits and posterior variance (all float64)."""
-        l = self.sum_w
-        offset = self.sum_wy / l[:, None]  # D(x) - center
-        variance = (self.sum_wyy / l - offset.square().sum(dim=1)).clamp_min(0.0)
-        return PosteriorStats(mean=self.center + offset, logsumexp=self.log_max + l.log(), variance=variance)
+        total = self.sum_w
+        offset = self.sum_wy / total[:, None]  # D(x) - center
+        variance = (self.sum_wyy / total - offset.square().sum(dim=1)).clamp_min(0.0)
+        return PosteriorStats(mean=self.center + offset, logsumexp=self.log_max + total.log(), variance=variance)
 
     def to_tuple(self) -> tuple[Tensor, ...]:
         return self.center, self.log_max, self.sum_w, self.sum_wy, self.sum_wyy
