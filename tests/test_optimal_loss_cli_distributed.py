@@ -11,6 +11,7 @@ import textwrap
 
 import numpy as np
 import pytest
+import torch
 
 from diffkernels.cli import main
 
@@ -122,13 +123,16 @@ def test_two_processes_match_one_and_only_rank0_prints_and_writes(tmp_path, caps
 
 
 def test_resume_under_torchrun_from_a_single_process_checkpoint(tmp_path, capsys):
-    _data(tmp_path)
+    """The checkpoint of one process reading d.npy, resumed by two processes that each load the same
+    values from a .pt file whole and keep their rows: the checkpoint records the values, not the
+    file or the split."""
+    torch.save(torch.from_numpy(_data(tmp_path)), tmp_path / "d.pt")
     ref, ref_ckpt = _single(tmp_path, capsys)
     # Level 0 done (with changed values), levels 1 and 2 to compute: every rank must skip level 0,
     # or the ranks' collectives would not match.
     stale = _stale_checkpoint(ref_ckpt)
     (tmp_path / "run.ckpt.json").write_text(json.dumps(stale))
-    proc = _torchrun(["--standalone"], ["-m", "diffkernels", "optimal-loss", "d.npy", *FAST, "--quiet", "--resume",
+    proc = _torchrun(["--standalone"], ["-m", "diffkernels", "optimal-loss", "d.pt", *FAST, "--quiet", "--resume",
                                         "--out", "run"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("wrote ") == 1, proc.stdout
