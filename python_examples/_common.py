@@ -1,4 +1,4 @@
-"""Shared pieces of the example scripts: data, the digits quality score, J*(s), binned losses, figures.
+"""Shared pieces of the example scripts: data, the digits quality score, the J*(s) table, binned losses.
 
 Nothing here downloads anything: the real data is scikit-learn's bundled digits (1797 8x8 images),
 everything else is generated in code.
@@ -6,7 +6,6 @@ everything else is generated in code.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -23,8 +22,8 @@ _REPO = Path(__file__).resolve().parent.parent
 if (_REPO / "diffkernels" / "__init__.py").is_file() and str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
 
-from diffkernels import posterior_mean  # noqa: E402
-from diffkernels.demo import load_digits_tensor  # noqa: E402
+from diffkernels.datasets import load_digits  # noqa: E402
+from diffkernels.optimal_loss import estimate_curve  # noqa: E402
 
 
 def default_device(name: Optional[str] = None) -> torch.device:
@@ -36,15 +35,6 @@ def set_threads(n: int) -> None:
     a shared machine OpenMP threads that wait for busy cores made each step about 10x slower (measured)."""
     if n and n > 0:
         torch.set_num_threads(n)
-
-
-def pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -59,7 +49,7 @@ def load_images(spec: str = "digits", n_train: Optional[int] = None, seed: int =
     the memorisation experiments get a small training set.
     """
     if spec == "digits":
-        data = load_digits_tensor()
+        data = load_digits()
     else:
         arr = np.load(spec).astype(np.float32)
         if arr.ndim == 3:
@@ -67,7 +57,8 @@ def load_images(spec: str = "digits", n_train: Optional[int] = None, seed: int =
         elif arr.ndim == 4 and arr.shape[-1] in (1, 3, 4) and arr.shape[1] == arr.shape[2]:
             arr = arr.transpose(0, 3, 1, 2)  # NHWC (square images, 1/3/4 channels last) -> NCHW
         if arr.ndim != 4:
-            raise ValueError(f"{spec}: expected an array of shape (N, H, W), (N, H, W, C) or (N, C, H, W), got {arr.shape}")
+            raise ValueError(f"{spec}: expected an array of shape (N, H, W), (N, H, W, C) or (N, C, H, W), "
+                             f"got {arr.shape}")
         lo, hi = float(arr.min()), float(arr.max())
         data = torch.from_numpy(np.ascontiguousarray(arr))
         data = (data - lo) / max(hi - lo, 1e-12) * 2.0 - 1.0
@@ -108,7 +99,8 @@ class DigitsClassifier(nn.Module):
 
 
 def cache_dir(override: Optional[str] = None) -> Path:
-    path = Path(override) if override else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "diffkernels"
+    cache_home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    path = Path(override) if override else cache_home / "diffkernels"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -119,17 +111,13 @@ def digits_classifier(cache: Optional[str] = None, verbose: bool = True) -> tupl
     Trained on a fixed 80% of the digits (seed 0), its held-out accuracy on the other 20% is
     stored next to the weights and reported with every score.
     """
-    from sklearn.datasets import load_digits
-
     path = cache_dir(cache) / f"{_CLASSIFIER_VERSION}.pt"
     model = DigitsClassifier()
     if path.is_file():
         blob = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(blob["state_dict"])
         return model.eval(), json.loads(blob["meta"])
-    digits = load_digits()
-    x = torch.tensor(digits.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 8.0 - 1.0
-    y = torch.tensor(digits.target)
+    x, y = load_digits(return_labels=True)
     gen = torch.Generator().manual_seed(0)
     perm = torch.randperm(len(x), generator=gen)
     n_tr = int(0.8 * len(x))
@@ -181,7 +169,7 @@ def quality_score(samples: Tensor, cache: Optional[str] = None, floor_seed: int 
     drawn from the training set -- what a model that only reproduces its training images gets.
     """
     clf, meta = digits_classifier(cache, verbose=False)
-    real = load_digits_tensor()
+    real = load_digits()
     f_real = clf.features(real).double().numpy()
     f_gen = clf.features(samples.float().cpu()).double().numpy()
     gen = torch.Generator().manual_seed(floor_seed)
@@ -203,42 +191,15 @@ def quality_score(samples: Tensor, cache: Optional[str] = None, floor_seed: int 
 # --- the optimal loss J*(s) -------------------------------------------------------------------
 
 
-def eval_queries(data: Tensor, n: int, seed: int) -> tuple[Tensor, Tensor]:
-    """Fixed (clean image, unit noise) pairs, reused at every noise level (common random numbers)."""
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, data.shape[0], (n,), generator=gen)
-    return data[idx], torch.randn((n, *data.shape[1:]), generator=gen)
-
-
-@torch.no_grad()
-def optimal_denoiser(x: Tensor, data: Tensor, sigma: float) -> tuple[Tensor, Tensor]:
-    """D*(x) = E[x0 | x] over ``data`` at VE level sigma, and the per-element posterior variance.
-
-    The mean over queries of the variance is J*(sigma)/D, the smallest per-element x0-loss any
-    denoiser can reach on this training set (METHODS.md section 3, the low-variance form).
-    """
-    D = data[0].numel()
-    mean, _, var = posterior_mean(x.reshape(x.shape[0], -1).float(), data.reshape(data.shape[0], -1).float(),
-                                  float(sigma), return_stats=True)
-    return mean.reshape(x.shape), var / D
-
-
-@torch.no_grad()
-def jstar_curve(data: Tensor, sigmas: Sequence[float], n_queries: int = 512, seed: int = 0) -> dict:
-    """J*(s)/D on a grid of VE levels with standard errors over the queries (full estimator)."""
-    y, noise = eval_queries(data, n_queries, seed)
-    j, se = [], []
-    for s in sigmas:
-        _, var = optimal_denoiser(y + s * noise, data, s)
-        j.append(float(var.mean()))
-        se.append(float(var.std() / math.sqrt(len(var))))
-    return {"sigmas": [float(s) for s in sigmas], "j_star": j, "j_star_se": se, "n_queries": n_queries,
+def jstar_table(data: Tensor, sigmas: Sequence[float], n_queries: int = 512, seed: int = 0, device=None) -> dict:
+    """J*(s)/D on a grid of VE levels with standard errors: ``diffkernels.optimal_loss.estimate_curve``
+    (full estimator) with common random numbers, so the curve is smooth in s; as a JSON-ready dict."""
+    device = torch.device(device) if device is not None else data.device
+    curve = estimate_curve(data, [float(s) for s in sigmas], num_queries=n_queries, seed=seed, progress=False,
+                           device=device, common_random_numbers=True)
+    return {"sigmas": curve.sigmas.tolist(), "j_star": curve.j_star_per_element.tolist(),
+            "j_star_se": curve.stderr_per_element.tolist(), "n_queries": n_queries,
             "total_variance_per_element": float(data.reshape(len(data), -1).var(0).sum() / data[0].numel())}
-
-
-def interp_log(s, sigmas, values) -> np.ndarray:
-    """Interpolate a curve tabulated on ``sigmas`` linearly in ln s (flat beyond the ends)."""
-    return np.interp(np.log(np.asarray(s, dtype=np.float64)), np.log(np.asarray(sigmas)), np.asarray(values))
 
 
 # --- training loss per noise-level bin --------------------------------------------------------
@@ -277,31 +238,3 @@ class BinnedLoss:
         return {"centers": self.centers().tolist(), "edges": self.edges.tolist(),
                 "mean": [[None if math.isnan(v) else v for v in row] for row in self.means().tolist()],
                 "count": self.count.astype(int).tolist()}
-
-
-# --- figures ----------------------------------------------------------------------------------
-
-
-def save_grid(images: Tensor, path: Path, title: str) -> None:
-    """A square-ish grid of (N, C, H, W) images in [-1, 1] (grey for C = 1, RGB for C = 3)."""
-    plt = pyplot()
-    n = images.shape[0]
-    cols = int(math.ceil(math.sqrt(n)))
-    rows = int(math.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.7, rows * 0.7 + 0.5), squeeze=False)
-    for k, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if k < n:
-            img = images[k].clamp(-1, 1).cpu()
-            if img.shape[0] == 1:
-                ax.imshow(img[0].numpy(), cmap="gray_r", vmin=-1, vmax=1)
-            else:
-                ax.imshow(((img[:3].permute(1, 2, 0) + 1) / 2).numpy())
-    fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def file_digest(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]

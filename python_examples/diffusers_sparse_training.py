@@ -28,10 +28,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from _common import default_device, load_images, pyplot, set_threads
+from _common import default_device, load_images, set_threads
 
 import diffkernels
 from diffkernels.integrations.diffusers import optimal_training_loss
+from diffkernels.plots import pyplot
 
 QUICK = dict(steps=3, batch_size=8, n_train=64, queries=16, buckets=4, per_bucket=2, eval_samples=8, channels=(8, 16))
 

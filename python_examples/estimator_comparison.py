@@ -1,6 +1,6 @@
 """Compare the optimal-loss estimators (full, SNIS, DOL, cDOL) on a synthetic Gaussian mixture.
 
-Reproduces the comparison of Xu et al. (2025) at a small scale (METHODS.md section 3): at equal subset
+Reproduces the comparison of Xu et al. (2025) at a small scale (docs/METHODS.md section 3): at equal subset
 size L, how far do SNIS, DOL and cDOL land from the full estimator? The reference is the full
 estimator's posterior-variance form with many queries; every subset estimator is run ``--repeats``
 times with different seeds (``--queries`` queries per level each), and the full estimator's A - B

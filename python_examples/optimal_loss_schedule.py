@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""The optimal loss J*(s) of the digits, and a training schedule derived from it (METHODS.md section 3).
+"""The optimal loss J*(s) of the digits, and a training schedule derived from it (docs/METHODS.md section 3).
 
 1. J*(s): the smallest per-element x0-loss any denoiser can reach on the training set at VE noise
    level s, E_x[tr Cov(x0 | x)] / D with the exact posterior over the training images
-   (``diffkernels.posterior_mean``, the full estimator in its low-variance posterior-variance form,
-   standard errors over the queries). Plotted with the J* of a Gaussian with the data's covariance,
+   (``diffkernels.optimal_loss.estimate_curve``: the full estimator in its low-variance
+   posterior-variance form, with common random numbers across levels; standard errors over the
+   queries). Plotted with the J* of a Gaussian with the data's covariance,
    sum_j lambda_j s^2 / (lambda_j + s^2) / D: the two agree at large s and part where the finite
    training set's nearest-neighbour spacing takes over (there J* of the data drops to ~0: the
    optimal denoiser returns the nearest training image -- it memorises).
@@ -12,7 +13,8 @@
 2. Two EDM trainings with the same noise sampling (log-normal), network, steps and seed, differing
    only in the loss weight on the per-element x0-loss:
    - ``edm``: lambda(s) = (s^2 + sigma_d^2) / (s sigma_d)^2 (Karras et al. 2022);
-   - ``jstar``: the paper's form w(s) = a * min(1 / J*(s), w_max) + f(s) 1[s < s*] with s* the
+   - ``jstar``: the paper's form (``diffkernels.optimal_loss.loss_weight``)
+     w(s) = a * min(1 / J*(s), w_max) + f(s) 1[s < s*] with s* the
      smallest grid level where J* >= 1e-3 max J*, w_max = 1 / J*(s*), and f a Gaussian bump in ln s
      centred at s* (width 0.5, height ``--bump`` * w_max). 1/J* makes every level's *optimal* loss
      count equally; the cap and the bump decide how much the levels below s* (where J* ~ 0) count.
@@ -31,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 from typing import Optional
@@ -39,9 +40,11 @@ from typing import Optional
 import numpy as np
 import torch
 
-from _common import interp_log, jstar_curve, load_images, pyplot, set_threads
+from _common import jstar_table, load_images, set_threads
 import train_image_diffusion as tid
-from diffkernels.demo import P_MEAN, P_STD, edm_loss_weight
+from diffkernels.edm import P_MEAN, P_STD, edm_loss_weight, log_sigma_pdf
+from diffkernels.optimal_loss import find_s_star, interpolate_log, loss_weight
+from diffkernels.plots import pyplot
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,27 +68,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class JStarWeight:
-    """w(s) = a min(1/J*(s), w_max) + bump(s) 1[s < s*] from a J* table (per element)."""
+    """w(s) = a min(1/J*(s), w_max) + bump(s) 1[s < s*] from a J* table (per element), by
+    ``diffkernels.optimal_loss.loss_weight``: s* and w_max = 1/J*(s*) its defaults, the bump height
+    ``bump`` * a * w_max, and a set for the same mean weight as EDM's lambda under the log-normal."""
 
     def __init__(self, sigmas, j_star, *, bump: float, bump_width: float):
         self.sigmas, self.j = np.asarray(sigmas, dtype=np.float64), np.asarray(j_star, dtype=np.float64)
-        self.s_star = float(self.sigmas[np.flatnonzero(self.j >= 1e-3 * self.j.max())[0]])
-        self.w_max = 1.0 / float(interp_log(self.s_star, self.sigmas, self.j))
+        self.s_star = find_s_star(self.sigmas, self.j)
+        self.w_max = 1.0 / float(interpolate_log(self.s_star, self.sigmas, self.j))
         self.bump, self.bump_width = bump, bump_width
-        # a: equal mean weight with EDM's lambda under the log-normal noise distribution
         ls = np.linspace(P_MEAN - 5 * P_STD, P_MEAN + 5 * P_STD, 2001)
-        dens = np.exp(-((ls - P_MEAN) ** 2) / (2 * P_STD**2))
+        dens = log_sigma_pdf(ls)
         lam = edm_loss_weight(torch.tensor(np.exp(ls))).numpy()
         self.a = 1.0
         self.a = float(np.sum(dens * lam) / np.sum(dens * self.numpy(np.exp(ls))))
 
     def numpy(self, s) -> np.ndarray:
-        s = np.asarray(s, dtype=np.float64)
-        j = interp_log(s, self.sigmas, self.j)
-        with np.errstate(divide="ignore"):
-            w = np.minimum(np.where(j > 0, 1.0 / np.maximum(j, 1e-300), np.inf), self.w_max)
-        bump = self.bump * self.w_max * np.exp(-((np.log(s) - np.log(self.s_star)) ** 2) / (2 * self.bump_width**2))
-        return self.a * (w + np.where(s < self.s_star, bump, 0.0))
+        return loss_weight(s, self.sigmas, self.j, a=self.a, w_max=self.w_max, s_star=self.s_star,
+                           bump_height=self.bump * self.a * self.w_max, bump_width=self.bump_width)
 
     def __call__(self, sigma: torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(self.numpy(sigma.detach().double().cpu().numpy()), dtype=sigma.dtype).to(sigma.device)
@@ -107,7 +107,7 @@ def run(args: argparse.Namespace, *, curve: Optional[dict] = None, verbose: bool
     data = load_images("digits", args.n_train, args.seed)
     t0 = time.perf_counter()
     if curve is None:
-        curve = jstar_curve(data, np.geomspace(0.002, 80.0, args.jstar_levels).tolist(), args.jstar_queries, args.seed)
+        curve = jstar_table(data, np.geomspace(0.002, 80.0, args.jstar_levels), args.jstar_queries, args.seed)
     jstar_seconds = time.perf_counter() - t0
     curve = {**curve, "gaussian_j_star": gaussian_jstar(data, curve["sigmas"]).tolist()}
     weight = JStarWeight(curve["sigmas"], curve["j_star"], bump=args.bump, bump_width=args.bump_width)
@@ -127,16 +127,13 @@ def run(args: argparse.Namespace, *, curve: Optional[dict] = None, verbose: bool
     # The same gap under both weightings (per-level gaps on the shared evaluation grid), as integrals
     # over the log-normal noise density in ln s.
     s = np.array(runs["edm"]["gap"]["sigmas"])
-    ls = np.log(s)
-    dens = np.exp(-((ls - P_MEAN) ** 2) / (2 * P_STD**2)) / (P_STD * math.sqrt(2 * math.pi))
-    lam = edm_loss_weight(torch.tensor(s)).numpy()
     w_j = weight.numpy(s)
     table = {}
     for name, r in runs.items():
-        g = np.array(r["gap"]["gap"])
+        g = r["gap"]["gap"]
         table[name] = {
-            "edm_weighted_gap": float(np.trapezoid(dens * lam * g, ls)),
-            "jstar_weighted_gap": float(np.trapezoid(dens * w_j * g, ls)),
+            "edm_weighted_gap": r["gap"]["edm_weighted_gap"],
+            "jstar_weighted_gap": tid.edm_weighted(s, g, weight=w_j),
             "fd": r["quality"]["fd"], "fd_real_floor": r["quality"]["fd_real_floor"],
             "memorized_fraction": r["memorized_fraction"], "mean_d1": r["mean_d1"],
             "seconds": r["seconds"]["total"],
@@ -180,8 +177,7 @@ def plot_schedule(summary: dict, weight: JStarWeight, path: Path) -> None:
     s = np.geomspace(0.002, 80, 300)
     ax.plot(s, edm_loss_weight(torch.tensor(s)).numpy(), label="EDM lambda(s)")
     ax.plot(s, weight.numpy(s), label="J*-derived w(s)")
-    ls = np.log(s)
-    dens = np.exp(-((ls - P_MEAN) ** 2) / (2 * P_STD**2))
+    dens = log_sigma_pdf(np.log(s))
     ax.axvline(weight.s_star, color="0.6", lw=0.8, ls=":", label="s*")
     ax.set(xscale="log", yscale="log", xlabel="noise level s", ylabel="loss weight on the x0-loss",
            title="loss weights (noise sampled log-normal for both)")

@@ -1,14 +1,14 @@
 #!/usr/bin/env python
 """Train a small image diffusion model (EDM or flow matching) with sparse supervision, and diagnose it.
 
-The loss is ``diffkernels.sparse_mse_loss`` (METHODS.md section 1): each step supervises a random
+The loss is ``diffkernels.sparse_mse_loss`` (docs/METHODS.md section 1): each step supervises a random
 ``1 - mask_ratio`` of the elements (fresh counter-RNG mask per step); the network sees the whole
 noisy image. ``--mask-ratio 0`` is ordinary dense training.
 
 What it reports (all written to ``--out``):
 
 - ``loss_gap.png``: the per-element x0-loss per noise level against J*(s), the optimal loss of the
-  training set (METHODS.md section 3; computed here with ``diffkernels.posterior_mean``). Left: the
+  training set (docs/METHODS.md section 3; computed here with ``diffkernels.posterior_mean``). Left: the
   training loss per noise-level bin (early and late in training) and the final EMA model's dense
   loss on fixed evaluation queries; right: the gap E||D_theta(x) - D*(x)||^2 / D of that model,
   which is exactly its loss minus J* (in expectation) and has far less noise than the difference.
@@ -25,12 +25,14 @@ with ``fd_real_floor`` (the score of as many *real* digits; FD is biased upward 
 sizes). Only computed for 1x8x8 data.
 
 Objectives. ``edm``: Karras et al. (2022) preconditioning, log-normal noise levels, loss weight
-lambda(sigma) on the denoiser's x0 error. ``fm``: flow matching (rectified flow), x_t = (1 - t) x0
-+ t eps, the network predicts the velocity eps - x0, t ~ logit-normal(0, 1). Both use the demo's
-tiny conv + token-mixing network; flow matching maps to the VE level s = t / (1 - t), and its
-velocity loss is (1 + s)^2 / s^2 times the x0-loss, which is how its curves are put on J*'s scale.
+lambda(sigma) on the denoiser's x0 error (``diffkernels.edm``). ``fm``: flow matching (rectified
+flow), x_t = (1 - t) x0 + t eps, the network predicts the velocity eps - x0, t ~ logit-normal(0, 1).
+Both use the tiny conv + token-mixing network below (:class:`TinyDenoiser`); flow matching maps to
+the VE level s = t / (1 - t), and its velocity loss is (1 + s)^2 / s^2 times the x0-loss, which is
+how its curves are put on J*'s scale.
 
-On a GPU the sparse loss runs as a Triton kernel; on CPU as the C++ kernel.
+The sparse loss runs on the device's default backend (``diffkernels.backends()``): on a GPU the CUDA
+kernels where they are built, else the Triton kernels; on the CPU the C++ kernels.
 """
 
 from __future__ import annotations
@@ -47,11 +49,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from _common import (BinnedLoss, default_device, eval_queries, is_digits_shaped, load_images, optimal_denoiser,
-                     pyplot, quality_score, save_grid, set_threads)
-from diffkernels import fold_seed, sparse_mse_loss
-from diffkernels.demo import (P_MEAN, P_STD, RHO, SIGMA_MAX, SIGMA_MIN, EDMPrecond, TinyDenoiser, edm_heun_sample,
-                              edm_loss_weight, memorization)
+from torch import nn
+
+from _common import BinnedLoss, default_device, is_digits_shaped, load_images, quality_score, set_threads
+from diffkernels import fold_seed, posterior_mean, sparse_mse_loss
+from diffkernels.datasets import to_pixels
+from diffkernels.edm import (EDMPrecond, edm_heun_sample, edm_loss_weight, ema_update, heun_solve, karras_sigmas,
+                             log_sigma_pdf, sample_noise_levels)
+from diffkernels.optimal_loss import memorization
+from diffkernels.plots import pyplot, save_image_grid
 
 FM_P_MEAN, FM_P_STD = 0.0, 1.0  # logit-normal t for flow matching (Esser et al. 2024): ln s ~ N(0, 1)
 
@@ -70,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--granularity", choices=("element", "pixel"), default="element",
                    help="mask single elements, or whole pixels (all channels together)")
     p.add_argument("--normalize", choices=("expected", "all", "kept"), default="expected",
-                   help="normaliser of the masked loss (METHODS.md section 1)")
+                   help="normaliser of the masked loss (docs/METHODS.md section 1)")
     p.add_argument("--channels", type=int, default=32)
     p.add_argument("--blocks", type=int, default=2)
     p.add_argument("--ema-decay", type=float, default=0.999)
@@ -81,20 +87,77 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (0: torch's default)")
-    p.add_argument("--cache", default=None, help="cache directory for the quality classifier (default ~/.cache/diffkernels)")
+    p.add_argument("--cache", default=None,
+                   help="cache directory for the quality classifier (default ~/.cache/diffkernels)")
     p.add_argument("--out", default="out/image_diffusion", help="output directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
+# --- the network ------------------------------------------------------------------------------
+
+
+class _Block(nn.Module):
+    """Residual block: GroupNorm -> SiLU -> 3x3 conv, a per-channel scale/shift from the noise
+    embedding, SiLU -> 3x3 conv; then a global token-mixing MLP over the H*W positions (a
+    whole-image receptive field and absolute position in every block)."""
+
+    def __init__(self, ch: int, emb: int, positions: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(8, ch)
+        self.conv1 = nn.Conv2d(ch, ch, 3, padding=1)
+        self.film = nn.Linear(emb, 2 * ch)
+        self.norm2 = nn.GroupNorm(8, ch)
+        self.conv2 = nn.Conv2d(ch, ch, 3, padding=1)
+        self.norm3 = nn.GroupNorm(8, ch)
+        self.mix1 = nn.Linear(positions, positions)
+        self.mix2 = nn.Linear(positions, positions)
+        for layer in (self.conv2, self.mix2):  # each block starts as the identity
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, h: Tensor, emb: Tensor) -> Tensor:
+        y = self.conv1(nn.functional.silu(self.norm1(h)))
+        scale, shift = self.film(emb)[:, :, None, None].chunk(2, dim=1)
+        y = self.norm2(y) * (1 + scale) + shift
+        h = h + self.conv2(nn.functional.silu(y))
+        t = self.norm3(h).flatten(2)  # (B, C, H*W): mix across positions, shared over channels
+        return h + self.mix2(nn.functional.silu(self.mix1(t))).reshape(h.shape)
+
+
+class TinyDenoiser(nn.Module):
+    """F_theta(x, c_noise) for C x size x size images: a 3x3 conv stem, ``blocks`` residual blocks and
+    a zero-initialised 3x3 conv head, all at full resolution with ``channels`` channels; the noise
+    level enters through random Fourier features of c_noise -> MLP -> a scale/shift in every block."""
+
+    def __init__(self, in_channels: int = 1, channels: int = 32, blocks: int = 2, emb: int = 64, size: int = 8):
+        super().__init__()
+        self.register_buffer("freqs", torch.randn(emb // 2) * 4.0)
+        self.emb = nn.Sequential(nn.Linear(emb, emb), nn.SiLU(), nn.Linear(emb, emb), nn.SiLU())
+        self.inp = nn.Conv2d(in_channels, channels, 3, padding=1)
+        self.blocks = nn.ModuleList(_Block(channels, emb, size * size) for _ in range(blocks))
+        self.out_norm = nn.GroupNorm(8, channels)
+        self.out = nn.Conv2d(channels, in_channels, 3, padding=1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: Tensor, c_noise: Tensor) -> Tensor:
+        f = c_noise[:, None] * self.freqs[None, :] * (2 * math.pi)
+        emb = self.emb(torch.cat([f.cos(), f.sin()], dim=1))
+        h = self.inp(x)
+        for block in self.blocks:
+            h = block(h, emb)
+        return self.out(nn.functional.silu(self.out_norm(h)))
+
+
 # --- flow matching ----------------------------------------------------------------------------
 
 
-class FlowNet(torch.nn.Module):
-    """v_theta(x_t, t) for flow matching: the demo's network, conditioned on c_noise = ln(s) / 4 with
+class FlowNet(nn.Module):
+    """v_theta(x_t, t) for flow matching: the network conditioned on c_noise = ln(s) / 4 with
     s = t / (1 - t) (the same embedding scale as EDM's c_noise = ln(sigma) / 4)."""
 
-    def __init__(self, net: torch.nn.Module):
+    def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net
 
@@ -114,19 +177,10 @@ class FlowNet(torch.nn.Module):
 def fm_heun_sample(model: FlowNet, n: int, *, steps: int, seed: int, device, shape) -> Tensor:
     """Heun ODE solver for dx/dt = v(x, t) from t_max down to 0 on EDM's rho = 7 grid mapped to t = s / (1 + s)."""
     gen = torch.Generator().manual_seed(seed)
-    i = torch.arange(steps, dtype=torch.float64)
-    s = (SIGMA_MAX ** (1 / RHO) + i / (steps - 1) * (SIGMA_MIN ** (1 / RHO) - SIGMA_MAX ** (1 / RHO))) ** RHO
-    t = torch.cat([s / (1 + s), torch.zeros(1, dtype=torch.float64)]).tolist()
+    s = karras_sigmas(steps)
+    t = (s / (1 + s)).tolist()  # the final level s = 0 is t = 0
     x = torch.randn((n, *shape), generator=gen).to(device) * t[0]  # (1 - t) x0 is negligible at t_max
-    for k in range(steps):
-        t_cur, t_next = t[k], t[k + 1]
-        v_cur = model(x, torch.full((n,), t_cur, device=device))
-        x_next = x + (t_next - t_cur) * v_cur
-        if t_next > 0:
-            v_next = model(x_next, torch.full((n,), t_next, device=device))
-            x_next = x + (t_next - t_cur) * 0.5 * (v_cur + v_next)
-        x = x_next
-    return x
+    return heun_solve(lambda x, t: model(x, torch.full((n,), t, device=device)), x, t)
 
 
 # --- training ---------------------------------------------------------------------------------
@@ -155,12 +209,7 @@ def train(args: argparse.Namespace, *, weight_fn: Optional[Callable[[Tensor], Te
 
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    net = TinyDenoiser(channels=args.channels, blocks=args.blocks, size=H)
-    if C != 1:  # the demo's network is single-channel; widen its stem and head for C channels
-        net.inp = torch.nn.Conv2d(C, args.channels, 3, padding=1)
-        net.out = torch.nn.Conv2d(args.channels, C, 3, padding=1)
-        torch.nn.init.zeros_(net.out.weight)
-        torch.nn.init.zeros_(net.out.bias)
+    net = TinyDenoiser(C, channels=args.channels, blocks=args.blocks, size=H)
     model = (EDMPrecond(net) if args.objective == "edm" else FlowNet(net)).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -179,7 +228,7 @@ def train(args: argparse.Namespace, *, weight_fn: Optional[Callable[[Tensor], Te
         y = data_dev[idx.to(device)]
         noise = torch.randn((args.batch_size, *shape), generator=gen).to(device)
         if args.objective == "edm":
-            sigma = (torch.randn(args.batch_size, generator=gen) * P_STD + P_MEAN).exp().to(device)
+            sigma = sample_noise_levels(args.batch_size, generator=gen).to(device)
             x = y + sigma.view(-1, 1, 1, 1) * noise
             pred, target = model(x, sigma), y
             weight = edm_loss_weight(sigma) if weight_fn is None else weight_fn(sigma)
@@ -201,10 +250,7 @@ def train(args: argparse.Namespace, *, weight_fn: Optional[Callable[[Tensor], Te
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        with torch.no_grad():
-            beta = min(args.ema_decay, (1.0 + step) / (10.0 + step))
-            for p_ema, p in zip(ema.parameters(), model.parameters()):
-                p_ema.lerp_(p, 1.0 - beta)
+        ema_update(ema, model, step, decay=args.ema_decay)
         binned.add(step, sigma, per_sample * to_x0)
         losses.append(loss.detach())
         if (step + 1) % 50 == 0:
@@ -216,43 +262,45 @@ def train(args: argparse.Namespace, *, weight_fn: Optional[Callable[[Tensor], Te
     # Loss gap on fixed queries: the EMA model against the optimal denoiser of the training set.
     t_eval = time.perf_counter()
     sigmas = np.geomspace(0.01, 50.0, args.levels).tolist()
-    y, noise = eval_queries(data, args.eval_queries, fold_seed(args.seed, 1))
-    y, noise = y.to(device), noise.to(device)
+    # Fixed (clean image, unit noise) pairs, reused at every level (common random numbers).
+    gen = torch.Generator().manual_seed(fold_seed(args.seed, 1))
+    y = data[torch.randint(0, data.shape[0], (args.eval_queries,), generator=gen)].to(device)
+    noise = torch.randn((args.eval_queries, *shape), generator=gen).to(device)
     gap = {"sigmas": sigmas, "model_loss": [], "j_star": [], "gap": [], "gap_se": []}
+    D = y[0].numel()
     with torch.no_grad():
         for s in sigmas:
             x = y + s * noise
             sig = torch.full((len(x),), s, device=device)
             d_theta = ema(x, sig) if args.objective == "edm" else ema.denoise(x, sig)
-            d_star, var = optimal_denoiser(x, data_dev, s)
-            g = ((d_theta - d_star) ** 2).flatten(1).mean(1).double()
+            # the optimal denoiser E[x0 | x] over the training set and tr Cov[x0 | x] (J* per query)
+            d_star, _, var = posterior_mean(x.flatten(1), data_dev.flatten(1), s, return_stats=True)
+            g = ((d_theta - d_star.reshape(x.shape)) ** 2).flatten(1).mean(1).double()
             gap["model_loss"].append(float(((d_theta - y) ** 2).flatten(1).mean(1).mean()))
-            gap["j_star"].append(float(var.mean()))
+            gap["j_star"].append(float(var.mean() / D))
             gap["gap"].append(float(g.mean()))
             gap["gap_se"].append(float(g.std() / math.sqrt(len(g))))
-    # One scalar for tables: EDM's own training loss minus its optimum, sum_s p_EDM(s) lambda(s) gap(s)
-    # over the grid (log-normal density in ln s, trapezoid) -- the same yardstick for every run.
-    ls = np.log(sigmas)
-    dens = np.exp(-((ls - P_MEAN) ** 2) / (2 * P_STD**2)) / (P_STD * math.sqrt(2 * math.pi))
-    lam = edm_loss_weight(torch.tensor(sigmas, dtype=torch.float64)).numpy()
-    gap["edm_weighted_gap"] = float(np.trapezoid(dens * lam * np.array(gap["gap"]), ls))
-    gap["edm_weighted_j_star"] = float(np.trapezoid(dens * lam * np.array(gap["j_star"]), ls))
+    # One scalar for tables: EDM's own training loss minus its optimum -- the same yardstick for every run.
+    gap["edm_weighted_gap"] = edm_weighted(sigmas, gap["gap"])
+    gap["edm_weighted_j_star"] = edm_weighted(sigmas, gap["j_star"])
     eval_seconds = time.perf_counter() - t_eval
 
     t_sample = time.perf_counter()
     if args.objective == "edm":
-        samples = edm_heun_sample(ema, args.n_samples, steps=args.sample_steps, seed=args.seed, device=device, shape=shape)
+        samples = edm_heun_sample(ema, (args.n_samples, *shape), steps=args.sample_steps, seed=args.seed,
+                                  device=device)
     else:
-        samples = fm_heun_sample(ema, args.n_samples, steps=args.sample_steps, seed=args.seed, device=device, shape=shape)
+        samples = fm_heun_sample(ema, args.n_samples, steps=args.sample_steps, seed=args.seed, device=device,
+                                 shape=shape)
     samples = samples.cpu()
     sample_seconds = time.perf_counter() - t_sample
-    mem = memorization(samples, data)
+    mem = memorization(to_pixels(samples.flatten(1).double()), to_pixels(data.flatten(1).double()))
     quality = quality_score(samples, args.cache, train=data) if is_digits_shaped(data) else None
 
     files = {"samples": out / "samples.png", "loss_gap": out / "loss_gap.png", "loss": out / "loss.png",
              "summary": out / "summary.json"}
     title = f"{args.objective}, eta={args.mask_ratio}, {args.steps} steps, seed {args.seed}"
-    save_grid(samples[:100], files["samples"], f"samples ({title})")
+    save_image_grid(samples[:100], files["samples"], f"samples ({title})")
     plot_gap(binned, gap, files["loss_gap"], title)
     plot_losses(losses, files["loss"], title)
 
@@ -266,8 +314,8 @@ def train(args: argparse.Namespace, *, weight_fn: Optional[Callable[[Tensor], Te
         "final_loss": float(np.mean(losses[-max(1, len(losses) // 10):])) if losses else float("nan"),
         "binned_train_loss": binned.to_dict(),
         "gap": gap,
-        "memorized_fraction": mem["memorized_fraction"],
-        "mean_d1": mem["mean_d1"],
+        "memorized_fraction": mem.fraction,
+        "mean_d1": mem.mean_d1,
         "quality": quality,
         "device": str(device),
         "seconds": {"train": train_seconds, "eval": eval_seconds, "sample": sample_seconds,
@@ -285,9 +333,19 @@ def train(args: argparse.Namespace, *, weight_fn: Optional[Callable[[Tensor], Te
     if verbose:
         q = f", quality FD {quality['fd']:.2f} (real-data floor {quality['fd_real_floor']:.2f})" if quality else ""
         print(f"{label}{title}: final loss {summary['final_loss']:.4f}, EDM-weighted gap {gap['edm_weighted_gap']:.4f} "
-              f"(optimum {gap['edm_weighted_j_star']:.4f}), memorised {mem['memorized_fraction']:.3f}, "
-              f"mean d1 {mem['mean_d1']:.1f}{q}; {summary['seconds']['total']:.0f} s -> {out}")
+              f"(optimum {gap['edm_weighted_j_star']:.4f}), memorised {mem.fraction:.3f}, "
+              f"mean d1 {mem.mean_d1:.1f}{q}; {summary['seconds']['total']:.0f} s -> {out}")
     return summary
+
+
+def edm_weighted(sigmas, values, weight: Optional[np.ndarray] = None) -> float:
+    """E_s[w(s) v(s)] under EDM's training distribution of s (log-normal), by the trapezoid rule in ln s
+    over the grid ``sigmas``; w = EDM's lambda(s) unless ``weight`` (its values on the grid) is given.
+    With v = the per-level gap: that loss's reducible part."""
+    s = np.asarray(sigmas, dtype=np.float64)
+    ls = np.log(s)
+    w = edm_loss_weight(torch.tensor(s)).numpy() if weight is None else np.asarray(weight, dtype=np.float64)
+    return float(np.trapezoid(log_sigma_pdf(ls) * w * np.asarray(values, dtype=np.float64), ls))
 
 
 def interp_bins(binned: BinnedLoss, sigmas) -> list:

@@ -5,7 +5,7 @@ Task (generated in code): ``123+045=168|..`` -- a prompt ``a+b=`` (n-digit zero-
 and an answer: the sum's digits, a delimiter ``|``, then padding to a fixed length. Only answer
 tokens (digits, delimiter, padding, as in LLaDA) are eligible for masking; the prompt never is.
 
-Training follows METHODS.md section 2 with :mod:`diffkernels.mdm`: per sequence a masking rate t
+Training follows docs/METHODS.md section 2 with :mod:`diffkernels.mdm`: per sequence a masking rate t
 from ``--t-sampler`` (uniform, stratified over the batch (StraTS), or P-POTS with weight 1/p(t)),
 p = (1 - 1e-3) t + 1e-3, masks from :func:`mask_tokens` (``--mirror``: two antithetic copies that
 share one uniform per token; ``--isad``: the delimiter is masked with q = min(1, p + 0.2) and
@@ -43,10 +43,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from _common import default_device, pyplot, set_threads
+from _common import default_device, set_threads
 from diffkernels import fold_seed
 from diffkernels.mdm import (PPOTSGrid, PPOTSSampler, Stratified, Uniform, fit_epr, mask_tokens,
                              masked_diffusion_loss, variance_decomposition)
+from diffkernels.plots import pyplot
 
 EPS = 1e-3  # p = (1 - eps) t + eps (LLaDA / SMDM)
 PLUS, EQUALS, DELIM, PAD, MASK = 10, 11, 12, 13, 14

@@ -84,10 +84,10 @@ def test_demo_checks_arguments_before_any_work(tmp_path, bad):
 def test_demo_threads_apply_to_the_run_only(tmp_path, monkeypatch):
     import torch
 
-    import diffkernels.demo as demo
+    import diffkernels.demo.run as demo_run
 
     seen = []
-    monkeypatch.setattr(demo, "_run", lambda *args, **kwargs: seen.append(torch.get_num_threads()) or {})
+    monkeypatch.setattr(demo_run, "_run", lambda *args, **kwargs: seen.append(torch.get_num_threads()) or {})
     before = torch.get_num_threads()
     inside = 1 if before > 1 else 2  # a value that differs from the current one
     try:

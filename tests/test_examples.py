@@ -19,12 +19,13 @@ pytest.importorskip("tqdm")
 EXAMPLES = Path(__file__).resolve().parent.parent / "python_examples"
 sys.path.insert(0, str(EXAMPLES))
 
+import ema_control_variate  # noqa: E402
 import optimal_loss_schedule  # noqa: E402
 import reproduce  # noqa: E402
 import train_image_diffusion  # noqa: E402
 import train_masked_diffusion_lm  # noqa: E402
 
-MODULES = [train_image_diffusion, train_masked_diffusion_lm, optimal_loss_schedule, reproduce]
+MODULES = [train_image_diffusion, train_masked_diffusion_lm, optimal_loss_schedule, reproduce, ema_control_variate]
 
 TINY_IMAGE = ["--steps", "3", "--batch-size", "8", "--n-samples", "8", "--sample-steps", "3", "--eval-queries", "8",
               "--levels", "3", "--channels", "8", "--blocks", "1", "--no-progress", "--device", "cpu"]
@@ -126,11 +127,19 @@ def test_optimal_loss_schedule(tmp_path, cache):
     assert s["schedule"]["w_max"] > 0 and s["schedule"]["a"] > 0
 
 
+def test_reproduce_writes_the_docs_only_when_asked():
+    docs, work = reproduce.output_dirs(reproduce.build_parser().parse_args([]))
+    assert docs == Path("out/reproduce") and work == Path("out/reproduce/runs")
+    docs, work = reproduce.output_dirs(reproduce.build_parser().parse_args(["--write-docs", "--out", "x"]))
+    assert docs == EXAMPLES.parent / "docs" and work == Path("x/runs")
+
+
 def test_reproduce_tiny(tmp_path, cache):
-    docs = tmp_path / "docs"
-    r = reproduce.main(["--seeds", "0", "--docs", str(docs), "--work", str(tmp_path / "work"), "--cache", cache,
+    docs = tmp_path / "rep"
+    r = reproduce.main(["--seeds", "0", "--out", str(docs), "--cache", cache,
                         "--extra", "image=" + " ".join(TINY_IMAGE[:-2]), "mdm=" + " ".join(TINY_MDM[:-2]),
                         "schedule=--steps 2 --batch-size 8 --n-samples 8", "jstar=6 16"])
+    assert (docs / "runs" / "sparse" / "eta0.0_seed0" / "summary.json").is_file()
     text = (docs / "RESULTS.md").read_text()
     for heading in ("Sparse supervision", "Masked diffusion LM", "optimal loss", "Budget: `small`"):
         assert heading in text
@@ -141,5 +150,24 @@ def test_reproduce_tiny(tmp_path, cache):
     assert len(r["results"]["mdm"]["runs"]) == len(reproduce.MDM_METHODS)
     # the report and figures can be rebuilt from the saved numbers alone
     (docs / "RESULTS.md").unlink()
-    reproduce.main(["--from-json", str(docs / "results" / "results_small.json"), "--docs", str(docs)])
+    reproduce.main(["--from-json", str(docs / "results" / "results_small.json"), "--out", str(docs)])
     assert (docs / "RESULTS.md").read_text() == text
+
+
+def test_ema_control_variate_quick(capsys):
+    """The EMA control variate's measurement (docs/mdm_ema_control_variate.md) in --quick mode."""
+    effect = ema_control_variate.main(["--quick", "--no-progress"])
+    assert set(effect.seq_var) == {"raw", "1.0", "ema", "pooled"}
+    assert all(v == 0.0 for v in effect.max_grad_diff.values())
+    assert len(set(effect.grad_trace.values())) == 1  # the same gradients, so the same variance
+    assert effect.training["max_param_diff"] == 0.0  # training on the adjusted loss: the same trajectory
+    assert effect.settings["draws"] == ema_control_variate.QUICK["draws"]
+    assert "trace of the gradient covariance" in capsys.readouterr().out
+
+
+def test_ema_control_variate_runs_as_a_script(tmp_path):
+    """Run from any folder as a script: it finds the checkout's diffkernels without _common."""
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "ema_control_variate.py"), "--quick", "--no-progress"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "| variance of a sequence's loss value |" in proc.stdout

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from diffkernels.mdm.ema import BinnedEMABaseline, measure_ema_effect
+from diffkernels.mdm.ema import BinnedEMABaseline
 from diffkernels.mdm.masking import MaskedTokens, mask_tokens
 from diffkernels.mdm.loss import masked_cross_entropy
 from diffkernels.mdm.syrm import SyRMWeights, syrm_coefficients, syrm_loss, syrm_weights
@@ -326,15 +326,6 @@ def test_ema_gradient_is_unchanged_exactly(gen):
         g_raw, = torch.autograd.grad(loss.mean(), w, retain_graph=True)
         g_adj, = torch.autograd.grad(adjusted.mean(), w)
         assert torch.equal(g_raw, g_adj)
-
-
-def test_measure_ema_effect_small():
-    effect = measure_ema_effect(draws=12, warmup=12, train_steps=10, decompose=False)
-    assert set(effect.seq_var) == {"raw", "1.0", "ema", "pooled"}
-    assert all(v == 0.0 for v in effect.max_grad_diff.values())
-    assert len(set(effect.grad_trace.values())) == 1  # the same gradients, so the same variance
-    assert effect.training["max_param_diff"] == 0.0  # training on the adjusted loss: the same trajectory
-    assert "trace of the gradient covariance" in effect.report()
 
 
 def test_ema_state_dict_round_trip(gen):

@@ -65,16 +65,17 @@ def test_memmap_train_streams(tmp_path, monkeypatch, gen):
     assert torch.equal(got.nearest, ref.nearest) and got.fraction == ref.fraction == 1.0
 
 
-def test_agrees_with_the_demo_metric():
+def test_digits_against_cdist():
     pytest.importorskip("sklearn")
-    from diffkernels.demo import load_digits_tensor, memorization as demo_memorization, to_pixels
+    from diffkernels.datasets import load_digits, to_pixels
 
-    train = load_digits_tensor()
-    samples = train[:50] + 0.05 * torch.randn(50, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    ours = memorization(to_pixels(samples.double()), to_pixels(train.double()))
-    demo = demo_memorization(samples, train)
-    assert ours.fraction == pytest.approx(demo["memorized_fraction"])
-    assert ours.mean_d1 == pytest.approx(demo["mean_d1"], rel=1e-7)  # the demo uses cdist (mm-based)
+    train = to_pixels(load_digits().double()).flatten(1)
+    noise = 0.05 * torch.randn(50, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    samples = to_pixels(train[:50] / 127.5 - 1 + noise)
+    ours = memorization(samples, train)
+    d1, d2 = (torch.cdist(samples, train) / 8.0).topk(2, largest=False).values.T  # d = ||a - b|| / sqrt(D)
+    assert ours.fraction == pytest.approx(float((d1 / d2 < 1 / 3).double().mean()))
+    assert ours.mean_d1 == pytest.approx(float(d1.mean()), rel=1e-7)  # cdist is mm-based
 
 
 @pytest.mark.parametrize("where", ["samples", "train"])

@@ -1,6 +1,6 @@
 """Masked diffusion language models (METHODS.md section 2): variance-reduced training tools."""
 
-from .ema import BinnedEMABaseline, EMAEffect, measure_ema_effect
+from .ema import BinnedEMABaseline
 from .loss import masked_cross_entropy, masked_diffusion_loss
 from .masking import MaskedTokens, mask_tokens
 from .samplers import (
@@ -34,8 +34,6 @@ __all__ = [
     "estimate_ppots_grid",
     "fit_epr",
     "BinnedEMABaseline",
-    "EMAEffect",
-    "measure_ema_effect",
     "SyRMWeights",
     "syrm_coefficients",
     "syrm_loss",
