@@ -7,7 +7,7 @@ of ``prediction_type``. The one change is the loss: ``diffkernels.sparse_mse_los
 eta (default 0.98; a fresh mask every step from ``diffkernels.fold_seed(seed, step)``) in place of
 ``F.mse_loss``. With ``normalize="expected"`` it is an unbiased estimate of the dense loss.
 
-Outputs in ``--out`` (default ``diffusers_sparse_out``): ``loss_vs_optimum.png``, the dense training
+Outputs in ``--out`` (default ``out/diffusers_sparse``): ``loss_vs_optimum.png``, the dense training
 loss per timestep bucket (over the second half of training, and of the final model on fresh noise)
 against the optimal training loss of the training set from
 ``diffkernels.integrations.diffusers.optimal_training_loss``, and ``summary.json``.
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (0: torch's default; 1 is fastest for this tiny model on a shared machine)")
-    p.add_argument("--out", default="diffusers_sparse_out", help="output folder")
+    p.add_argument("--out", default="out/diffusers_sparse", help="output folder")
     p.add_argument("--quick", action="store_true", help=f"a few steps of a tiny model, to check the wiring: {QUICK}")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
