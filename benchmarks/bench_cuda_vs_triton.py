@@ -1,11 +1,11 @@
 #!/usr/bin/env python
-"""The CUDA kernels of csrc/ against the Triton kernels, primitive by primitive (issue 6, section 1).
+"""The CUDA kernels of csrc/ against the Triton kernels, primitive by primitive.
 
     python benchmarks/bench_cuda_vs_triton.py [--out DIR] [--quick] [--runs N] [--device cuda|cpu]
 
 Times the backend primitives (``diffkernels.ops._kernels``), not the public API, so that only the
 kernels differ: ``sparse_mse_fwd`` with the gradient (mask ratio 0 and 0.98), ``scale_rows_``
-(factor != 1) and ``mask_tokens`` (standard and mirror, int64 ids), fp32 and bf16, at the issue's
+(factor != 1) and ``mask_tokens`` (standard and mirror, int64 ids), fp32 and bf16, at training-sized
 shapes plus (256, 3, 256, 256). Before timing a row it checks that the two backends agree: masks,
 kept counts, gradients and token outputs bit for bit, per-row sums to 1e-6.
 
@@ -29,59 +29,38 @@ Results: a Markdown table on stdout and ``<out>/cuda_vs_triton_<device>[_quick].
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
-import platform
-import statistics
 import sys
 import time
 import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout: diffkernels, benchmarks._common
-# benchmarks._common imports torch, never diffkernels or triton: TRITON_INTERPRET can still be set below.
-from benchmarks._common import (  # noqa: E402
-    Timer,
-    base_parser,
-    command_line,
-    copy_times,
-    device_kind,
-    err_s,
-    git_commit,
-    gpu_info,
-    now_iso,
-    pin_device,
-    triton_version,
-    write_results,
-)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout: diffkernels, benchmarks
+# The benchmarks modules import torch, never diffkernels or triton: TRITON_INTERPRET can still be set below.
+from benchmarks.cli import base_parser, parse_tolerantly, result_stem  # noqa: E402
+from benchmarks.environment import copy_ceiling, default_device, environment, pin_device  # noqa: E402
+from benchmarks.reporting import err_s, header, log, write_results  # noqa: E402
+from benchmarks.timing import Timer  # noqa: E402
 
 MB = 1e6
 
 
 def parse_args(argv=None):
     p = base_parser(__doc__, quick_help="fewer shapes and runs (a smoke test)", out_default=None,
-                    device_help="cuda (default when available) or cpu", first_paragraph=False)
-    p.add_argument("unused", nargs="*", help=argparse.SUPPRESS)
+                    device_help="cuda (default when available) or cpu")
     p.add_argument("--runs", type=int, default=None, help="timed runs per measurement (default 100; quick: 20, cpu: 3)")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 10; cpu: 1)")
     p.add_argument("--l2-mb", type=float, default=50.0, help="L2 size used when the device does not report it")
-    args, unknown = p.parse_known_args(argv)
-    if unknown or args.unused:  # e.g. GPU_PASS_BENCH_ARGS meant for the other benchmarks
-        print(f"bench_cuda_vs_triton: ignoring arguments {unknown + args.unused}", file=sys.stderr)
-    return args
+    return parse_tolerantly(p, argv, "bench_cuda_vs_triton")
 
-
-ARGS = parse_args() if __name__ == "__main__" else None
-if ARGS is not None and not (ARGS.device or "").startswith("cuda"):
-    import torch as _torch_probe  # noqa: E402
-
-    if ARGS.device == "cpu" or not _torch_probe.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel is defined
 
 import torch  # noqa: E402
 
-import diffkernels  # noqa: E402
+ARGS = parse_args() if __name__ == "__main__" else None
+if ARGS is not None and default_device(ARGS.device).type == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel is defined
+
 from diffkernels import _backend  # noqa: E402
 from diffkernels.ops import _kernels  # noqa: E402
 from diffkernels.ops.mask_tokens import row_table  # noqa: E402
@@ -97,14 +76,10 @@ def _err(exc: BaseException) -> str:
     return err_s(exc, 300, first_line=True)
 
 
-# --- timing: benchmarks._common.Timer (eager calls with CUDA events, CUDA graphs) ----------------
-
-
 def copy_bandwidth(device: torch.device, quick: bool, timer: Timer) -> dict:
-    """Bytes read + written per second by a large device-to-device (or host) copy."""
+    """Bytes read + written per second by a large device-to-device (or host) copy, median."""
     nbytes = (256 if quick else 1024) * 2**20 if device.type == "cuda" else 64 * 2**20
-    t = statistics.median(copy_times(device, nbytes, max(5, min(timer.runs, 20)), warmup=3))
-    return {"bytes_per_s": 2 * nbytes / t, "buffer_MiB": nbytes / 2**20, "time_s": t}
+    return copy_ceiling(device, nbytes, max(5, min(timer.runs, 20)))
 
 
 def n_copies(set_bytes: int, l2_bytes: int, device: torch.device) -> int:
@@ -240,49 +215,18 @@ def bench_mask_tokens(ctx, shape, mode) -> dict:
 # --- report -------------------------------------------------------------------------------------
 
 
-def machine_info(device: torch.device) -> dict:
-    info = {
-        "date": now_iso(),
-        "command": command_line(),
-        "git_commit": git_commit(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "diffkernels": diffkernels.__version__,
-        "env": {k: os.environ[k] for k in ("TRITON_INTERPRET", "DIFFKERNELS_BACKEND", "TORCH_CUDA_ARCH_LIST")
-                if k in os.environ},
-    }
-    info["triton"] = triton_version(on_error="unavailable")
-    try:
-        info["backends"] = diffkernels.backends()
-    except Exception as exc:  # noqa: BLE001
-        info["backends"] = {"error": _err(exc)}
-    if device.type == "cuda":
-        g = gpu_info(device)
-        info.update(device=g["name"], sm_count=g["sm_count"], l2_bytes=g["l2_bytes"], memory_bytes=g["memory_bytes"])
-    else:
-        info.update(device=f"{platform.processor() or platform.machine()} CPU ({os.cpu_count()} cores)")
-    return info
-
-
 def _ratio(ta, tb):
     return None if (ta is None or tb is None) else ta / tb
 
 
 def to_markdown(meta, ceil, rows, backends, errors) -> str:
     a, b = backends
-    bw = ceil.get("bytes_per_s")
-    lines = [f"# CUDA kernels vs Triton kernels (backend primitives) — {meta.get('device')}", ""]
-    lines.append(f"- date: {meta.get('date')}; commit `{meta.get('git_commit')}`")
-    lines.append(f"- command: `{meta.get('command')}`")
-    lines.append(f"- python {meta.get('python')}, torch {meta.get('torch')} (CUDA {meta.get('cuda')}), "
-                 f"triton {meta.get('triton')}, diffkernels {meta.get('diffkernels')}")
+    bw = ceil["GBps"] * 1e9 if "GBps" in ceil else None
     bk = meta.get("backends", {})
-    lines.append(f"- backends: `{a}`: {bk.get(a)}; `{b}`: {bk.get(b)}")
-    if meta.get("sm_count"):
-        lines.append(f"- {meta.get('sm_count')} SMs, L2 {(meta.get('l2_bytes') or 0) / 2**20:.0f} MiB")
+    lines = header(meta, "CUDA kernels vs Triton kernels (backend primitives)",
+                   f"backends: `{a}`: {bk.get(a)}; `{b}`: {bk.get(b)}")
     if bw:
-        lines.append(f"- copy bandwidth: **{bw / 1e9:.1f} GB/s** (read + write, {ceil.get('buffer_MiB'):.0f} MiB "
+        lines.append(f"- copy bandwidth: **{bw / 1e9:.1f} GB/s** (read + write, {ceil['bytes'] // 2**20} MiB "
                      "buffers, median)")
     elif ceil.get("error"):
         lines.append(f"- copy bandwidth: error: {ceil['error']}")
@@ -344,24 +288,22 @@ def to_markdown(meta, ceil, rows, backends, errors) -> str:
 
 
 def main(args) -> int:
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = pin_device(torch.device(args.device))
+    device = pin_device(default_device(args.device))
     cpu = device.type == "cpu"
     runs = args.runs or (3 if cpu else (20 if args.quick else 100))
     warmup = args.warmup if args.warmup is not None else (1 if cpu else 10)
     backends = ("cpp", "triton") if cpu else ("cuda", "triton")
     timer = Timer(device, runs, warmup)
     errors: list[str] = []
-    meta = machine_info(device)
+    meta = environment(device, args)
     meta.update(runs=runs, warmup=warmup, backends_compared=list(backends))
     for name in backends:
         why = _backend.unavailable(name, device)
         if why:
             errors.append(f"backend {name!r} is unavailable here: {why}")
-    l2 = meta.get("l2_bytes") or int(args.l2_mb * 2**20)
+    l2 = meta.get("gpu_l2_bytes") or int(args.l2_mb * 2**20)
     ctx = {"device": device, "timer": timer, "backends": backends, "l2_bytes": l2}
-    print(f"# {meta.get('device')}: {backends[0]} vs {backends[1]}, {runs} runs, warm-up {warmup}", file=sys.stderr)
+    log(f"{meta['device']}: {backends[0]} vs {backends[1]}, {runs} runs, warm-up {warmup}")
 
     try:
         ceil = copy_bandwidth(device, args.quick, timer)
@@ -409,16 +351,14 @@ def main(args) -> int:
                     errors.append(f"after {op} {fargs}: {_err(exc)}")
         row["wall_s"] = time.perf_counter() - t0
         rows.append(row)
-        print(f"  {op} {fargs}: {row.get('check', row.get('error'))} ({row['wall_s']:.1f} s)", file=sys.stderr)
+        log(f"{op} {fargs}: {row.get('check', row.get('error'))} ({row['wall_s']:.1f} s)")
 
     md = to_markdown(meta, ceil, rows, backends, errors)
     print(md)
     if args.out:
         try:
-            kind = "cpu" if cpu else device_kind(meta.get("device", "cuda"))
-            stem = f"cuda_vs_triton_{kind}{'_quick' if args.quick else ''}"
-            write_results(args.out, stem, md, {"meta": meta, "copy_bandwidth": ceil, "rows": rows, "errors": errors},
-                          log_prefix="")
+            write_results(args.out, result_stem("cuda_vs_triton", meta["device_kind"], args), md,
+                          {"meta": meta, "copy_bandwidth": ceil, "rows": rows, "errors": errors})
         except Exception as exc:  # noqa: BLE001
             print(f"could not write results: {_err(exc)}", file=sys.stderr)
             return 1

@@ -3,7 +3,7 @@
 
     python benchmarks/bench_mdm.py [--quick] [--out benchmarks/results]
 
-Two parts (the masked-diffusion issue, section 5):
+Two parts:
 
 * ``mask_tokens`` (standard and mirror modes) at (B, L) = (32, 4096) and (256, 1024), plus one
   large shape where the kernel, not the launch, dominates -- against the eager
@@ -23,18 +23,18 @@ Two parts (the masked-diffusion issue, section 5):
     then recomputes the logits in backward), and ``liger_sum``: its fast path
     (``reduction="sum"``, gradients in forward) over the same masked tokens with one uniform
     weight -- a different loss (timing only; checked against our op with that uniform weight).
-  On CUDA the issue's shapes: B*L = 16384, H = 4096, V in {32000, 128256}, bf16 hidden and weight.
+  On CUDA the target shapes: B*L = 16384, H = 4096, V in {32000, 128256}, bf16 hidden and weight.
   On CPU those are infeasible (hours per step on a few cores): scaled-down shapes, fp32, said so in
   the table. All variants are checked once to give the same loss (relative 1e-4 in fp32) before
   timing, and against the float64 oracle (``diffkernels.reference.masked_ce``) where it fits.
 
 Timing, interleaving, load monitoring, peak-memory measurement, ceilings and the machine
-description are the shared ones of ``benchmarks/_common.py`` (as in ``bench_sparse_mse.py``): CUDA events on GPU,
-``time.perf_counter`` on CPU, median and inter-quartile range, ratios as the median of per-round
-ratios. A matmul ceiling (the forward GEMM of the row's own shapes) gives each loss row a compute
+description are the shared ones (``benchmarks/timing.py``, ``memory.py``, ``environment.py``; as in
+``bench_sparse_mse.py``): CUDA events on GPU, ``time.perf_counter`` on CPU, median and inter-quartile
+range, ratios as the median of per-round ratios. A matmul ceiling (the forward GEMM of the row's own shapes) gives each loss row a compute
 floor: 3 GEMMs (logits, grad hidden, grad weight) over the masked tokens for the fused op.
 
-Targets on a GPU (the issue): peak memory <= 25% of eager full logits; time <= 0.7x eager full
+Targets on a GPU: peak memory <= 25% of eager full logits; time <= 0.7x eager full
 logits at mean p = 0.5; mask generation >= 80% of the bandwidth floor. CPU numbers are recorded
 for information.
 
@@ -102,10 +102,10 @@ from diffkernels.rng import seed_to_int64  # noqa: E402
 
 BASE_SEED = 0x5EED_0000_4D44
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-MASK_SHAPES = [(32, 4096), (256, 1024)]  # the issue's shapes
+MASK_SHAPES = [(32, 4096), (256, 1024)]  # the target shapes
 MASK_BANDWIDTH_SHAPE = (1024, 4096)  # 4M tokens: large enough that the kernel, not the launch, dominates
 MODES = ("standard", "mirror")
-# (B, L, H, V). CUDA: the issue's shapes (B*L = 16384, H = 4096). CPU: scaled down (B*L = 2048,
+# (B, L, H, V). CUDA: the target shapes (B*L = 16384, H = 4096). CPU: scaled down (B*L = 2048,
 # H = 512; 1024 x 256 with --quick), since a 16384 x 4096 x 128256 matmul takes hours on 2 cores.
 LOSS_SHAPES = {
     "cuda": [(8, 2048, 4096, 32000), (8, 2048, 4096, 128256)],
@@ -477,7 +477,7 @@ def to_markdown(meta, ceil, mask_rows, loss_rows) -> str:
                  "`torch.where` (mirror: both copies, concatenated). int64 ids; per-row p = "
                  f"{'the B stratified midpoints (mean 0.5)' if meta['settings']['p'] == 'stratified' else meta['settings']['p']}. "
                  "`bytes` = 8 B read + per copy 8 + 1 + 4 B written per token; `floor` = bytes at the copy "
-                 "bandwidth; `% floor` = floor / time. The last shape is not in the issue: it shows the "
+                 "bandwidth; `% floor` = floor / time. The last shape is larger than the targets: it shows the "
                  "kernel-bound regime. Ratios are ours/eager (< 1: ours faster).")
         L.append("")
         L.append("| B×L | mode | api | kernel | eager | api/eager | kernel/eager | MB | floor ms | api % floor | kernel % floor | eager % floor | check | load |")
@@ -497,9 +497,9 @@ def to_markdown(meta, ceil, mask_rows, loss_rows) -> str:
     if loss_rows:
         dt = loss_rows[0]["dtype"]
         if cuda:
-            scale = f"the issue's shapes, {dt} hidden states and LM head"
+            scale = f"the target shapes, {dt} hidden states and LM head"
         else:
-            scale = (f"**CPU: scaled-down shapes** (the issue's B·L = 16384, H = 4096, V ∈ {{32000, 128256}} would take "
+            scale = (f"**CPU: scaled-down shapes** (the target B·L = 16384, H = 4096, V ∈ {{32000, 128256}} would take "
                      f"hours per step on this CPU), {dt}")
         L.append(f"## masked_diffusion_loss, forward + backward, ms (median ± IQR/2) — {scale}")
         L.append("")
@@ -589,7 +589,7 @@ def to_markdown(meta, ceil, mask_rows, loss_rows) -> str:
             where = shape_s(r["shape"]) if isinstance(r["shape"], list) else "×".join(str(x) for x in r["shape"].values())
             L.append(f"- error in {k} at {where}: `{v}`")
     L.append("")
-    L.append("## Targets (the issue, for a GPU)")
+    L.append("## Targets (for a GPU)")
     L.append("")
     if not cuda:
         L.append("This run is on a CPU, so the targets do not apply (no PASS/FAIL); the same ratios are shown for "

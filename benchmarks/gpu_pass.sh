@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The GPU verification pass (shared/design/GPU.md), in one command:
+# The GPU verification pass, in one command:
 #     bash benchmarks/gpu_pass.sh OUTDIR
 # 1. installs the package in place against this machine's torch (no deps, no build isolation);
 # 2. runs the whole test suite on CUDA tensors, then compute-sanitizer over the kernels;
 # 3. measures the device's ceilings and benchmarks every op (bench_*.py; bench_end_to_end.py times whole
-#    training steps of the examples and the CIFAR-10-sized optimal-loss curve, about 2 minutes on an H100;
-#    benchmarks/_common.py holds the scripts' shared helpers and is not a benchmark);
+#    training steps of a diffusers UNet and a transformers Llama and the CIFAR-10-sized optimal-loss curve;
+#    the other modules of benchmarks/ are the scripts' shared helpers, not benchmarks);
 # 4. writes everything (logs, JSON + Markdown tables, versions, commit, date) to OUTDIR.
 # Every step runs even if an earlier one fails; the exit code says whether all passed.
 # GPU_PASS_SKIP="tests sanitizer" skips steps by name (to spend a short lease on what changed);

@@ -26,7 +26,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout too
-from benchmarks._common import best_round_us, pin_device  # noqa: E402
+from benchmarks.environment import pin_device  # noqa: E402
+from benchmarks.memory import quiet_stderr  # noqa: E402
+from benchmarks.timing import best_round_us  # noqa: E402
 
 import diffkernels as dk  # noqa: E402
 from diffkernels import _backend  # noqa: E402
@@ -60,7 +62,7 @@ def _launches(event) -> bool:
 def count_ops(fn, calls: int = PROFILED_CALLS) -> tuple[float, float, float, Counter]:
     """Per call: launch ops, no-launch ops, host syncs; and the launch-op names, from the profiler."""
     fn()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    with quiet_stderr(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(calls):
             fn()
     launch, other, syncs = Counter(), 0, 0
