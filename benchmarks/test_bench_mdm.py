@@ -16,16 +16,16 @@ speed. The full tables with spreads, ratios, memory and ceilings come from
 from __future__ import annotations
 
 import math
-import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("pytest_benchmark")
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_mdm import (  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout
+from benchmarks.bench_mdm import (  # noqa: E402
     LOSS_FNS,
     LOSS_SHAPES,
     LOSS_TOL,
@@ -37,7 +37,7 @@ from bench_mdm import (  # noqa: E402
     make_loss_inputs,
     row_p,
 )
-from bench_sparse_mse import fused_backend  # noqa: E402
+from benchmarks.environment import fused_backend  # noqa: E402
 
 import diffkernels  # noqa: E402
 from diffkernels.mdm.masking import mask_tokens  # noqa: E402

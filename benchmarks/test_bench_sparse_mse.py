@@ -14,8 +14,8 @@ spreads, ratios, memory and ceilings come from ``benchmarks/bench_sparse_mse.py`
 from __future__ import annotations
 
 import math
-import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,8 +24,9 @@ pytest.importorskip("pytest_benchmark")
 # torch.compile's internals warn about torch.jit.script_method on recent torch; not ours.
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script_method.*:DeprecationWarning")
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_sparse_mse import BASE_SEED, DTYPES, ETAS, SHAPES, baseline_loss, fused_backend  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout
+from benchmarks.bench_sparse_mse import BASE_SEED, DTYPES, ETAS, SHAPES, baseline_loss  # noqa: E402
+from benchmarks.environment import fused_backend  # noqa: E402
 
 import diffkernels  # noqa: E402
 from diffkernels import reference as ref  # noqa: E402
