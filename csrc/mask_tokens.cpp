@@ -1,4 +1,4 @@
-// CPU kernel of mask_tokens for masked diffusion LMs (METHODS.md section 2).
+// CPU kernel of mask_tokens for masked diffusion LMs (docs/METHODS.md section 2).
 //
 // One uniform per token, u = U(seed, b * L + l). Copy 1 masks an eligible token iff u < p_tok,
 // copy 2 (mirror mode) iff u > 1 - p_tok, with p_tok = q for ISAD ("rare") tokens. Every

@@ -1,4 +1,4 @@
-// CUDA kernel of mask_tokens for masked diffusion LMs (METHODS.md section 2).
+// CUDA kernel of mask_tokens for masked diffusion LMs (docs/METHODS.md section 2).
 //
 // Same semantics and bit-identical outputs as csrc/mask_tokens.cpp (see its header for the (B, 8)
 // row table) and diffkernels/triton/mask_tokens.py. One uniform per token u = U(seed, b * L + l),

@@ -1,4 +1,4 @@
-// CPU kernels for the sparse-supervision loss (METHODS.md section 1) and the RNG test hook.
+// CPU kernels for the sparse-supervision loss (docs/METHODS.md section 1) and the RNG test hook.
 //
 // Layout shared with the Triton kernel: the input is viewed as (B, C, R); the keep-mask has one
 // uniform per (b, r), index m = b * R + r (C = 1 for granularity "element", C = channels for

@@ -1,4 +1,4 @@
-// CUDA kernels of the sparse-supervision loss (METHODS.md section 1) and the RNG test hook.
+// CUDA kernels of the sparse-supervision loss (docs/METHODS.md section 1) and the RNG test hook.
 //
 // Same primitives, same masks bit for bit, as csrc/sparse_mse.cpp (CPU) and
 // diffkernels/triton/sparse_mse.py: the input is viewed as (B, C, R) with one keep draw per (b, r)

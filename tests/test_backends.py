@@ -95,3 +95,33 @@ def test_backends_report_says_why_the_cpp_kernels_are_missing(tmp_path):
     assert report["default"]["cpu"] == "torch"
     lines = [line for line in out.stderr.splitlines() if line.startswith("diffkernels:")]
     assert len(lines) == 1 and report["cpp"].removeprefix("unavailable: ") in lines[0]
+
+
+def test_backend_table_covers_every_primitive():
+    """Each primitive of the Kernels protocol has an implementation on every backend, and each one
+    available here resolves; masked_ce_rows has no C++ kernel: cpp runs the reference."""
+    from diffkernels.ops import _kernels
+    from diffkernels.reference import masked_ce
+
+    primitives = {name for name in vars(_kernels.Kernels) if not name.startswith("_")}
+    assert primitives == set(_kernels.TABLE)
+    for primitive, where in _kernels.TABLE.items():
+        assert set(where) == set(_backend.BACKENDS), primitive
+    for name in _backend.BACKENDS:
+        if _backend.unavailable(name, torch.device("cuda" if name == "cuda" else "cpu")) is None:
+            for primitive in primitives:
+                assert callable(getattr(_kernels.kernels_for(name), primitive)), (name, primitive)
+    assert _kernels.kernels_for("torch").masked_ce_rows is masked_ce.masked_ce_rows
+    assert _kernels.kernels_for("cpp").masked_ce_rows is masked_ce.masked_ce_rows
+    with pytest.raises(ValueError, match="unknown backend"):
+        _kernels.kernels_for("fortran")
+
+
+def test_masked_ce_follows_the_forced_backend():
+    """A forced backend that cannot run on the tensors is an error for the masked cross-entropy too
+    (it used to fall back to plain PyTorch silently)."""
+    targets, coef = torch.tensor([1, 2]), torch.ones(2)
+    with dk.use_backend("cuda"), pytest.raises(RuntimeError, match="backend 'cuda' was requested"):
+        dk.mdm.masked_cross_entropy(targets, coef, logits=torch.randn(2, 5))
+    with dk.use_backend("torch"):
+        assert torch.isfinite(dk.mdm.masked_cross_entropy(targets, coef, logits=torch.randn(2, 5)))

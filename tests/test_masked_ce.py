@@ -1,4 +1,5 @@
-"""The Triton masked cross-entropy kernel (diffkernels/triton/masked_ce.py) and the op's Triton path.
+"""The masked cross-entropy primitive masked_ce_rows (the Triton kernel, diffkernels/triton/masked_ce.py,
+and its plain-PyTorch reference) and the op's Triton path.
 
 Against float64 references: the row kernel alone (fp32, bf16, fp16; odd V not a multiple of the
 block; targets in the first and last columns; coef = 0 rows, which must never be read; -inf
@@ -132,6 +133,46 @@ def test_target_outside_vocabulary_gives_nan_not_a_stray_read(gen):
     x, targets, coef, ce = (t.to(DEVICE) for t in (x, targets, coef, ce))
     kernel()(x, targets, coef, ce, block=8)
     assert torch.isfinite(ce[0]) and torch.isnan(ce[1]) and torch.isnan(ce[2])
+
+
+def bits(t):
+    """t's bits, so that NaN equals NaN."""
+    return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_masked_ce_rows_contract(gen, backend, dtype):
+    """The primitive as diffkernels/ops/_kernels.py defines it, for the Triton kernel and the
+    plain-PyTorch reference alike: every row (rows with coef 0 never read: CE 0, zero gradient) or
+    chunk rows mapped to tokens; x unchanged unless it is the gradient buffer."""
+    from diffkernels.ops import _kernels
+
+    masked_ce_rows = _kernels.kernels_for(backend).masked_ce_rows
+    n, V = 9, 37
+    x, targets, coef = make_rows(gen, n, V, dtype)
+    x[n // 2] = float("nan")  # coef 0: never read
+    x, targets, coef = x.to(DEVICE), targets.to(DEVICE), coef.to(DEVICE)
+    x_clean = x.clone()
+    x_clean[n // 2] = 0
+    ce_ref, g_ref = reference(x_clean, targets, coef)
+    before = x.clone()
+
+    ce, grad = torch.full((n,), 5.0, device=DEVICE), torch.full((n, V), 7.0, dtype=dtype, device=DEVICE)
+    masked_ce_rows(x, targets, coef, ce, grad=grad)
+    assert torch.equal(bits(x), bits(before))
+    assert rel_err(ce, ce_ref) <= 2e-6 and ce[n // 2] == 0
+    assert rel_err(grad, g_ref) <= TOL[dtype] and (grad[n // 2] == 0).all()
+
+    ce_only = torch.full((n,), 5.0, device=DEVICE)
+    masked_ce_rows(x, targets, coef, ce_only)
+    assert torch.equal(ce_only, ce) and torch.equal(bits(x), bits(before))
+
+    rows = torch.nonzero(coef != 0).squeeze(1)
+    buf, ce_rows = x[rows].clone(), torch.full((n,), 5.0, device=DEVICE)
+    masked_ce_rows(buf, targets, coef, ce_rows, rows=rows, grad=buf)
+    assert torch.equal(ce_rows[rows], ce[rows]) and ce_rows[n // 2] == 5.0  # other tokens untouched
+    assert rel_err(buf, g_ref[rows]) <= TOL[dtype]
 
 
 def test_chunks_are_balanced():

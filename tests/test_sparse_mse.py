@@ -255,6 +255,17 @@ def test_empty_batch(backend_device):
     assert dk.sparse_mask((0, 3), 0.5, 1, device=device).shape == (0, 3)
 
 
+@pytest.mark.parametrize("backward", ["fused", "recompute"])
+def test_empty_batch_without_channels(backend_device, backward):
+    """granularity="pixel" with B = 0 and a channel dimension of size 0: the C++ and Triton kernels
+    used to divide by the 0 channels (a RuntimeError, a ZeroDivisionError)."""
+    _, device = backend_device
+    pred = torch.zeros(0, 0, 4, device=device, requires_grad=True)
+    loss = dk.sparse_mse_loss(pred, torch.zeros(0, 0, 4, device=device), 0.5, 1, granularity="pixel",
+                              reduction="sum", backward=backward)
+    assert loss.item() == 0.0 and torch.autograd.grad(loss, pred)[0].shape == (0, 0, 4)
+
+
 def test_upstream_gradient_scaling(backend_device, gen):
     _, device = backend_device
     pred = rand((3, 4, 5), torch.float32, device, gen)

@@ -1,4 +1,4 @@
-"""The masked diffusion LM loss (METHODS.md section 2), computed only where tokens are masked."""
+"""The masked diffusion LM loss (docs/METHODS.md section 2), computed only where tokens are masked."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._validate import check_choice, check_devices, check_finite
+from .._validate import acc_dtype, check_choice, check_devices, check_finite
 from ..ops.masked_ce import masked_ce_hidden_op, masked_ce_logits_op
 from .masking import MaskedTokens
 
@@ -33,7 +33,7 @@ def masked_cross_entropy(
     Give either ``logits`` (..., V), or ``hidden`` (..., H) with ``lm_head_weight`` (V, H) and an
     optional ``lm_head_bias`` (V,): then logits are computed only for tokens with a nonzero
     coefficient, ``chunk_size`` tokens at a time (default: 2 GiB of logits per chunk; see
-    ``diffkernels.ops.masked_ce``).
+    diffkernels/ops/masked_ce.py).
     ``targets`` (...) are the token ids to predict, ``coef`` (...) the weights (e.g. 1/p for masked
     tokens, 0 elsewhere, divided by the normaliser). Accumulates in float32 (float64 for float64
     inputs); the gradients are produced in the forward pass. One host sync per call (the number of
@@ -50,11 +50,11 @@ def masked_cross_entropy(
     if logits is not None:
         V = logits.shape[-1]
         loss, _, _ = masked_ce_logits_op(logits.reshape(flat_targets.numel(), V), flat_targets, flat_coef, chunk,
-                                       _needs_grad(logits))
+                                         _needs_grad(logits))
         return loss
     need = _needs_grad(hidden, lm_head_weight, lm_head_bias)
     loss, *_ = masked_ce_hidden_op(hidden.reshape(flat_targets.numel(), hidden.shape[-1]), lm_head_weight,
-                                 lm_head_bias, flat_targets, flat_coef, chunk, need)
+                                   lm_head_bias, flat_targets, flat_coef, chunk, need)
     return loss
 
 
@@ -108,7 +108,7 @@ def _check_inputs(targets, coef, logits, hidden, lm_head_weight, lm_head_bias, c
                    "lm_head_bias": lm_head_bias}, reference=name)
     # contiguous: the Triton kernel indexes targets and coef as flat arrays
     flat_targets = targets.reshape(-1).to(torch.int64).contiguous()
-    flat_coef = coef.reshape(-1).to(torch.float32 if source.dtype != torch.float64 else torch.float64).contiguous()
+    flat_coef = coef.reshape(-1).to(acc_dtype(source.dtype)).contiguous()
     return flat_targets, flat_coef, source, name
 
 
@@ -135,7 +135,7 @@ def masked_diffusion_loss(
     ``importance`` (B,): per-sequence weights, e.g. 1/p(t) from a P-POTS sampler.
 
     ``normalizer``:
-    * ``"row"`` (METHODS.md): divide l_b by the row's eligible count P_b, average over the B rows;
+    * ``"row"`` (docs/METHODS.md): divide l_b by the row's eligible count P_b, average over the B rows;
     * ``"batch"``: sum over the batch divided by the batch's total eligible count;
     * ``"global"``: sum divided by ``num_tokens``, a count you fix for the whole optimizer step
       (e.g. the eligible tokens of the global batch over all micro-batches and ranks), so the
@@ -200,13 +200,13 @@ def masked_diffusion_loss(
 
 def _per_token_ce(targets, coef, *, logits, hidden, lm_head_weight, lm_head_bias, chunk_size):
     """Per-token CE (0 where coef == 0), without gradients."""
-    flat_t = targets.reshape(-1).to(torch.int64)
+    flat_t = targets.reshape(-1).to(torch.int64).contiguous()
     source = logits if logits is not None else hidden
-    flat_c = coef.reshape(-1).to(torch.float64 if source.dtype == torch.float64 else torch.float32)
+    flat_c = coef.reshape(-1).to(acc_dtype(source.dtype)).contiguous()
     if logits is not None:
         V = logits.shape[-1]
         _, ce, _ = masked_ce_logits_op(logits.reshape(-1, V), flat_t, flat_c, chunk_size or 0, False)
     else:
         _, ce, *_ = masked_ce_hidden_op(hidden.reshape(flat_t.numel(), hidden.shape[-1]), lm_head_weight,
-                                      lm_head_bias, flat_t, flat_c, chunk_size or 0, False)
+                                        lm_head_bias, flat_t, flat_c, chunk_size or 0, False)
     return ce.view(targets.shape)

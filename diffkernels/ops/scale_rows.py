@@ -20,7 +20,8 @@ from . import _kernels
 
 def check_args(grad: Tensor, factor: Tensor) -> None:
     """What the op's kernels assume (checked by the custom op and its fake kernel alike)."""
-    torch._check_type(grad.dtype.is_floating_point, lambda: f"scale_rows_: grad must be floating-point, got {grad.dtype}")
+    torch._check_type(grad.dtype.is_floating_point,
+                      lambda: f"scale_rows_: grad must be floating-point, got {grad.dtype}")
     torch._check_type(factor.dtype.is_floating_point,
                       lambda: f"scale_rows_: factor must be floating-point, got {factor.dtype}")
     torch._check_value(grad.dim() >= 1, lambda: "scale_rows_: grad must have a row dimension (dim 0)")

@@ -210,7 +210,8 @@ def check_args(pred: Tensor, target: Tensor, channels: int, per_row: Optional[Te
 
 def _check_options(mask_ratio: float, normalize: str, reduction: str) -> None:
     torch._check_value(0.0 <= mask_ratio < 1.0, lambda: f"mask_ratio must lie in [0, 1), got {mask_ratio}")
-    torch._check_value(normalize in NORMALIZATIONS, lambda: f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+    torch._check_value(normalize in NORMALIZATIONS,
+                       lambda: f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
     torch._check_value(reduction in REDUCTIONS, lambda: f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 

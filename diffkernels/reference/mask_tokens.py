@@ -1,4 +1,4 @@
-"""Reference token masking for masked diffusion LMs (METHODS.md section 2), plain PyTorch.
+"""Reference token masking for masked diffusion LMs (docs/METHODS.md section 2), plain PyTorch.
 
 ``mask_tokens`` implements the spec directly (the test oracle); ``mask_tokens_fwd`` is the
 backend primitive the C++ and Triton kernels implement, driven by the per-row table of

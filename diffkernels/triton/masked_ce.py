@@ -1,4 +1,4 @@
-"""Triton kernel of the masked cross-entropy (METHODS.md section 2): one program per row of logits.
+"""Triton kernel of the masked cross-entropy (docs/METHODS.md section 2): one program per row of logits.
 
 Each program reads its row of logits once for an online log-sum-exp (a running maximum and sum of
 exponentials, rescaled per block, accumulated in float32), writes the row's cross-entropy, and, when

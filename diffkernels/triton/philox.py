@@ -1,4 +1,4 @@
-"""The shared RNG convention inside Triton kernels (see diffkernels/rng.py)."""
+"""The shared RNG convention (docs/METHODS.md section 0.2, diffkernels/rng.py) inside Triton kernels."""
 
 import triton
 import triton.language as tl
