@@ -39,7 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout: diffkernels, benchmarks
 # The benchmarks modules import torch, never diffkernels or triton: TRITON_INTERPRET can still be set below.
 from benchmarks.cli import base_parser, parse_tolerantly, result_stem  # noqa: E402
-from benchmarks.environment import copy_ceiling, default_device, environment, pin_device  # noqa: E402
+from benchmarks.environment import copy_ceiling, default_device, start  # noqa: E402
 from benchmarks.reporting import err_s, header, log, write_results  # noqa: E402
 from benchmarks.timing import Timer  # noqa: E402
 
@@ -288,14 +288,13 @@ def to_markdown(meta, ceil, rows, backends, errors) -> str:
 
 
 def main(args) -> int:
-    device = pin_device(default_device(args.device))
+    device, meta = start(args)
     cpu = device.type == "cpu"
     runs = args.runs or (3 if cpu else (20 if args.quick else 100))
     warmup = args.warmup if args.warmup is not None else (1 if cpu else 10)
     backends = ("cpp", "triton") if cpu else ("cuda", "triton")
     timer = Timer(device, runs, warmup)
     errors: list[str] = []
-    meta = environment(device, args)
     meta.update(runs=runs, warmup=warmup, backends_compared=list(backends))
     for name in backends:
         why = _backend.unavailable(name, device)

@@ -66,9 +66,8 @@ from benchmarks.cli import base_parser, fill_defaults, parse_floats, parse_toler
 from benchmarks.environment import (  # noqa: E402
     copy_gemm_ceilings,
     default_device,
-    environment,
     fused_backend,
-    pin_device,
+    start,
 )
 from benchmarks.memory import MiB, cuda_peak_bytes, free, peak_extra_bytes  # noqa: E402
 from benchmarks.reporting import (  # noqa: E402
@@ -698,8 +697,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = pin_device(args.device)
-    meta = environment(device, args)
+    device, meta = start(args)
     meta["fused_backend"] = fused_backend(device)
     meta["tf32"] = {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}
     log_start(meta, f"fused backend {meta['fused_backend']}; parts {args.parts}")

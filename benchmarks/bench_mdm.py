@@ -58,12 +58,11 @@ from benchmarks.environment import (  # noqa: E402
     bandwidth_ceilings,
     cache_bytes,
     default_device,
-    environment,
     fused_backend,
     gemm_times,
     input_copies,
     optional_peer,
-    pin_device,
+    start,
 )
 from benchmarks.memory import MiB, free, peak_extra_mib  # noqa: E402
 from benchmarks.reporting import (  # noqa: E402
@@ -82,7 +81,6 @@ from benchmarks.reporting import (  # noqa: E402
 )
 from benchmarks.timing import (  # noqa: E402
     LOAD_LIMIT,
-    WAIT_BUDGET,
     add_timing_options,
     measure_quietly,
     record,
@@ -655,11 +653,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = pin_device(args.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False
-    WAIT_BUDGET["left_s"] = args.max_total_wait
-    meta = environment(device, args)
+    device, meta = start(args)
     meta["fused_backend"] = backend = fused_backend(device)
     liger_ok, meta["liger"] = liger_status(device)
     meta["memory_method"] = MEMORY_METHOD["cuda" if device.type == "cuda" else "cpu"]

@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout: diffkernels, benchmarks
 from benchmarks.cli import base_parser, result_stem  # noqa: E402
-from benchmarks.environment import copy_gemm_ceilings, default_device, environment, optional_peer, pin_device  # noqa: E402
+from benchmarks.environment import copy_gemm_ceilings, optional_peer, start  # noqa: E402
 from benchmarks.memory import free  # noqa: E402
 from benchmarks.reporting import err_s, header, log, log_start, md_table, write_results  # noqa: E402
 from benchmarks.timing import median_ms  # noqa: E402
@@ -404,9 +404,8 @@ def main(argv=None) -> None:
     ap = base_parser(__doc__, quick_help="smaller shapes and fewer repeats")
     ap.add_argument("--skip-curve", action="store_true")
     args = ap.parse_args(argv)
-    device = pin_device(default_device(args.device))
+    device, meta = start(args)
     gen = torch.Generator(device=device).manual_seed(0)
-    meta = environment(device, args)
     keops_ok, meta["keops"] = keops_status(device)
     faiss_ok, meta["faiss"] = faiss_status(device)
     log_start(meta, f"KeOps: {meta['keops']}; faiss: {meta['faiss']}")

@@ -44,10 +44,9 @@ from benchmarks.environment import (  # noqa: E402
     bandwidth_ceilings,
     cache_bytes,
     default_device,
-    environment,
     fused_backend,
     input_copies,
-    pin_device,
+    start,
 )
 from benchmarks.memory import MiB, free, peak_extra_mib  # noqa: E402
 from benchmarks.reporting import (  # noqa: E402
@@ -64,7 +63,6 @@ from benchmarks.reporting import (  # noqa: E402
 )
 from benchmarks.timing import (  # noqa: E402
     LOAD_LIMIT,
-    WAIT_BUDGET,
     LoadMonitor,
     add_timing_options,
     measure,
@@ -445,11 +443,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = pin_device(args.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False
-    WAIT_BUDGET["left_s"] = args.max_total_wait
-    meta = environment(device, args)
+    device, meta = start(args)
     meta["fused_backend"] = backend = fused_backend(device)
     meta["memory_method"] = CUDA_MEMORY_METHOD if device.type == "cuda" else CPU_MEMORY_METHOD
     log_start(meta, f"fused backend {backend}")

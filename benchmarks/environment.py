@@ -27,7 +27,7 @@ import torch
 from benchmarks.cli import settings
 from benchmarks.memory import MiB, free
 from benchmarks.reporting import err_s
-from benchmarks.timing import sync, time_calls, timeit
+from benchmarks.timing import WAIT_BUDGET, sync, time_calls, timeit
 
 REPO = Path(__file__).resolve().parent.parent
 CEILING_SEED = 0x5EED_0000_1234  # the seed of the Philox mask-throughput ceiling
@@ -218,6 +218,17 @@ def environment(device: torch.device, args=None) -> dict:
     if args is not None:
         info["settings"] = settings(args)
     return info
+
+
+def start(args) -> tuple[torch.device, dict]:
+    """The start of every benchmark run: the device (``args.device``, pinned), TF32 off on CUDA (fp32 rows
+    measure fp32; rows that want TF32 turn it on themselves), the run's budget for waiting for an idle
+    CPU (``--max-total-wait`` where the script has it), and the environment with the settings."""
+    device = pin_device(default_device(args.device))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+    WAIT_BUDGET["left_s"] = getattr(args, "max_total_wait", float("inf"))
+    return device, environment(device, args)
 
 
 def cache_bytes(meta: dict, device: torch.device) -> int:
