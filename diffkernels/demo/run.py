@@ -30,7 +30,7 @@ from .plots import save_gap_plot, save_loss_curve
 OPTIMAL_LEVELS = 48
 
 
-def optimal_loss(data: Tensor, queries: int, seed: int, device) -> dict:
+def digits_optimal_loss(data: Tensor, queries: int, seed: int, device) -> dict:
     """The smallest possible value of the demo's training loss, E_sigma[lambda(sigma) J*(sigma) / D].
 
     J*(sigma) of the digits from :func:`~diffkernels.optimal_loss.estimate_curve` (full estimator,
@@ -130,7 +130,7 @@ def run_demo(steps: int = 400, mask_ratio: float = 0.9, seed: int = 0, out="diff
     seeded with ``seed`` for batches, noise levels and noise (the same data on CPU and CUDA), and
     ``fold_seed(seed, step)`` for the mask of each step.
 
-    The optimal loss: J*(sigma) of the digits themselves (:func:`optimal_loss`, ``optimal_queries``
+    The optimal loss: J*(sigma) of the digits themselves (:func:`digits_optimal_loss`, ``optimal_queries``
     queries per noise level) gives the smallest value the
     training loss can reach, E_sigma[lambda(sigma) J*(sigma) / D]; the summary reports the final loss's
     gap to it, and ``gap.png`` plots the model's per-element x0 error per noise level (second half of
@@ -248,7 +248,7 @@ def _run(steps: int, mask_ratio: float, seed: int, out_dir: Path, device: torch.
     sample_seconds = time.perf_counter() - t_sample
     # Gu et al. (2023) on the 0..255 scale: generated samples vs the training images.
     mem = memorization(to_pixels(samples.flatten(1).double()), to_pixels(data.flatten(1).double()))
-    optimal = optimal_loss(data, optimal_queries, seed, device)
+    optimal = digits_optimal_loss(data, optimal_queries, seed, device)
     logged = torch.cat(per_sample_log, dim=1).cpu().double()
     edges = torch.logspace(math.log10(SIGMA_MIN), math.log10(SIGMA_MAX), 17, dtype=torch.float64)
     bin_sigma, bin_mse = loss_by_noise_level(logged[0].tolist(), logged[1].tolist(), edges)
