@@ -318,7 +318,7 @@ def fmt(v, spec=".3g"):
 
 def to_markdown(meta, ceil, rows, knn_rows, curve) -> str:
     L = header(meta, "posterior_mean / knn benchmark")
-    L += ["", "Ceilings measured first: " + ", ".join(f"{k} {v:.1f}" for k, v in ceil.items() if k.endswith(("GBps", "TFLOPs")))
+    L += ["", "Ceilings measured first: " + ", ".join(f"{k} {v:.3g}" for k, v in ceil.items() if k.endswith(("GBps", "TFLOPs")))
           + f" (GEMM {ceil['gemm_size']}³)", "",
           "Time of one call at sigma = RMS (ms, median); TFLOP/s counts 4·M·N·D; `err` = max relative L2 error "
           "of the posterior mean against a float64 direct-difference oracle (8 queries), relative to "
