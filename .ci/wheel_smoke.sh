@@ -36,8 +36,8 @@ say "built $(basename "${wheels[0]}")"
 "$venv_python" -m pip install --quiet --no-compile "${wheels[0]}" >>"$work/venv.log" 2>&1 ||
     fail "pip install the wheel" "$work/venv.log"
 
-# 3. Run it from outside the checkout, with no compiler (PATH is the venv's bin only, CXX/CC unset)
-#    and an empty kernel cache.
+# 3. Run it from outside the checkout, in a clean environment: no compiler (PATH is the venv's bin
+#    only, no CXX), no DIFFKERNELS_* settings, an empty kernel cache.
 mkdir "$work/run" "$work/cache"
 cat >"$work/run/smoke.py" <<'EOF'
 import os
@@ -81,6 +81,6 @@ assert torch.equal(got.noisy_ids, noisy[0]) and torch.equal(got.masked, masked[0
 assert torch.equal(got.weights, weight[0]), "mask_tokens' weights differ"
 print("wheel_smoke: sparse_mse_loss and mask_tokens on the prebuilt C++ kernels agree with the reference")
 EOF
-(cd "$work/run" && env -u CXX -u CC -u PYTHONPATH PATH="$work/venv/bin" DIFFKERNELS_CACHE="$work/cache" \
+(cd "$work/run" && env -i HOME="$HOME" LANG=C.UTF-8 PATH="$work/venv/bin" DIFFKERNELS_CACHE="$work/cache" \
     OMP_NUM_THREADS=1 "$venv_python" smoke.py) || fail "the smoke test in the fresh environment"
 say "passed; the wheel carries: $(python -c 'import sys, zipfile; print(" ".join(n for n in zipfile.ZipFile(sys.argv[1]).namelist() if "/_C." in n or "_build_info" in n or "/csrc/" in n))' "${wheels[0]}")"
