@@ -266,7 +266,8 @@ def to_markdown(meta, ceil, rows, backends, errors) -> str:
             f"| {r['op']} | {shape} | {r['dtype']} | {'' if mode is None else mode} | {r['bytes_dense'] / MB:.1f} | "
             f"{floor} | {cell(a, 'graph')} | {cell(b, 'graph')} | {'—' if rg is None else f'{rg:.2f}'} | "
             f"{pct(ga)} | {pct(gb)} | {cell(a, 'call')} | {cell(b, 'call')} | "
-            f"{'—' if rc is None else f'{rc:.2f}'} | {r.get('check', '—')}{' ' + r['error'] if 'error' in r else ''} |")
+            f"{'—' if rc is None else f'{rc:.2f}'} | {r.get('check', '—')}"
+            f"{' ' + r['error'] if 'error' in r else ''} |")
     # Per-op geometric means of the ratios: the summary the backend default is decided on.
     lines += ["", f"### Geometric mean of {a}/{b} per op (< 1: {a} faster)", "",
               "| op | rows | graph (kernels) | call (eager) |", "|---|---|---|---|"]

@@ -84,7 +84,14 @@ from benchmarks.reporting import (  # noqa: E402
     rel_diff,
     write_results,
 )
-from benchmarks.timing import add_timing_options, measure_quietly, record, sync, time_once, timing_defaults  # noqa: E402
+from benchmarks.timing import (  # noqa: E402
+    add_timing_options,
+    measure_quietly,
+    record,
+    sync,
+    time_once,
+    timing_defaults,
+)
 
 from diffkernels import fold_seed, mdm, sparse_mse_loss  # noqa: E402
 from diffkernels import reference as ref_mse  # noqa: E402
@@ -485,7 +492,8 @@ def bench_curve(device, args, ceil) -> dict:
     out["per_level_status"] = ["measured" if k in cfg["measure"] else "extrapolated" for k in range(n_levels)]
     out["measured_seconds"] = float(sum(r["seconds"] for r in measured))
     out["total_seconds_extrapolated"] = float(est.sum())
-    out["total_seconds_extrapolated_auto"] = float(np.interp(ls, log_measured, [r["seconds_auto"] for r in measured]).sum())
+    est_auto = np.interp(ls, log_measured, [r["seconds_auto"] for r in measured])
+    out["total_seconds_extrapolated_auto"] = float(est_auto.sum())
     if cfg["full_curve"] or args.full_curve:
         t, res = timed_curve(data, sigmas, device)
         out["full_curve_seconds_measured"] = t
@@ -516,8 +524,8 @@ def _checks(rows, curve) -> list:
         for r in curve.get("measured", []):
             if not (math.isfinite(r["j_star_per_element"]) and r["j_star_per_element"] >= 0):
                 bad.append(("curve", f"J* at sigma {r['sigma']:.3g} is {r['j_star_per_element']}"))
-            auto = r.get("j_star_per_element_auto")
-            if auto is not None and not abs(auto - r["j_star_per_element"]) <= 1e-9 * abs(r["j_star_per_element"]) + 1e-15:
+            auto, j = r.get("j_star_per_element_auto"), r["j_star_per_element"]
+            if auto is not None and not abs(auto - j) <= 1e-9 * abs(j) + 1e-15:
                 bad.append(("curve", f"J* at sigma {r['sigma']:.3g}: precision='auto' gives {auto!r}, "
                                      f"float64 {r['j_star_per_element']!r} (must agree to rounding)"))
     return bad
@@ -534,7 +542,8 @@ def _check_cell(c: dict) -> str:
 
 def to_markdown(meta, ceil, image_rows, lm_rows, curve, part_errors) -> str:
     cuda = meta.get("cuda") is not None
-    L = header(meta, "End-to-end training steps: fused ops vs eager losses", f"fused backend: `{meta['fused_backend']}`")
+    L = header(meta, "End-to-end training steps: fused ops vs eager losses",
+               f"fused backend: `{meta['fused_backend']}`")
     L.append("- timing: " + ("CUDA events around whole steps after warm-up (CUDA-synchronised)" if cuda else
                              "time.perf_counter around whole steps after warm-up")
              + "; methods interleaved round by round; ms = median ± IQR/2; ratios fused/X = median (quartiles) of "
@@ -544,7 +553,8 @@ def to_markdown(meta, ceil, image_rows, lm_rows, curve, part_errors) -> str:
     L.append("## Ceilings measured first")
     L.append("")
     gem = ", ".join(f"{k.split('_')[0]} **{v:.1f}**" for k, v in ceil.items() if k.endswith("_TFLOPs"))
-    L.append(f"- copy bandwidth: **{ceil['copy_GBps']:.1f} GB/s** (bytes read + written, {ceil['copy_bytes'] // MiB} MiB)")
+    L.append(f"- copy bandwidth: **{ceil['copy_GBps']:.1f} GB/s** (bytes read + written, "
+             f"{ceil['copy_bytes'] // MiB} MiB)")
     L.append(f"- GEMM {ceil['gemm_size']}³, TFLOP/s: {gem}")
     L.append("")
     peak = "peak MiB" if cuda else "peak extra MiB"
@@ -580,14 +590,15 @@ def to_markdown(meta, ceil, image_rows, lm_rows, curve, part_errors) -> str:
         L.append("Step = t ~ U(0, 1) and standard masks drawn in the step, the bidirectional Llama's forward, the MDM "
                  "loss (normalizer \"row\"), `zero_grad`, backward, gradient clipping at 1, AdamW step. `fused` = "
                  "`diffkernels.integrations.transformers.masked_diffusion_loss_from_model` (logits of masked tokens "
-                 "only); `eager_full` = the model's full logits + `F.cross_entropy` at the masked tokens, same weights. "
+                 "only); `eager_full` = the model's full logits + `F.cross_entropy` at the masked tokens, same "
+                 "weights. "
                  "bf16 rows: the whole step under bf16 autocast (fp32 master weights). `check`: fused vs eager_full "
                  "on the same masks and model; `oracle` = the float64 reference (`diffkernels.reference.masked_ce`) "
                  "where the logits are small.")
         L.append("")
-        head = ["config", "B×L", "d × layers", "V", "precision", "params", "masked (mean)", "fused ms", "eager_full ms",
-                "fused/eager_full", f"{peak} fused / eager", "peak fused/eager", "check: loss rel, grad rel",
-                "oracle rel (fused)", "load"]
+        head = ["config", "B×L", "d × layers", "V", "precision", "params", "masked (mean)", "fused ms",
+                "eager_full ms", "fused/eager_full", f"{peak} fused / eager", "peak fused/eager",
+                "check: loss rel, grad rel", "oracle rel (fused)", "load"]
         body = []
         for r in lm_rows:
             t, rt, ck = r.get("time", {}), r.get("ratio", {}), r.get("check", {})
@@ -617,8 +628,8 @@ def to_markdown(meta, ceil, image_rows, lm_rows, curve, part_errors) -> str:
                  "in log σ between the measured levels, constant beyond).")
         L.append("")
         has_frac = "frac_of_fp64_ceiling" in c["measured"][0]
-        head = (["level", "σ", "status", "seconds (float64 engine)", "TFLOP/s"] + (["% fp64 GEMM ceiling"] if has_frac else [])
-                + ["seconds (auto engine)", "J*/D (± s.e.)"])
+        head = (["level", "σ", "status", "seconds (float64 engine)", "TFLOP/s"]
+                + (["% fp64 GEMM ceiling"] if has_frac else []) + ["seconds (auto engine)", "J*/D (± s.e.)"])
         body = []
         for r in c["measured"]:
             line = [r["level"], f"{r['sigma']:.3g}", "measured", f"{r['seconds']:.3f}", f"{r['TFLOPs']:.2f}"]
@@ -634,8 +645,9 @@ def to_markdown(meta, ceil, image_rows, lm_rows, curve, part_errors) -> str:
                  f"{c['measured_seconds']:.1f} s; {c['levels'] - n_meas} extrapolated); with `precision=\"auto\"` "
                  f"{c['total_seconds_extrapolated_auto']:.1f} s (extrapolated the same way)")
         if "full_curve_seconds_measured" in c:
-            L.append(f"- whole curve measured too: **{c['full_curve_seconds_measured']:.1f} s** (measured; "
-                     f"extrapolation / measured = {c['total_seconds_extrapolated'] / c['full_curve_seconds_measured']:.2f})")
+            full = c["full_curve_seconds_measured"]
+            L.append(f"- whole curve measured too: **{full:.1f} s** (measured; "
+                     f"extrapolation / measured = {c['total_seconds_extrapolated'] / full:.2f})")
         if "peak_MiB" in c:
             L.append(f"- peak GPU memory while measuring: {c['peak_MiB']:.0f} MiB")
         L.append("")

@@ -31,8 +31,9 @@ Two parts:
 Timing, interleaving, load monitoring, peak-memory measurement, ceilings and the machine
 description are the shared ones (``benchmarks/timing.py``, ``memory.py``, ``environment.py``; as in
 ``bench_sparse_mse.py``): CUDA events on GPU, ``time.perf_counter`` on CPU, median and inter-quartile
-range, ratios as the median of per-round ratios. A matmul ceiling (the forward GEMM of the row's own shapes) gives each loss row a compute
-floor: 3 GEMMs (logits, grad hidden, grad weight) over the masked tokens for the fused op.
+range, ratios as the median of per-round ratios. A matmul ceiling (the forward GEMM of the row's own
+shapes) gives each loss row a compute floor: 3 GEMMs (logits, grad hidden, grad weight) over the masked
+tokens for the fused op.
 
 Targets on a GPU: peak memory <= 25% of eager full logits; time <= 0.7x eager full
 logits at mean p = 0.5; mask generation >= 80% of the bandwidth floor. CPU numbers are recorded
@@ -73,6 +74,7 @@ from benchmarks.reporting import (  # noqa: E402
     header,
     load_cell,
     log,
+    md_table,
     log_row,
     log_start,
     rel_diff,
@@ -380,7 +382,8 @@ def bench_loss_row(shape, dtype_name, device, args, backend, liger_ok) -> dict:
     hidden.grad = weight.grad = None
     if N * V <= ORACLE_MAX_LOGITS and not args.no_reference:
         with torch.no_grad():
-            oracle = float(_ref_ce.masked_diffusion_loss(mt, targets, hidden=hidden.detach(), lm_head_weight=weight.detach()))
+            oracle = float(_ref_ce.masked_diffusion_loss(mt, targets, hidden=hidden.detach(),
+                                                         lm_head_weight=weight.detach()))
         check["oracle_float64"] = {"loss": oracle, "fused_rel_diff": rel_diff(check["fused"]["loss"], oracle)}
     row["check"] = check
     row["check_tolerance"] = tol
@@ -410,7 +413,8 @@ def bench_loss_row(shape, dtype_name, device, args, backend, liger_ok) -> dict:
     if "eager_full" in pm:
         row["memory_ratio"] = {f"fused/{n}": pm["fused"] / pm[n] for n in pm if n != "fused"}
         trans = {n: pm[n] - row["grads_MiB"] for n in pm}
-        row["transient_ratio_fused/eager_full"] = trans["fused"] / trans["eager_full"] if trans["eager_full"] > 0 else None
+        row["transient_ratio_fused/eager_full"] = (trans["fused"] / trans["eager_full"] if trans["eager_full"] > 0
+                                                   else None)
 
     del hidden, weight, targets, masks, fns
     free(device)
@@ -446,9 +450,12 @@ def _target(value, limit, le=True, judge=True) -> str:
 
 def to_markdown(meta, ceil, mask_rows, loss_rows) -> str:
     cuda = meta.get("cuda") is not None
+    p_text = ("the B stratified midpoints (mean 0.5)" if meta["settings"]["p"] == "stratified"
+              else str(meta["settings"]["p"]))
     L = header(meta, "masked diffusion LM (diffkernels.mdm) benchmark",
                f"mask kernel backend: `{meta['fused_backend']}`; Liger: {meta['liger']}")
-    L.append("- timing: " + ("CUDA events after warm-up" if cuda else "time.perf_counter after warm-up, default torch threads")
+    L.append("- timing: "
+             + ("CUDA events after warm-up" if cuda else "time.perf_counter after warm-up, default torch threads")
              + "; methods interleaved round by round; times are median ± IQR/2; ratios are the median "
              "(quartiles) of per-round ratios. `load` = CPU cores used by other processes / stolen by the "
              f"hypervisor during the timing; † marks rows above {LOAD_LIMIT} cores even after retries.")
@@ -460,10 +467,12 @@ def to_markdown(meta, ceil, mask_rows, loss_rows) -> str:
     r = ceil["torch_rand"]
     L.append(f"- torch.rand: **{r['ns_per_element']:.3f} ns/element** ({r['note']})")
     m = ceil["philox_mask"]
-    L.append(f"- diffkernels.sparse_mask (our Philox stream, 1 B/element): **{m['ns_per_element']:.3f} ns/element**")
+    L.append(f"- diffkernels.sparse_mask (our Philox stream, 1 B/element): **{m['ns_per_element']:.3f} "
+             "ns/element**")
     for row in loss_rows:
         mm = row["matmul"]
-        L.append(f"- GEMM for V={row['shape']['V']}: **{mm['TFLOPs']:.3f} TFLOP/s** ({mm['note']}, {mm['median_ms']:.2f} ms)")
+        L.append(f"- GEMM for V={row['shape']['V']}: **{mm['TFLOPs']:.3f} TFLOP/s** ({mm['note']}, "
+                 f"{mm['median_ms']:.2f} ms)")
     L.append("")
 
     if mask_rows:
@@ -472,24 +481,27 @@ def to_markdown(meta, ceil, mask_rows, loss_rows) -> str:
         L.append("`api` = `diffkernels.mdm.mask_tokens(ids, p, seed, mask_id=..., mode=...)` (validation, row "
                  "table, " + ("" if cuda else "the CPU-only mask_id collision check, ") + "kernel); `kernel` = the "
                  "backend primitive alone with a precomputed row table; `eager` = `torch.rand` + compare + "
-                 "`torch.where` (mirror: both copies, concatenated). int64 ids; per-row p = "
-                 f"{'the B stratified midpoints (mean 0.5)' if meta['settings']['p'] == 'stratified' else meta['settings']['p']}. "
+                 f"`torch.where` (mirror: both copies, concatenated). int64 ids; per-row p = {p_text}. "
                  "`bytes` = 8 B read + per copy 8 + 1 + 4 B written per token; `floor` = bytes at the copy "
                  "bandwidth; `% floor` = floor / time. The last shape is larger than the targets: it shows the "
                  "kernel-bound regime. Ratios are ours/eager (< 1: ours faster).")
         L.append("")
-        L.append("| B×L | mode | api | kernel | eager | api/eager | kernel/eager | MB | floor ms | api % floor | kernel % floor | eager % floor | check | load |")
-        L.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        head = ["B×L", "mode", "api", "kernel", "eager", "api/eager", "kernel/eager", "MB", "floor ms", "api % floor",
+                "kernel % floor", "eager % floor", "check", "load"]
+        body = []
         for row in mask_rows:
-            t, f = row["time"], row["frac_of_floor"]
-            L.append(f"| {shape_s(row['shape'])} | {row['mode']} | **{fmt_t(t['api'])}** | {fmt_t(t['kernel'])} | "
-                     f"{fmt_t(t['eager'])} | {fmt_r(row['ratio']['api/eager'])} | {fmt_r(row['ratio']['kernel/eager'])} | "
-                     f"{row['bytes'] / 1e6:.1f} | {row['floor_ms']:.4f} | {100 * f['api']:.0f}% | {100 * f['kernel']:.0f}% | "
-                     f"{100 * f['eager']:.0f}% | {_ok(row['api_equals_kernel'])} | {load_cell(row, LOAD_LIMIT)} |")
+            t, f, rt = row["time"], row["frac_of_floor"], row["ratio"]
+            body.append([shape_s(row["shape"]), row["mode"], f"**{fmt_t(t['api'])}**", fmt_t(t["kernel"]),
+                         fmt_t(t["eager"]), fmt_r(rt["api/eager"]), fmt_r(rt["kernel/eager"]),
+                         f"{row['bytes'] / 1e6:.1f}", f"{row['floor_ms']:.4f}", f"{100 * f['api']:.0f}%",
+                         f"{100 * f['kernel']:.0f}%", f"{100 * f['eager']:.0f}%", _ok(row["api_equals_kernel"]),
+                         load_cell(row, LOAD_LIMIT)])
+        L += md_table(head, body)
         L.append("")
-        L.append("`check`: the API's output equals the kernel's for the same seed; masked fractions (ours / eager / mean p): "
-                 + "; ".join(f"{shape_s(r['shape'])} {r['mode']}: {r['masked_fraction']['ours']:.3f} / "
-                             f"{r['masked_fraction']['eager']:.3f} / {r['masked_fraction']['mean_p']:.3f}" for r in mask_rows))
+        fractions = (f"{shape_s(r['shape'])} {r['mode']}: {r['masked_fraction']['ours']:.3f} / "
+                     f"{r['masked_fraction']['eager']:.3f} / {r['masked_fraction']['mean_p']:.3f}" for r in mask_rows)
+        L.append("`check`: the API's output equals the kernel's for the same seed; masked fractions (ours / eager / "
+                 "mean p): " + "; ".join(fractions))
         L.append("")
 
     if loss_rows:
@@ -497,13 +509,13 @@ def to_markdown(meta, ceil, mask_rows, loss_rows) -> str:
         if cuda:
             scale = f"the target shapes, {dt} hidden states and LM head"
         else:
-            scale = (f"**CPU: scaled-down shapes** (the target B·L = 16384, H = 4096, V ∈ {{32000, 128256}} would take "
-                     f"hours per step on this CPU), {dt}")
+            scale = (f"**CPU: scaled-down shapes** (the target B·L = 16384, H = 4096, V ∈ {{32000, 128256}} would "
+                     f"take hours per step on this CPU), {dt}")
         L.append(f"## masked_diffusion_loss, forward + backward, ms (median ± IQR/2) — {scale}")
         L.append("")
-        L.append("One step = `loss = f(hidden, W, masked, targets); loss.backward()` with `hidden.grad = W.grad = None` "
-                 "before it; gradients w.r.t. hidden (B, L, H) and the LM head W (V, H); normalizer \"row\"; per-row p "
-                 f"{'= the B stratified midpoints (mean 0.5)' if meta['settings']['p'] == 'stratified' else '= ' + str(meta['settings']['p'])}; "
+        L.append("One step = `loss = f(hidden, W, masked, targets); loss.backward()` with `hidden.grad = W.grad = "
+                 "None` before it; gradients w.r.t. hidden (B, L, H) and the LM head W (V, H); normalizer \"row\"; "
+                 f"per-row p = {p_text}; "
                  "the masks rotate over a few seeds. `fused` = `diffkernels.mdm.masked_diffusion_loss(hidden=, "
                  "lm_head_weight=)`; `eager_full` = logits of all tokens + masked, weighted `F.cross_entropy`; "
                  "`eager_gathered` = logits only at `masked.nonzero()`; `liger` = Liger FLCE with reduction=\"none\" "
@@ -531,8 +543,8 @@ def to_markdown(meta, ceil, mask_rows, loss_rows) -> str:
         L.append(sep)
         for row in loss_rows:
             s, t, rt = row["shape"], row["time"], row["ratio"]
-            line = (f"| {s['B']}×{s['L']} | {s['H']} | {s['V']} | {row['masked_fraction']:.3f} | {row['fused_chunks']} | "
-                    f"**{fmt_t(t.get('fused'))}** | "
+            line = (f"| {s['B']}×{s['L']} | {s['H']} | {s['V']} | {row['masked_fraction']:.3f} | "
+                    f"{row['fused_chunks']} | **{fmt_t(t.get('fused'))}** | "
                     f"{fmt_t(t.get('eager_full'))} | {fmt_t(t.get('eager_gathered'))} |")
             if has_liger:
                 line += f" {fmt_t(t.get('liger'))} |"
@@ -540,7 +552,8 @@ def to_markdown(meta, ceil, mask_rows, loss_rows) -> str:
                 line += f" {fmt_t(t.get('liger_sum'))} |"
             line += (f" {fmt_r(rt.get('fused/eager_full'))} | {fmt_r(rt.get('fused/eager_gathered'))} |"
                      + (f" {fmt_r(rt.get('fused/liger'))} |" if has_liger else "")
-                     + f" {row['matmul_floor_ms']['fused']:.2f} | {100 * row['fused_frac_of_matmul_floor']:.0f}% | {load_cell(row, LOAD_LIMIT)} |")
+                     + f" {row['matmul_floor_ms']['fused']:.2f} | {100 * row['fused_frac_of_matmul_floor']:.0f}% | "
+                     f"{load_cell(row, LOAD_LIMIT)} |")
             L.append(line)
         if not has_liger:
             L.append("")
@@ -552,7 +565,8 @@ def to_markdown(meta, ceil, mask_rows, loss_rows) -> str:
                  "`fused/eager_full (transient)` excludes the gradients from both.")
         L.append("")
         names = [n for n in LOSS_METHODS if any(n in r["peak_extra_MiB"] for r in loss_rows)]
-        L.append("| B×L | H | V | grads | logits | " + " | ".join(names) + " | fused/eager_full | fused/eager_full (transient) |")
+        L.append("| B×L | H | V | grads | logits | " + " | ".join(names)
+                 + " | fused/eager_full | fused/eager_full (transient) |")
         L.append("|---|---|---|---|---|" + "---|" * len(names) + "---|---|")
         for row in loss_rows:
             s, pm = row["shape"], row["peak_extra_MiB"]
@@ -584,7 +598,7 @@ def to_markdown(meta, ceil, mask_rows, loss_rows) -> str:
     if errs:
         L.append("")
         for r, k, v in errs:
-            where = shape_s(r["shape"]) if isinstance(r["shape"], list) else "×".join(str(x) for x in r["shape"].values())
+            where = shape_s(r["shape"] if isinstance(r["shape"], list) else r["shape"].values())
             L.append(f"- error in {k} at {where}: `{v}`")
     L.append("")
     L.append("## Targets (for a GPU)")
@@ -598,12 +612,14 @@ def to_markdown(meta, ceil, mask_rows, loss_rows) -> str:
     for row in loss_rows:
         s = row["shape"]
         tag = f"B·L={s['B'] * s['L']}, H={s['H']}, V={s['V']}"
-        L.append(f"| peak memory fused/eager_full ≤ 0.25 | {tag} | {_target(row.get('memory_ratio', {}).get('fused/eager_full'), 0.25, judge=cuda)} |")
+        mem = row.get("memory_ratio", {}).get("fused/eager_full")
+        L.append(f"| peak memory fused/eager_full ≤ 0.25 | {tag} | {_target(mem, 0.25, judge=cuda)} |")
         r = row["ratio"].get("fused/eager_full")
-        L.append(f"| time fused/eager_full ≤ 0.7 at mean p = 0.5 | {tag} | {_target(None if r is None else r['median'], 0.7, judge=cuda)} |")
+        L.append(f"| time fused/eager_full ≤ 0.7 at mean p = 0.5 | {tag} | "
+                 f"{_target(None if r is None else r['median'], 0.7, judge=cuda)} |")
     for row in mask_rows:
-        L.append(f"| mask generation ≥ 80% of the bandwidth floor (kernel / api) | {shape_s(row['shape'])} {row['mode']} | "
-                 f"{_target(row['frac_of_floor']['kernel'], 0.8, le=False, judge=cuda)} / "
+        L.append(f"| mask generation ≥ 80% of the bandwidth floor (kernel / api) | {shape_s(row['shape'])} "
+                 f"{row['mode']} | {_target(row['frac_of_floor']['kernel'], 0.8, le=False, judge=cuda)} / "
                  f"{_target(row['frac_of_floor']['api'], 0.8, le=False, judge=cuda)} |")
     L.append("")
     return "\n".join(L)
@@ -640,7 +656,8 @@ def parse_args(argv=None):
         args.p = float(args.p)
         if not 0 < args.p <= 1:
             ap.error("--p must lie in (0, 1]")
-    args.loss_shapes = parse_shapes(args.loss_shapes, LOSS_SHAPES["cuda" if not cpu else ("cpu_quick" if args.quick else "cpu")])
+    args.loss_shapes = parse_shapes(args.loss_shapes,
+                                    LOSS_SHAPES["cuda" if not cpu else ("cpu_quick" if args.quick else "cpu")])
     args.mask_shapes = parse_shapes(args.mask_shapes, MASK_SHAPES + [MASK_BANDWIDTH_SHAPE])
     args.skip_methods = [m for m in args.skip_methods.split(",") if m]
     fill_defaults(args, **timing_defaults(args.quick, cpu),

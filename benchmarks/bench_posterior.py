@@ -124,7 +124,8 @@ def make_data(N, D, device, gen, group: int = 2):
     errors move the mean.
     """
     centers = torch.randn(64, D, device=device, generator=gen)
-    data = centers[torch.randint(0, 64, (N,), device=device, generator=gen)] + 0.5 * torch.randn(N, D, device=device, generator=gen)
+    data = centers[torch.randint(0, 64, (N,), device=device, generator=gen)]
+    data += 0.5 * torch.randn(N, D, device=device, generator=gen)
     first = data[0::group]
     for j in range(1, group):
         n = data[j::group].shape[0]
@@ -185,7 +186,8 @@ def bench_shape(M, N, D, device, reps, ceil, gen, keops_ok) -> dict:
         qs = data[src] + srel * rms * noise
         for name in ("ours", "ours_f64", "eager_fp64"):
             try:
-                row["sweep"][f"{srel:g}_{name}"] = median_ms(lambda: methods[name](qs, srel * rms), device, max(2, reps // 2))
+                row["sweep"][f"{srel:g}_{name}"] = median_ms(lambda: methods[name](qs, srel * rms), device,
+                                                             max(2, reps // 2))
             except Exception as exc:  # noqa: BLE001
                 row["sweep"][f"{srel:g}_{name}"] = f"error: {err_s(exc)}"
     if isinstance(row.get("ms_ours"), float):
@@ -318,15 +320,15 @@ def fmt(v, spec=".3g"):
 
 def to_markdown(meta, ceil, rows, knn_rows, curve) -> str:
     L = header(meta, "posterior_mean / knn benchmark")
-    L += ["", "Ceilings measured first: " + ", ".join(f"{k} {v:.3g}" for k, v in ceil.items() if k.endswith(("GBps", "TFLOPs")))
-          + f" (GEMM {ceil['gemm_size']}³)", "",
+    rates = ", ".join(f"{k} {v:.3g}" for k, v in ceil.items() if k.endswith(("GBps", "TFLOPs")))
+    L += ["", f"Ceilings measured first: {rates} (GEMM {ceil['gemm_size']}³)", "",
           "Time of one call at sigma = RMS (ms, median); TFLOP/s counts 4·M·N·D; `err` = max relative L2 error "
           "of the posterior mean against a float64 direct-difference oracle (8 queries), relative to "
           "max(‖D‖, 0.1·mean data norm), at sigma = 1 and 2e-3 × RMS. Data: 64 Gaussian clusters with "
           "near-duplicate pairs (distance ~1e-3 × RMS).", "",
           "`ours` is the screen-and-refine engine (precision=\"auto\"), `ours f64` the float64 engine.", "",
-          "| M | N | D | ours ms | TFLOP/s | ours f64 ms | eager fp32 ms | eager tf32 ms | eager fp64 ms | ours/fp32 speed | "
-          "ours/fp64 speed | err ours (s=1, 2e-3) | err ours f64 | err fp32 | err tf32 | err fp64 |",
+          "| M | N | D | ours ms | TFLOP/s | ours f64 ms | eager fp32 ms | eager tf32 ms | eager fp64 ms | "
+          "ours/fp32 speed | ours/fp64 speed | err ours (s=1, 2e-3) | err ours f64 | err fp32 | err tf32 | err fp64 |",
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def speed(r, a):
@@ -341,9 +343,10 @@ def to_markdown(meta, ceil, rows, knn_rows, curve) -> str:
             L.append(f"| {r['M']} | {r['N']} | {r['D']} | error: {r['error'].splitlines()[-1]} |")
             continue
         L.append(f"| {r['M']} | {r['N']} | {r['D']} | **{fmt(r.get('ms_ours'))}** | {fmt(r.get('tflops_ours'))} | "
-                 f"{fmt(r.get('ms_ours_f64'))} | {fmt(r.get('ms_eager_fp32'))} | {fmt(r.get('ms_eager_tf32', '–'))} | "
-                 f"{fmt(r.get('ms_eager_fp64'))} | {speed(r, 'eager_fp32')} | {speed(r, 'eager_fp64')} | {err(r, 'ours')} | "
-                 f"{err(r, 'ours_f64')} | {err(r, 'eager_fp32')} | {err(r, 'eager_tf32')} | {err(r, 'eager_fp64')} |")
+                 f"{fmt(r.get('ms_ours_f64'))} | {fmt(r.get('ms_eager_fp32'))} | "
+                 f"{fmt(r.get('ms_eager_tf32', '–'))} | {fmt(r.get('ms_eager_fp64'))} | {speed(r, 'eager_fp32')} | "
+                 f"{speed(r, 'eager_fp64')} | {err(r, 'ours')} | {err(r, 'ours_f64')} | {err(r, 'eager_fp32')} | "
+                 f"{err(r, 'eager_tf32')} | {err(r, 'eager_fp64')} |")
     L += ["", f"KeOps: {meta['keops']}."]
     if any("ms_keops_fp32" in r for r in rows):
         L += ["", "KeOps (pykeops LazyTensor, `sumsoftmaxweight` over direct differences) at the same shapes, sigma "
@@ -390,10 +393,12 @@ def to_markdown(meta, ceil, rows, knn_rows, curve) -> str:
         L += [f"- knn {r['kind']} ({r['M']}, {r['N']}, {r['D']}): error: {r['error'].splitlines()[-1]}"
               for r in knn_rows if "error" in r]
     if curve:
-        L += ["", "CIFAR-10-sized curve (N = M = 50000, D = 3072, full estimator, posterior_mean with stats, sigma = 0.5): "
-              + ("; ".join(f"{p}: one noise level {c['one_level_s']:.2f} s ({c['tflops']:.1f} TFLOP/s), so 64 levels ≈ "
-                           f"{c['curve_min']:.1f} min (extrapolated from one measured level)"
-                           for p, c in curve.items() if isinstance(c, dict)) if "error" not in curve else curve["error"])]
+        text = curve.get("error") or "; ".join(
+            f"{p}: one noise level {c['one_level_s']:.2f} s ({c['tflops']:.1f} TFLOP/s), so 64 levels ≈ "
+            f"{c['curve_min']:.1f} min (extrapolated from one measured level)"
+            for p, c in curve.items() if isinstance(c, dict))
+        L += ["", "CIFAR-10-sized curve (N = M = 50000, D = 3072, full estimator, posterior_mean with stats, "
+              f"sigma = 0.5): {text}"]
     return "\n".join(L) + "\n"
 
 

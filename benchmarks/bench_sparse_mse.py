@@ -318,7 +318,8 @@ def to_markdown(meta, ceil, rows) -> str:
     L.append(f"- copy bandwidth: **{c['GBps']:.1f} GB/s** ({c['note']}, {c['bytes'] // MiB} MiB buffers, "
              f"median {c['median_ms']:.2f} ms, best {c['min_ms']:.2f} ms)")
     m = ceil["philox_mask"]
-    L.append(f"- our Philox mask generation: **{m['ns_per_element']:.3f} ns/element** ({m['note']}, {m['elements']} elements)")
+    L.append(f"- our Philox mask generation: **{m['ns_per_element']:.3f} ns/element** ({m['note']}, "
+             f"{m['elements']} elements)")
     r = ceil["torch_rand"]
     L.append(f"- torch.rand: **{r['ns_per_element']:.3f} ns/element** ({r['note']})")
     if "fused_kernel_cached" in ceil:

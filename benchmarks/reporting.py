@@ -85,8 +85,8 @@ def header(meta: dict, title: str, software_note: str = "") -> list[str]:
     L.append(f"- CPU: {cpu['model']}, {meta['cpu_count']} logical cores, torch threads {meta['torch_num_threads']}, "
              f"flags {' '.join(cpu['flags']) or '-'}, last-level cache {(meta['llc_bytes'] or 0) // MiB} MiB")
     if meta.get("cuda") is not None:
-        L.append(f"- GPU: {meta['device']}, CUDA {meta['cuda']}, {meta['gpu_sm_count']} SMs, "
-                 f"L2 {(meta.get('gpu_l2_bytes') or 0) // MiB} MiB, {(meta.get('gpu_memory_bytes') or 0) / 2**30:.0f} GiB")
+        L.append(f"- GPU: {meta['device']}, CUDA {meta['cuda']}, {meta['gpu_sm_count']} SMs, L2 "
+                 f"{(meta.get('gpu_l2_bytes') or 0) // MiB} MiB, {(meta.get('gpu_memory_bytes') or 0) / 2**30:.0f} GiB")
     return L
 
 

@@ -26,6 +26,7 @@ pytest.importorskip("pytest_benchmark")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout
 from benchmarks.bench_mdm import (  # noqa: E402
+    DTYPES,
     LOSS_FNS,
     LOSS_SHAPES,
     LOSS_TOL,
@@ -140,7 +141,8 @@ def test_mask_tokens(benchmark, backend, mask_method, shape, mode):
     else:
         # Ours: bit-exact against the plain-PyTorch reference for this seed.
         rows = torch.ones(B, dtype=torch.bool, device=DEVICE) if mirror else None
-        e_noisy, e_masked, e_weights = ref_mask.mask_tokens(ids, p, SEED, mask_id=MASK_ID, mirror=mirror, mirror_rows=rows)
+        e_noisy, e_masked, e_weights = ref_mask.mask_tokens(ids, p, SEED, mask_id=MASK_ID, mirror=mirror,
+                                                            mirror_rows=rows)
         assert torch.equal(noisy, e_noisy.view(-1, L))
         assert torch.equal(masked, e_masked.view(-1, L))
         assert torch.equal(weights, e_weights.view(-1, L))
@@ -151,8 +153,8 @@ def test_masked_diffusion_loss(request, benchmark, backend, liger, loss_method, 
         pytest.skip(liger[1])
     small = _disabled(request.config)
     B, L, H, V = shape
-    hidden, weight, targets, masks = make_loss_inputs(B, L, H, V, {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype],
-                                                      DEVICE, n_masks=1, seed=B * L + H + V)
+    hidden, weight, targets, masks = make_loss_inputs(B, L, H, V, DTYPES[dtype], DEVICE, n_masks=1,
+                                                      seed=B * L + H + V)
     mt = masks[0]
     loss_fn = LOSS_FNS[loss_method]
     benchmark.group = f"masked_diffusion_loss fwd+bwd {_sid(shape)} {dtype}"

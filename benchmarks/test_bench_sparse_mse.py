@@ -140,7 +140,8 @@ def test_forward_backward(request, benchmark, backend, method, shape, eta, dtype
         expected.backward()
         torch.testing.assert_close(loss.double().cpu(), expected.detach().cpu(), rtol=1e-5, atol=0)
         tol = {"fp32": 1e-5, "bf16": 2e-2}[dtype]
-        torch.testing.assert_close(grad.double().cpu(), p64.grad.cpu(), rtol=tol, atol=tol * float(p64.grad.abs().max()))
+        torch.testing.assert_close(grad.double().cpu(), p64.grad.cpu(), rtol=tol,
+                                   atol=tol * float(p64.grad.abs().max()))
     elif eta == 0.0:
         # With nothing masked the baselines compute the dense MSE, exactly what the fused op computes.
         with torch.no_grad(), diffkernels.use_backend(backend):
