@@ -27,7 +27,7 @@ sizes). Only computed for 1x8x8 data.
 Objectives. ``edm``: Karras et al. (2022) preconditioning, log-normal noise levels, loss weight
 lambda(sigma) on the denoiser's x0 error (``diffkernels.edm``). ``fm``: flow matching (rectified
 flow), x_t = (1 - t) x0 + t eps, the network predicts the velocity eps - x0, t ~ logit-normal(0, 1).
-Both use the tiny conv + token-mixing network below (:class:`TinyDenoiser`); flow matching maps to
+Both use the demo's tiny conv + token-mixing network (:class:`diffkernels.demo.model.TinyDenoiser`); flow matching maps to
 the VE level s = t / (1 - t), and its velocity loss is (1 + s)^2 / s^2 times the x0-loss, which is
 how its curves are put on J*'s scale.
 
@@ -54,6 +54,7 @@ from torch import nn
 from _common import BinnedLoss, default_device, is_digits_shaped, load_images, quality_score, set_threads
 from diffkernels import fold_seed, posterior_mean, sparse_mse_loss
 from diffkernels.datasets import to_pixels
+from diffkernels.demo.model import TinyDenoiser
 from diffkernels.edm import (EDMPrecond, edm_heun_sample, edm_loss_weight, ema_update, heun_solve, karras_sigmas,
                              log_sigma_pdf, sample_noise_levels)
 from diffkernels.optimal_loss import memorization
@@ -92,62 +93,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out/image_diffusion", help="output directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
-
-
-# --- the network ------------------------------------------------------------------------------
-
-
-class _Block(nn.Module):
-    """Residual block: GroupNorm -> SiLU -> 3x3 conv, a per-channel scale/shift from the noise
-    embedding, SiLU -> 3x3 conv; then a global token-mixing MLP over the H*W positions (a
-    whole-image receptive field and absolute position in every block)."""
-
-    def __init__(self, ch: int, emb: int, positions: int):
-        super().__init__()
-        self.norm1 = nn.GroupNorm(8, ch)
-        self.conv1 = nn.Conv2d(ch, ch, 3, padding=1)
-        self.film = nn.Linear(emb, 2 * ch)
-        self.norm2 = nn.GroupNorm(8, ch)
-        self.conv2 = nn.Conv2d(ch, ch, 3, padding=1)
-        self.norm3 = nn.GroupNorm(8, ch)
-        self.mix1 = nn.Linear(positions, positions)
-        self.mix2 = nn.Linear(positions, positions)
-        for layer in (self.conv2, self.mix2):  # each block starts as the identity
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
-
-    def forward(self, h: Tensor, emb: Tensor) -> Tensor:
-        y = self.conv1(nn.functional.silu(self.norm1(h)))
-        scale, shift = self.film(emb)[:, :, None, None].chunk(2, dim=1)
-        y = self.norm2(y) * (1 + scale) + shift
-        h = h + self.conv2(nn.functional.silu(y))
-        t = self.norm3(h).flatten(2)  # (B, C, H*W): mix across positions, shared over channels
-        return h + self.mix2(nn.functional.silu(self.mix1(t))).reshape(h.shape)
-
-
-class TinyDenoiser(nn.Module):
-    """F_theta(x, c_noise) for C x size x size images: a 3x3 conv stem, ``blocks`` residual blocks and
-    a zero-initialised 3x3 conv head, all at full resolution with ``channels`` channels; the noise
-    level enters through random Fourier features of c_noise -> MLP -> a scale/shift in every block."""
-
-    def __init__(self, in_channels: int = 1, channels: int = 32, blocks: int = 2, emb: int = 64, size: int = 8):
-        super().__init__()
-        self.register_buffer("freqs", torch.randn(emb // 2) * 4.0)
-        self.emb = nn.Sequential(nn.Linear(emb, emb), nn.SiLU(), nn.Linear(emb, emb), nn.SiLU())
-        self.inp = nn.Conv2d(in_channels, channels, 3, padding=1)
-        self.blocks = nn.ModuleList(_Block(channels, emb, size * size) for _ in range(blocks))
-        self.out_norm = nn.GroupNorm(8, channels)
-        self.out = nn.Conv2d(channels, in_channels, 3, padding=1)
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
-
-    def forward(self, x: Tensor, c_noise: Tensor) -> Tensor:
-        f = c_noise[:, None] * self.freqs[None, :] * (2 * math.pi)
-        emb = self.emb(torch.cat([f.cos(), f.sin()], dim=1))
-        h = self.inp(x)
-        for block in self.blocks:
-            h = block(h, emb)
-        return self.out(nn.functional.silu(self.out_norm(h)))
 
 
 # --- flow matching ----------------------------------------------------------------------------

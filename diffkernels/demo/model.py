@@ -1,4 +1,5 @@
-"""The demo's network: a tiny conv + token-mixing denoiser for 1 x 8 x 8 images (used by the demo only)."""
+"""The demo's network: a tiny conv + token-mixing denoiser for small images (the demo trains it on
+1 x 8 x 8 digits; the image-diffusion example reuses it for other sizes)."""
 
 from __future__ import annotations
 
@@ -41,22 +42,24 @@ class _Block(nn.Module):
 
 
 class TinyDenoiser(nn.Module):
-    """F_theta(c_in x, c_noise) for 1 x 8 x 8 images: a small conv net at full resolution.
+    """F_theta(c_in x, c_noise) for ``in_channels`` x ``size`` x ``size`` images: a small conv net at
+    full resolution.
 
     A 3x3 conv stem, ``blocks`` residual blocks (convolutions plus global token mixing, see
-    :class:`_Block`) and a 3x3 conv head, all at 8x8 with ``channels`` channels; the noise level
+    :class:`_Block`) and a 3x3 conv head, all at full resolution with ``channels`` channels; the noise level
     enters through random Fourier features of c_noise -> MLP -> a scale/shift in every block. The
-    head is zero-initialised, so the untrained model outputs D = c_skip x. About 71k parameters.
+    head is zero-initialised, so the untrained model outputs D = c_skip x. About 71k parameters at
+    the defaults.
     """
 
-    def __init__(self, channels: int = 32, blocks: int = 2, emb: int = 64):
+    def __init__(self, in_channels: int = 1, channels: int = 32, blocks: int = 2, emb: int = 64, size: int = 8):
         super().__init__()
         self.register_buffer("freqs", torch.randn(emb // 2) * 4.0)
         self.emb = nn.Sequential(nn.Linear(emb, emb), nn.SiLU(), nn.Linear(emb, emb), nn.SiLU())
-        self.inp = nn.Conv2d(1, channels, 3, padding=1)
-        self.blocks = nn.ModuleList(_Block(channels, emb, 64) for _ in range(blocks))
+        self.inp = nn.Conv2d(in_channels, channels, 3, padding=1)
+        self.blocks = nn.ModuleList(_Block(channels, emb, size * size) for _ in range(blocks))
         self.out_norm = nn.GroupNorm(8, channels)
-        self.out = nn.Conv2d(channels, 1, 3, padding=1)
+        self.out = nn.Conv2d(channels, in_channels, 3, padding=1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 

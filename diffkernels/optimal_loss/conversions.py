@@ -29,6 +29,8 @@ from typing import Callable
 
 import numpy as np
 
+from .. import edm
+
 __all__ = [
     "TARGETS",
     "loss_factor",
@@ -48,7 +50,8 @@ __all__ = [
 _trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy < 2 has only trapz
 
 TARGETS = ("x0", "eps", "score", "velocity", "edm")
-EDM_P_MEAN, EDM_P_STD, EDM_SIGMA_DATA = -1.2, 1.2, 0.5
+# EDM's training distribution of log sigma and its data scale, from the one home of the EDM constants.
+EDM_P_MEAN, EDM_P_STD, EDM_SIGMA_DATA = edm.P_MEAN, edm.P_STD, edm.SIGMA_DATA
 
 
 def _floats(x, name: str) -> np.ndarray:

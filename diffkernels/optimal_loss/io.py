@@ -36,12 +36,12 @@ def _pick(items: dict, key: Optional[str], name: str):
 
 
 def _load_digits():
+    from ..datasets import load_digits
+
     try:
-        from sklearn.datasets import load_digits
+        return load_digits().numpy()  # (1797, 1, 8, 8) in [-1, 1]
     except ImportError as exc:
         raise DataError("'digits' needs scikit-learn: pip install scikit-learn") from exc
-    # 8x8 images with values 0..16, scaled to [-1, 1].
-    return (load_digits().data.astype(np.float32) / 8.0 - 1.0).reshape(-1, 1, 8, 8)
 
 
 def _load_file(path: Path, key: Optional[str]):
