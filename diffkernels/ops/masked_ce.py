@@ -8,7 +8,7 @@ upstream gradient (skipped when it is exactly 1), so such a graph can be differe
 Hidden-state form. Tokens with a loss are compacted (one host sync sizes the chunk loop) and
 processed in balanced chunks of at most ``chunk_size`` tokens (0: the default, 2 GiB of logits
 in the input dtype, so at V <= 128256 and ~8k masked bf16 tokens a step is one chunk; the
-plain-PyTorch path counts the float32 copy of narrower logits too). Per chunk:
+reference counts the float32 copy of narrower logits too). Per chunk:
 
 1. gather the chunk's hidden rows h (m, H); logits = h @ W^T (+ b) in the input dtype (one GEMM
    into a reused buffer, never a float32 copy);

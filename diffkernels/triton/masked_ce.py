@@ -61,17 +61,21 @@ def masked_ce_kernel(
             shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: keep s = 0, no NaN
             s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
             m = m_new
-        lse = tl.where(m == float("-inf"), 0.0, m) + tl.log(s)
+        shift = tl.where(m == float("-inf"), 0.0, m)
+        lse = shift + tl.log(s)
         tl.store(ce_ptr + tok, lse - x_t)
 
         if WANT_GRAD:
             # Pass 2, back to front: g = c * (softmax - onehot(t)), stored in the gradient's dtype.
+            # softmax = exp(x - m) / s, not exp(x - lse): x - m is exact near the maximum, while
+            # lse carries a rounding error of |lse| ulps (large for large logits).
+            scale = c / s
             last = ((V - 1) // BLOCK) * BLOCK  # start of the last block
             for start in range(0, V, BLOCK):
                 cols = (last - start) + cols0
                 inside = cols < V
                 x = tl.load(x_row + cols, mask=inside, other=0.0).to(tl.float32)
-                g = tl.exp(x - lse) * c
+                g = tl.exp(x - shift) * scale
                 g = tl.where(cols == t, g - c, g)
                 tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=inside)
 
