@@ -10,6 +10,7 @@ from diffkernels.optimal_loss import (
     adaptive_density,
     edm_schedule_loss,
     find_s_star,
+    fit_offset_power_law,
     fit_scaling_law,
     flow_matching_schedule_loss,
     flow_t_from_s,
@@ -21,6 +22,7 @@ from diffkernels.optimal_loss import (
     s_from_vp,
     sample_sigmas,
 )
+from diffkernels.optimal_loss.conversions import TARGETS
 
 LAM = np.array([0.25, 1.0, 3.0])  # a Gaussian population N(mu, diag(LAM))
 
@@ -43,10 +45,49 @@ def test_loss_factors():
     c_out = s * sd / np.sqrt(s**2 + sd**2)
     np.testing.assert_allclose(loss_factor(s, "edm"), 1 / c_out**2)
     np.testing.assert_allclose(loss_factor(s, "edm", sigma_data=1.0), (s**2 + 1) / s**2)
+    np.testing.assert_allclose(loss_factor(s, "vp_score"), (1 + s**2) / s**4)
+    np.testing.assert_allclose(loss_factor(s, "vp_v"), (1 + s**2) / s**2)
     with pytest.raises(ValueError, match="target"):
         loss_factor(s, "v")
     with pytest.raises(ValueError, match="> 0"):
         loss_factor([0.0], "eps")
+
+
+def _conditional_variance(lam, a, b, c0, c1):
+    """Var(c0 x0 + c1 eps | a x0 + b eps) summed over the coordinates, x0 ~ N(0, diag(lam)), eps ~ N(0, I):
+    the optimal loss of the target c0 x0 + c1 eps, by the Gaussian conditioning formula (no sampling)."""
+    var_t = c0**2 * lam + c1**2
+    cov = c0 * a * lam + c1 * b
+    var_x = a**2 * lam + b**2
+    return float(np.sum(var_t - cov**2 / var_x))
+
+
+@pytest.mark.parametrize("s", [0.003, 0.2, 1.0, 7.0, 300.0])
+def test_loss_factor_times_j_star_is_the_exact_target_loss(s):
+    """Every target of TARGETS: factor(s) * J*(s) = the optimal loss of that target, computed directly
+    for a Gaussian population in float64 from the process's own (x0, eps) -> (x_t, target) maps."""
+    j_star = float(gaussian_j_star(s))
+    assert _conditional_variance(LAM, 1.0, s, 1.0, 0.0) == pytest.approx(j_star, rel=1e-12)
+    t = s / (1 + s)  # flow matching x_t = (1 - t) x0 + t eps
+    alpha, sigma = 1 / math.sqrt(1 + s * s), s / math.sqrt(1 + s * s)  # VP, sigma / alpha = s
+    sd = 0.5
+    c_skip, c_out = sd**2 / (s**2 + sd**2), s * sd / math.sqrt(s**2 + sd**2)
+    exact = {  # target -> (a, b, c0, c1): x_t = a x0 + b eps, target = c0 x0 + c1 eps
+        "x0": (1.0, s, 1.0, 0.0),
+        "eps": (1.0, s, 0.0, 1.0),
+        "score": (1.0, s, 0.0, -1.0 / s),  # VE: grad log p(x | x0) = -eps / s
+        "velocity": (1 - t, t, -1.0, 1.0),
+        "edm": (1.0, s, (1 - c_skip) / c_out, -c_skip * s / c_out),  # F = (x0 - c_skip x) / c_out
+        "vp_score": (alpha, sigma, 0.0, -1.0 / sigma),
+        "vp_v": (alpha, sigma, -sigma, alpha),  # v = alpha eps - sigma x0
+    }
+    assert set(exact) == set(TARGETS)
+    for target, coef in exact.items():
+        want = _conditional_variance(LAM, *coef)
+        got = float(loss_factor(s, target, sigma_data=sd)) * j_star
+        assert got == pytest.approx(want, rel=1e-9), target
+    # VP eps-prediction is VE's eps target: the same factor 1 / s^2.
+    assert _conditional_variance(LAM, alpha, sigma, 0.0, 1.0) == pytest.approx(j_star / s**2, rel=1e-9)
 
 
 def test_noise_level_maps():
@@ -173,3 +214,43 @@ def test_fit_scaling_law_recovers_known_law():
         fit_scaling_law(F, -J)
     with pytest.raises(ValueError, match="same length"):
         fit_scaling_law(F[:3], J)
+
+
+F_GRID = np.geomspace(1e15, 1e19, 12)
+
+
+def _three_fits(J, j_star):
+    fit = fit_scaling_law(F_GRID, J, j_star=j_star)
+    return fit, {"plain": fit.r2, "gap": fit.r2_gap, "free": fit.free.r2}
+
+
+def test_free_constant_fit_on_data_from_each_law():
+    """Data from each law (1% multiplicative noise): the free-constant fit recovers beta, alpha, c, and
+    the generating law has the best log-space R^2 (the free law contains the plain one, c = 0, so on
+    plain data the two tie)."""
+    rng = np.random.default_rng(1)
+    noise = np.exp(0.01 * rng.standard_normal(F_GRID.size))
+    beta, alpha, c = 3e4, -0.3, 0.7
+    # free law, with a J* below its constant (the gap law then misses the floor)
+    J = (beta * F_GRID**alpha + c) * noise
+    fit, r2 = _three_fits(J, j_star=0.35)
+    assert fit.free.c == pytest.approx(c, rel=0.05) and fit.free.alpha == pytest.approx(alpha, rel=0.1)
+    assert max(r2, key=r2.get) == "free" and r2["free"] > 0.99 and r2["gap"] < r2["free"] - 0.01
+    # noise-free: exact recovery of the three parameters
+    exact = fit_offset_power_law(F_GRID, beta * F_GRID**alpha + c)
+    assert exact.c == pytest.approx(c, rel=1e-6) and exact.alpha == pytest.approx(alpha, rel=1e-6)
+    assert exact.beta == pytest.approx(beta, rel=1e-5) and exact.r2 == pytest.approx(1.0, abs=1e-12)
+    np.testing.assert_allclose(exact(F_GRID), beta * F_GRID**alpha + c, rtol=1e-7)
+    # gap law with the true J*: the gap fit is best among the two-parameter laws; the free fit finds c = J*
+    J = c + beta * F_GRID**alpha * noise
+    fit, r2 = _three_fits(J, j_star=c)
+    assert r2["gap"] > r2["plain"] + 0.01 and fit.free.c == pytest.approx(c, rel=0.05)
+    # plain law: c ~ 0 (within what 1% noise lets a third parameter absorb) and the same R^2 as the
+    # plain fit (nested), both above the gap law's
+    J = 2.0 * F_GRID**-0.1 * noise
+    fit, r2 = _three_fits(J, j_star=0.8 * J.min())
+    assert fit.free.c < 0.1 * J.min() and r2["free"] == pytest.approx(r2["plain"], abs=1e-3)
+    assert r2["plain"] > r2["gap"] + 0.01
+    assert fit_scaling_law(F_GRID[:3], J[:3]).free is None  # 3 points: no 3-parameter fit
+    with pytest.raises(ValueError, match=">= 4"):
+        fit_offset_power_law(F_GRID[:3], J[:3])

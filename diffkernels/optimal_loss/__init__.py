@@ -24,7 +24,7 @@ from .posterior import (
     posterior_mean,
     posterior_partial,
 )
-from .scaling import PowerLaw, ScalingFit, fit_power_law, fit_scaling_law
+from .scaling import OffsetPowerLaw, PowerLaw, ScalingFit, fit_offset_power_law, fit_power_law, fit_scaling_law
 from .schedules import adaptive_density, find_s_star, loss_weight, sample_sigmas
 
 __all__ = [
@@ -55,8 +55,10 @@ __all__ = [
     "sample_sigmas",
     # scaling laws
     "PowerLaw",
+    "OffsetPowerLaw",
     "ScalingFit",
     "fit_power_law",
+    "fit_offset_power_law",
     "fit_scaling_law",
     # memorisation
     "MemorizationResult",

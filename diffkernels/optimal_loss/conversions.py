@@ -9,6 +9,11 @@ of them. The optimal loss of another prediction target is J*(s) times a factor (
     score (VE, grad log p_s)   1 / s^4
     velocity (flow matching)   (1 + s)^2 / s^2      (v = eps - x0 with x_t = (1 - t) x0 + t eps)
     EDM F (network output)     (s^2 + sd^2) / (s sd)^2 = 1 / c_out(s)^2 = EDM's lambda(s)
+    vp_score (VP, grad log p)  (1 + s^2) / s^4      (score = -eps / sigma_t, sigma_t^2 = s^2 / (1 + s^2))
+    vp_v (VP v-prediction)     (1 + s^2) / s^2      (v = alpha_t eps - sigma_t x0: its error is the x0 error / sigma_t)
+
+For VP (alpha_t^2 + sigma_t^2 = 1) the eps target is the same as VE's (factor 1 / s^2); its score
+is eps's divided by sigma_t, and v's error is -(alpha_t^2 / sigma_t + sigma_t) (x0 error) = -(x0 error) / sigma_t.
 
 The total optimal loss of a training schedule, E_{s ~ p(s)}[weight(s) * J*(s)], comes from
 :func:`schedule_loss`. Quadrature: J* is tabulated on a grid of s; between grid points it is interpolated
@@ -49,7 +54,7 @@ __all__ = [
 
 _trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy < 2 has only trapz
 
-TARGETS = ("x0", "eps", "score", "velocity", "edm")
+TARGETS = ("x0", "eps", "score", "velocity", "edm", "vp_score", "vp_v")
 # EDM's training distribution of log sigma and its data scale, from the one home of the EDM constants.
 EDM_P_MEAN, EDM_P_STD, EDM_SIGMA_DATA = edm.P_MEAN, edm.P_STD, edm.SIGMA_DATA
 
@@ -96,6 +101,10 @@ def loss_factor(s, target: str, *, sigma_data: float = EDM_SIGMA_DATA) -> np.nda
     if target == "edm":
         sigma_data = _real(sigma_data, "sigma_data", positive=True)
         return (s**2 + sigma_data**2) / (s * sigma_data) ** 2
+    if target == "vp_score":
+        return (1.0 + s**2) / s**4
+    if target == "vp_v":
+        return (1.0 + s**2) / s**2
     raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
 
 

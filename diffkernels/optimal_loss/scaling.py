@@ -1,8 +1,17 @@
 """Scaling-law fits with and without the optimal loss (METHODS.md section 3).
 
-J(F) = beta F^alpha, and the paper's J(F) - J* = beta F^alpha (F: training compute), each fitted by
-least squares on (ln F, ln y): ln y = ln beta + alpha ln F. R^2 is that regression's, in log space,
-so the two fits' qualities are comparable.
+Three laws of the loss J against training compute F:
+
+- plain: J = beta F^alpha;
+- gap:   J - J* = beta F^alpha with the optimal loss J* given (the paper's form);
+- free:  J = beta F^alpha + c with the constant c fitted (the usual total-loss law, 0 <= c < min J).
+
+The plain and gap laws are least squares of ln y on ln F (linear). The free law minimises the same
+log-space residuals sum (ln J - ln(beta F^alpha + c))^2, by a profile search over c (for each c the
+linear fit of ln(J - c)) followed by Gauss-Newton on (ln beta, alpha, c). Every R^2 is
+1 - sum(ln J - ln J_fit)^2 / sum(ln J - mean ln J)^2, so the three fits' qualities are comparable.
+(For the plain and gap laws that is the regression's own R^2; the gap law's residuals are
+in ln(J - J*), the quantity it models.)
 """
 
 from __future__ import annotations
@@ -14,7 +23,7 @@ import numpy as np
 
 from .conversions import _floats, _real
 
-__all__ = ["PowerLaw", "ScalingFit", "fit_power_law", "fit_scaling_law"]
+__all__ = ["PowerLaw", "OffsetPowerLaw", "ScalingFit", "fit_power_law", "fit_offset_power_law", "fit_scaling_law"]
 
 
 @dataclass
@@ -30,14 +39,29 @@ class PowerLaw:
 
 
 @dataclass
+class OffsetPowerLaw:
+    """y = beta x^alpha + c with the log-space R^2 of the fit (residuals ln y - ln(beta x^alpha + c))."""
+
+    beta: float
+    alpha: float
+    c: float
+    r2: float
+
+    def __call__(self, x):
+        return self.beta * np.asarray(x, dtype=np.float64) ** self.alpha + self.c
+
+
+@dataclass
 class ScalingFit:
     """``plain``: J = beta F^alpha. ``gap``: J - J* = beta F^alpha (None without j_star).
+    ``free``: J = beta F^alpha + c with c fitted (None with fewer than 4 points).
 
     ``beta``, ``alpha``, ``r2`` are the plain fit's; ``beta_gap``, ``alpha_gap``, ``r2_gap`` the gap fit's.
     """
 
     plain: PowerLaw
     gap: Optional[PowerLaw]
+    free: Optional[OffsetPowerLaw] = None
 
     beta = property(lambda self: self.plain.beta)
     alpha = property(lambda self: self.plain.alpha)
@@ -65,9 +89,60 @@ def fit_power_law(x, y) -> PowerLaw:
     return PowerLaw(beta=float(np.exp(log_beta)), alpha=float(alpha), r2=r2)
 
 
+def _r2(ly, fitted) -> float:
+    ss_tot = float(np.sum((ly - ly.mean()) ** 2))
+    return 1.0 - float(np.sum((ly - fitted) ** 2)) / ss_tot if ss_tot > 0 else 1.0
+
+
+def fit_offset_power_law(x, y, *, iterations: int = 50) -> OffsetPowerLaw:
+    """Least squares of ln y against ln(beta x^alpha + c) with 0 <= c < min y; x, y > 0, >= 4 points."""
+    x = _floats(x, "x").reshape(-1)
+    y = _floats(y, "y").reshape(-1)
+    if x.shape != y.shape or x.size < 4:
+        raise ValueError(f"need two 1-D arrays of the same length >= 4 (3 parameters), got {x.shape} and {y.shape}")
+    if not (np.isfinite(x).all() and np.isfinite(y).all() and (x > 0).all() and (y > 0).all()):
+        raise ValueError("power-law fit needs finite positive values")
+    lx, ly = np.log(x), np.log(y)
+    if np.ptp(lx) == 0:
+        raise ValueError("need at least two distinct x values")
+    x0 = float(np.exp(lx.mean()))  # fit in x / x0: keeps ln beta and alpha decorrelated
+    u = lx - np.log(x0)
+    y_min = float(y.min())
+
+    def linear(c):  # (log beta0, alpha, log-space sse) of the linear fit of ln(y - c) on u
+        alpha, lb = np.polyfit(u, np.log(y - c), 1)
+        return lb, alpha, float(np.sum((ly - np.log(np.exp(lb + alpha * u) + c)) ** 2))
+
+    # Profile over c: uniform in [0, y_min) and geometrically close to y_min (c -> y_min is where
+    # a nearly flat tail puts it), then refine the best by Gauss-Newton on all three parameters.
+    cs = np.concatenate([np.linspace(0.0, 0.99, 100), 1.0 - np.geomspace(1e-2, 1e-9, 50)]) * y_min
+    c, lb, alpha, sse = min(((float(c),) + linear(c) for c in cs), key=lambda r: r[3])
+    lam = 1e-3
+    for _ in range(iterations):
+        pw = np.exp(lb + alpha * u)
+        model = pw + c
+        r = ly - np.log(model)
+        jac = np.stack([pw / model, pw * u / model, 1.0 / model], axis=1)
+        step = np.linalg.solve(jac.T @ jac + lam * np.diag(np.diag(jac.T @ jac)), jac.T @ r)
+        nlb, nal, nc = lb + step[0], alpha + step[1], min(max(c + step[2], 0.0), y_min * (1 - 1e-12))
+        nsse = float(np.sum((ly - np.log(np.exp(nlb + nal * u) + nc)) ** 2))
+        if nsse <= sse:
+            converged = sse - nsse <= 1e-15 * max(sse, 1e-300)
+            lb, alpha, c, sse, lam = nlb, nal, nc, nsse, lam * 0.3
+            if converged:
+                break
+        else:
+            lam *= 10.0
+    fitted = np.log(np.exp(lb + alpha * u) + c)
+    return OffsetPowerLaw(beta=float(np.exp(lb - alpha * np.log(x0))), alpha=float(alpha), c=float(c),
+                          r2=_r2(ly, fitted))
+
+
 def fit_scaling_law(compute, loss, j_star: Optional[float] = None) -> ScalingFit:
-    """Fit J = beta F^alpha, and with ``j_star`` also J - J* = beta F^alpha (every J must exceed J*)."""
+    """Fit J = beta F^alpha, with ``j_star`` also J - J* = beta F^alpha (every J must exceed J*), and
+    with at least 4 points J = beta F^alpha + c (:func:`fit_offset_power_law`)."""
     plain = fit_power_law(compute, loss)
+    free = fit_offset_power_law(compute, loss) if np.size(compute) >= 4 else None
     gap = None
     if j_star is not None:
         j_star = _real(j_star, "j_star")
@@ -75,4 +150,4 @@ def fit_scaling_law(compute, loss, j_star: Optional[float] = None) -> ScalingFit
         if not (gap_values > 0).all():
             raise ValueError(f"every loss must exceed j_star = {j_star} to fit J - J* (got min {gap_values.min() + j_star})")
         gap = fit_power_law(compute, gap_values)
-    return ScalingFit(plain=plain, gap=gap)
+    return ScalingFit(plain=plain, gap=gap, free=free)
