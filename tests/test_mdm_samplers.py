@@ -291,6 +291,55 @@ def test_ppots_weight_is_one_over_the_sampled_density():
     assert float(w.max()) <= 1 / 0.05 + 1e-9  # mixing bounds the weights
 
 
+def test_ppots_without_importance_weights_is_the_documented_biased_objective():
+    """importance_weights=False: the same t as the unbiased sampler, weight 1 (or the stratum weight),
+    so the weighted mean estimates E_{t~p}[f(t)] = integral f p, not integral f."""
+    weighted = PPOTSSampler.from_fit(epr_fit(PEAKED_EPR), mix=0.05)
+    plain = PPOTSSampler.from_fit(epr_fit(PEAKED_EPR), mix=0.05, importance_weights=False)
+    seed = fresh_seed()
+    t1, w1 = weighted.sample(4000, seed, dtype=F64)
+    t0, w0 = plain.sample(4000, seed, dtype=F64)
+    assert torch.equal(t0, t1) and torch.equal(w0, torch.ones_like(w0))
+    assert not torch.allclose(w1, torch.ones_like(w1))
+    n = 200_000
+    t, w = plain.sample(n, seed, dtype=F64)
+    f = lambda x: x * x  # noqa: E731
+    fine = torch.linspace(0, 1, 200001, dtype=F64)
+    biased = float(torch.trapezoid(f(fine) * plain.pdf(fine), fine))  # float64 reference of E_p[f]
+    se = float((f(t) * w).std()) / math.sqrt(n)
+    assert float((f(t) * w).mean()) == pytest.approx(biased, abs=5 * se)
+    assert abs(biased - 1 / 3) > 20 * se  # and that is measurably not the ELBO's integral of f
+    # with stratification: the stratum weights stay (they correct the allocation), 1/p goes
+    G, k = 10, 3
+    ts, ws = PPOTSSampler.from_fit(epr_fit(TRUE_EPR), stratify=True, k=k, importance_weights=False).sample_global(G, seed)
+    tw, ww = PPOTSSampler.from_fit(epr_fit(TRUE_EPR), stratify=True, k=k).sample_global(G, seed)
+    p = PPOTSSampler.from_fit(epr_fit(TRUE_EPR)).pdf(ts.double())
+    assert torch.equal(ts, tw) and torch.allclose(ws.double(), ww.double() * p, rtol=1e-6)
+    assert sorted(set(ws.tolist())) == pytest.approx(sorted({G / (k * 4), G / (k * 3)}))
+    assert "importance_weights=False" in repr(plain) and "importance_weights" not in repr(weighted)
+    with pytest.raises(TypeError, match="importance_weights"):
+        PPOTSSampler([0.0, 1.0], [1.0, 1.0], importance_weights=1)
+
+
+def test_ppots_reference_recipe_clamps_each_sequence_at_10():
+    """The documented recipe (t ~ p, weight 1, row_clamp=10) against a plain float64 computation."""
+    from diffkernels.mdm import mask_tokens, masked_diffusion_loss
+
+    B, L, V, MASK = 6, 9, 7, 6
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, V - 1, (B, L), generator=gen)
+    logits = (torch.randn(B, L, V, generator=gen, dtype=F64) * 6).float()
+    t, w = PPOTSSampler.from_fit(epr_fit(TRUE_EPR), importance_weights=False).sample(B, 11)
+    assert torch.equal(w, torch.ones(B))
+    p = (1 - 1e-3) * t + 1e-3
+    masked = mask_tokens(ids, p, 11, mask_id=MASK)
+    loss = masked_diffusion_loss(masked, ids, logits=logits, row_clamp=10.0)
+    ce = torch.nn.functional.cross_entropy(logits.double().transpose(1, 2), ids, reduction="none")
+    per_seq = (masked.masked.double() * ce / p.double()[:, None]).sum(1) / L
+    assert (per_seq > 10).any() and (per_seq < 10).any()  # the clamp is exercised both ways
+    assert float(loss) == pytest.approx(float(per_seq.clamp(max=10.0).mean()), rel=1e-5)
+
+
 @pytest.mark.parametrize("make", [
     lambda: PPOTSSampler.from_fit(epr_fit(PEAKED_EPR)),
     lambda: PPOTSSampler.from_grid(noisy_grid(random.Random()), mix=0.2),

@@ -13,7 +13,9 @@ therefore keeps the training objective unchanged while the samplers change its v
 - :class:`LowDiscrepancy`: ``Stratified`` with k = G, one draw per stratum.
 - :class:`Clipped`: t ~ U(t_min, t_max), weight 1. Biased for the integral over [0, 1].
 - :class:`PPOTSSampler` (P-POTS): t ~ p(t), weight 1/p(t), with p estimated once before
-  training (:func:`estimate_ppots_grid`, then optionally :func:`fit_epr`).
+  training (:func:`estimate_ppots_grid`, then optionally :func:`fit_epr`). With
+  ``importance_weights=False`` it returns weight 1 instead (the second documented exception: a
+  different, biased objective, see the class).
 
 Reproducibility and data parallelism. Seeds are integers (Python or numpy, taken modulo 2**64); a
 sampler derives its stream with :func:`diffkernels.rng.fold_seed` and draws with a CPU
@@ -556,12 +558,26 @@ class PPOTSSampler(TimeSampler):
     error. :meth:`pdf` and :meth:`cdf` expose that p.
 
     Build it with :meth:`from_fit` (the paper's route) or :meth:`from_grid` (the raw estimates).
+
+    ``importance_weights=False`` returns weight 1 instead of 1/p(t) (times the stratum weight with
+    ``stratify``): the objective becomes E_{t~p}[l(t)], which is **biased** for the ELBO (it
+    reweights the masking rates by p(t)). This is the recipe of the P-POTS reference code's headline
+    runs: per-sample losses at t ~ p(t) without the 1/p(t) weight, each sequence's loss clamped at 10::
+
+        sampler = PPOTSSampler.from_fit(fit, importance_weights=False)
+        t, w = sampler(batch_size, seed)                    # w == 1 (no stratification)
+        masked = mask_tokens(ids, (1 - 1e-3) * t + 1e-3, seed, mask_id=MASK, eligible=eligible)
+        loss = masked_diffusion_loss(masked, ids, logits=model(masked.noisy_ids), row_clamp=10.0)
+
+    Use it to compare with that code; ``importance_weights=True`` (default) is the unbiased P-POTS.
+
     ``stratify=True`` stratifies the uniforms fed to the inverse CDF over the global batch, as in
     :class:`Stratified` (k strata, default floor(sqrt(G)); the weight is then the stratum weight
     times 1/p(t)): P-POTS and StraTS combined.
     """
 
-    def __init__(self, knots, values, *, mix: float = 0.0, stratify: bool = False, k: Optional[int] = None):
+    def __init__(self, knots, values, *, mix: float = 0.0, stratify: bool = False, k: Optional[int] = None,
+                 importance_weights: bool = True):
         x = _as_vector(knots, "knots")
         y = _as_vector(values, "values")
         if x.numel() != y.numel() or x.numel() < 2:
@@ -577,6 +593,9 @@ class PPOTSSampler(TimeSampler):
         if self.k is not None and not stratify:
             raise ValueError("k is the number of strata and needs stratify=True")
         self.stratify = stratify
+        if not isinstance(importance_weights, bool):
+            raise TypeError(f"importance_weights must be a bool, got {type(importance_weights).__name__}")
+        self.importance_weights = importance_weights
         h = x[1:] - x[:-1]
         area = float((h * (y[1:] + y[:-1])).sum() / 2)
         if not area > 0:
@@ -590,18 +609,18 @@ class PPOTSSampler(TimeSampler):
 
     @classmethod
     def from_fit(cls, fit: EPRFit, mix: float = 0.0, *, num_knots: int = _NORM_POINTS, stratify: bool = False,
-                 k: Optional[int] = None) -> "PPOTSSampler":
+                 k: Optional[int] = None, importance_weights: bool = True) -> "PPOTSSampler":
         """The fitted density, linearly interpolated between ``num_knots`` equispaced points
         (relative error of order 1e-7 for a smooth fit), normalised and mixed."""
         if not isinstance(fit, EPRFit):
             raise TypeError(f"fit must be an EPRFit, got {type(fit).__name__}")
         num_knots = _check_int(num_knots, "num_knots", minimum=2)
         x = torch.linspace(0.0, 1.0, num_knots, dtype=_F64)
-        return cls(x, fit.pdf(x), mix=mix, stratify=stratify, k=k)
+        return cls(x, fit.pdf(x), mix=mix, stratify=stratify, k=k, importance_weights=importance_weights)
 
     @classmethod
     def from_grid(cls, grid: PPOTSGrid, mix: float = 0.0, *, stratify: bool = False,
-                  k: Optional[int] = None) -> "PPOTSSampler":
+                  k: Optional[int] = None, importance_weights: bool = True) -> "PPOTSSampler":
         """The raw estimates: piecewise linear through (t_j, w_j), and flat beyond the grid
         (p = w_1 on [0, t_1], p = w_last on [t_last, 1]).
 
@@ -614,7 +633,7 @@ class PPOTSSampler(TimeSampler):
         one = torch.ones(1, dtype=_F64)
         x = torch.cat([0 * one, grid.t, one])
         y = torch.cat([grid.w[:1], grid.w, grid.w[-1:]])
-        return cls(x, y, mix=mix, stratify=stratify, k=k)
+        return cls(x, y, mix=mix, stratify=stratify, k=k, importance_weights=importance_weights)
 
     def _bin(self, t: Tensor) -> tuple[Tensor, Tensor]:
         i = (torch.searchsorted(self._x, t, right=True) - 1).clamp_(0, self._x.numel() - 2)
@@ -652,9 +671,10 @@ class PPOTSSampler(TimeSampler):
         else:
             u, w = torch.rand(G, generator=gen, dtype=_F64), torch.ones(G, dtype=_F64)
         t = self.icdf(u)
-        return t, w / self.pdf(t)
+        return t, (w / self.pdf(t) if self.importance_weights else w)
 
     def __repr__(self) -> str:
         return (f"PPOTSSampler(knots={self._x.numel()}, mix={self.mix}, stratify={self.stratify}"
-                + (f", k={self.k}" if self.k is not None else "") + ")")
+                + (f", k={self.k}" if self.k is not None else "")
+                + ("" if self.importance_weights else ", importance_weights=False") + ")")
 
