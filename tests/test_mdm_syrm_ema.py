@@ -209,6 +209,71 @@ def test_syrm_coefficients_with_the_fused_cross_entropy(gen):
         syrm_coefficients(mt, groups=groups, response_mask=response, reduction="none")
 
 
+def _core_reference(ce, masked, weights, row_weight, source_row, eligible, B):
+    """The CoRE loss in plain float64: l_b = sum over b's rows of rho * sum_i 1[masked] w_i CE_i / P_b,
+    P_b = the number of eligible tokens of sequence b (one normaliser for every group)."""
+    per_row = (torch.where(masked, weights.double() * ce.double(), 0.0)).sum(1) * row_weight.double()
+    total = torch.zeros(B, dtype=torch.float64).index_add(0, source_row, per_row)
+    return total / eligible.sum(1).clamp(min=1).double()
+
+
+@pytest.mark.parametrize("mode", ["standard", "mirror"])
+def test_syrm_core_variant_against_a_float64_reference(gen, mode):
+    B, L = 5, 24
+    ids = torch.randint(0, 12, (B, L), generator=gen)
+    starts = torch.tensor([[6], [10], [12], [24], [3]])  # row 3 has no response, row 4 a short prompt
+    response = torch.arange(L)[None, :] >= starts
+    groups = syrm_weights(ids, response, syntax_ids=[0, 1], variant="core", prompt_rate=0.3, seed=5)
+    syn = groups.eligible & ~response
+    # alpha = P_resp / P on response tokens, 1 - alpha on the others
+    p_resp, p_all = response.sum(1, keepdim=True).double(), groups.eligible.sum(1, keepdim=True).double()
+    want_w = torch.where(response, p_resp / p_all, 0.0) + torch.where(syn, 1 - p_resp / p_all, 0.0)
+    assert torch.allclose(groups.weight.double(), want_w, rtol=1e-6, atol=0)
+    mt = mask_tokens(ids, torch.rand(B, generator=gen) * 0.8 + 0.1, 9, mask_id=99, eligible=groups.eligible,
+                     mode=mode)
+    ce = torch.rand(mt.masked.shape, generator=gen, dtype=torch.float64) * 3
+    ref = _core_reference(ce, mt.masked, mt.weights, mt.row_weight, mt.source_row, groups.eligible, B)
+    for empty in ("renormalize", "zero"):  # every group's weight is its share: both rules agree
+        got = syrm_loss(ce, mt, groups=groups, response_mask=response, reduction="none", empty_group=empty)
+        assert torch.allclose(got.double(), ref, rtol=1e-5, atol=0), empty
+    coef = syrm_coefficients(mt, groups=groups, response_mask=response, reduction="sum")
+    assert float((coef.double() * torch.where(mt.masked, ce, 0.0)).sum()) == pytest.approx(float(ref.sum()), rel=1e-5)
+    # the groups variant with the same eligible set differs (its own normaliser per group)
+    fixed = syrm_weights(ids, response, syntax_ids=[0, 1], alpha=0.5, prompt_rate=0.3, seed=5)
+    assert torch.equal(fixed.eligible, groups.eligible)
+
+
+def test_syrm_random_prompt_tokens(gen):
+    B, L, m = 64, 50, 0.25
+    ids = torch.randint(20, 30, (B, L), generator=gen)  # no syntax id occurs
+    response = torch.arange(L)[None, :].expand(B, L) >= 30
+    prompt = (torch.arange(L)[None, :] >= 2).expand(B, L) & ~response  # positions 0, 1: special tokens
+    g1 = syrm_weights(ids, response, prompt_rate=m, seed=123, prompt_mask=prompt)
+    extra = g1.eligible & ~response
+    assert not (extra & ~prompt).any() and torch.equal(g1.eligible & response, response)
+    frac = float(extra.sum()) / float(prompt.sum())
+    n = float(prompt.sum())
+    assert abs(frac - m) < 5 * math.sqrt(m * (1 - m) / n), frac
+    assert torch.equal(syrm_weights(ids, response, prompt_rate=m, seed=123, prompt_mask=prompt).eligible, g1.eligible)
+    assert not torch.equal(syrm_weights(ids, response, prompt_rate=m, seed=124, prompt_mask=prompt).eligible,
+                           g1.eligible)
+    # syntax ids are always in; the random tokens come on top
+    g2 = syrm_weights(ids, response, syntax_ids=[21], prompt_rate=m, seed=123, prompt_mask=prompt)
+    assert torch.equal(g2.eligible, g1.eligible | (prompt & (ids == 21)))
+    assert torch.equal(syrm_weights(ids, response, syntax_ids=[21], prompt_rate=1.0, seed=0).eligible,
+                       torch.ones_like(response))
+    with pytest.raises(ValueError, match="seed"):
+        syrm_weights(ids, response, prompt_rate=m)
+    with pytest.raises(ValueError, match="prompt_rate"):
+        syrm_weights(ids, response, prompt_rate=1.5, seed=0)
+    with pytest.raises(TypeError, match="prompt_rate"):
+        syrm_weights(ids, response, prompt_rate="0.1", seed=0)
+    with pytest.raises(ValueError, match="alpha"):
+        syrm_weights(ids, response, syntax_ids=[1], alpha=0.5, variant="core")
+    with pytest.raises(ValueError, match="variant"):
+        syrm_weights(ids, response, syntax_ids=[1], variant="CoRE")
+
+
 def test_syrm_loss_errors():
     groups, mt, ce = handmade_batch()
     kw = dict(groups=groups, response_mask=RESPONSE)

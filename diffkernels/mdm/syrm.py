@@ -12,6 +12,17 @@ The extra masked tokens add more supervised positions per sequence (less masking
 term A) at the price of a bounded bias: the objective now also rewards reconstructing the prompt's
 structure, with weight 1 - alpha.
 
+Two variants (``syrm_weights(..., variant=)``):
+
+- ``"groups"`` (default): alpha is a fixed number; each group is normalised by its own size, as above.
+- ``"core"`` (the SyRM reference code's variant): one normaliser over all eligible tokens,
+  l = (1 / P) sum_{i eligible} 1[masked_i] w_i CE_i with P = P_resp + P_syn, which is the formula
+  above with a per-sequence alpha = P_resp / P.
+
+In both, ``prompt_rate`` = m > 0 also makes each remaining prompt token eligible with probability m
+(drawn per token from a seed, counter-based: reproducible and the same on every backend); those
+tokens join the syntax group.
+
 Usage (one training step)::
 
     groups = syrm_weights(ids, response_mask, syntax_ids=tag_ids, alpha=0.8)
@@ -32,13 +43,16 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .._validate import check_choice
+from .._validate import check_choice, check_seed
+from ..rng import fold_seed, uniform
 from .masking import MaskedTokens
 
 __all__ = ["SyRMWeights", "syrm_weights", "syrm_loss", "syrm_coefficients"]
 
 REDUCTIONS = ("mean", "sum", "none")
 EMPTY_GROUP = ("renormalize", "zero")
+VARIANTS = ("groups", "core")
+_PROMPT_STREAM = 0x5379_524D  # "SyRM": the random prompt tokens' stream, folded into the seed
 
 
 class SyRMWeights(NamedTuple):
@@ -46,7 +60,8 @@ class SyRMWeights(NamedTuple):
 
     eligible (B, L) bool: response tokens and syntax tokens of the prompt; pass it as
         ``mask_tokens(..., eligible=eligible)``.
-    weight (B, L) float32: alpha on response tokens, 1 - alpha on syntax tokens, 0 elsewhere.
+    weight (B, L) float32: alpha on response tokens, 1 - alpha on syntax tokens, 0 elsewhere
+        (with ``variant="core"`` alpha is each sequence's P_resp / P).
     """
 
     eligible: Tensor
@@ -77,8 +92,11 @@ def syrm_weights(
     *,
     syntax_ids=None,
     syntax_predicate: Optional[Callable[[Tensor], Tensor]] = None,
-    alpha: float = 0.5,
+    alpha: Optional[float] = None,
     prompt_mask: Optional[Tensor] = None,
+    variant: str = "groups",
+    prompt_rate: float = 0.0,
+    seed: Optional[int] = None,
 ) -> SyRMWeights:
     """The SyRM eligible set and per-token group weights.
 
@@ -91,9 +109,15 @@ def syrm_weights(
     could match. A token is never both: response wins.
 
     Returns ``SyRMWeights(eligible, weight)``: eligible = response | syntax; weight = alpha on
-    response tokens, 1 - alpha on syntax tokens, 0 elsewhere (float32). ``alpha`` in [0, 1]:
-    1 ignores the syntax loss (standard training, but the syntax tokens are still masked in the
-    input), 0 trains on the syntax tokens only.
+    response tokens, 1 - alpha on syntax tokens, 0 elsewhere (float32). ``alpha`` in [0, 1]
+    (default 0.5): 1 ignores the syntax loss (standard training, but the syntax tokens are still
+    masked in the input), 0 trains on the syntax tokens only.
+
+    ``variant="core"``: alpha = P_resp / P per sequence (P = its eligible count), so that
+    :func:`syrm_loss` normalises every eligible token by the one count P; do not pass ``alpha``.
+    ``prompt_rate`` m in [0, 1]: every other prompt token also joins the syntax group with
+    probability m, drawn with ``seed`` (required when m > 0; fold the step into it) at the flat
+    token index b * L + i. With m > 0, ``syntax_ids`` and ``syntax_predicate`` may both be omitted.
     """
     if not isinstance(input_ids, Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
         got = input_ids.dtype if isinstance(input_ids, Tensor) else type(input_ids).__name__
@@ -103,9 +127,22 @@ def syrm_weights(
     device = input_ids.device
     response = _check_bool_like(response_mask, "response_mask", input_ids.shape, device)
     prompt = ~response if prompt_mask is None else _check_bool_like(prompt_mask, "prompt_mask", input_ids.shape, device)
-    alpha = _check_alpha(alpha)
-    if syntax_ids is None and syntax_predicate is None:
-        raise ValueError("give syntax_ids or syntax_predicate (or both): SyRM needs a definition of syntax tokens")
+    check_choice(variant, "variant", VARIANTS)
+    if variant == "core" and alpha is not None:
+        raise ValueError("variant='core' sets alpha = P_resp / P per sequence: do not pass alpha")
+    alpha = 0.5 if alpha is None else _check_alpha(alpha)
+    if isinstance(prompt_rate, bool) or not isinstance(prompt_rate, (int, float)):
+        raise TypeError(f"prompt_rate must be a Python float in [0, 1], got {type(prompt_rate).__name__}")
+    prompt_rate = float(prompt_rate)
+    if not (0.0 <= prompt_rate <= 1.0):
+        raise ValueError(f"prompt_rate must lie in [0, 1], got {prompt_rate}")
+    if prompt_rate > 0:
+        if seed is None:
+            raise ValueError("prompt_rate > 0 draws random prompt tokens: give seed")
+        seed = check_seed(seed)
+    if syntax_ids is None and syntax_predicate is None and prompt_rate == 0:
+        raise ValueError("give syntax_ids or syntax_predicate (or both), or prompt_rate > 0: SyRM needs a "
+                         "definition of syntax tokens")
 
     is_syntax = torch.zeros_like(response)
     if syntax_ids is not None:
@@ -124,8 +161,16 @@ def syrm_weights(
         flags = _check_bool_like(flags, "syntax_predicate(input_ids)", input_ids.shape, device)
         is_syntax = is_syntax | flags
 
+    if prompt_rate > 0:
+        B, L = input_ids.shape
+        index = torch.arange(B * L, device=device, dtype=torch.int64).reshape(B, L)
+        is_syntax = is_syntax | (uniform(fold_seed(seed, _PROMPT_STREAM), index) < prompt_rate)
+
     syntax = is_syntax & prompt & ~response
     eligible = response | syntax
+    if variant == "core":
+        n_resp = response.sum(dim=1, keepdim=True).to(torch.float64)
+        alpha = n_resp / eligible.sum(dim=1, keepdim=True).clamp(min=1).to(torch.float64)
     weight = torch.where(response, alpha, 0.0) + torch.where(syntax, 1.0 - alpha, 0.0)
     return SyRMWeights(eligible=eligible, weight=weight.to(torch.float32))
 
