@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import time
@@ -36,6 +37,7 @@ import numpy as np
 import torch
 
 from _common import default_device, jstar_table, load_images, set_threads
+import stats
 import optimal_loss_schedule as ols
 import train_image_diffusion as tid
 import train_masked_diffusion_lm as mdm
@@ -375,22 +377,67 @@ def plot_optimal(res: dict, out: Path) -> list:
 # --- the report -------------------------------------------------------------------------------
 
 
+# Non-inferiority margin of "quality stays competitive": the masked run's quality score may be worse
+# than the dense run's by at most this fraction of the dense run's mean score.
+FD_MARGIN_REL = 0.10
+
+CLAIMS: list = []  # (claim, test result, verdict, seeds for 80% power) of the report being written
+
+
 def verdict(ok: bool) -> str:
     return "**reproduced at this scale**" if ok else "**not reproduced at this scale**"
 
 
-def compare(better, worse) -> str:
-    """Is ``better`` lower than ``worse``, beyond the noise? Both are lists in seed order; the test is
-    on the paired differences d = worse - better: mean(d) > 2 standard errors of mean(d). With 3-5
-    seeds only clear effects pass it."""
-    d = np.asarray(worse, dtype=np.float64) - np.asarray(better, dtype=np.float64)
-    se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else 0.0
-    if d.mean() > 0 and d.mean() > 2 * se:
-        return f"**reproduced at this scale** (paired difference {d.mean():.3g} ± {se:.2g} s.e.)"
-    if d.mean() > 0:
-        return (f"**same direction, within the noise: not reproduced at this scale** (paired difference "
-                f"{d.mean():.3g} ± {se:.2g} s.e.)")
-    return f"**not reproduced at this scale** (paired difference {d.mean():.3g} ± {se:.2g} s.e.)"
+def _record(label, result: stats.PairedResult, text: str, need) -> None:
+    if label:
+        CLAIMS.append({"claim": label, "mean": result.mean, "ci": (result.ci_low, result.ci_high), "p": result.p,
+                       "margin": result.margin, "verdict": text, "seeds_80": need, "n": result.n})
+
+
+def compare(better, worse, label: str = "") -> str:
+    """Is ``better`` lower than ``worse``, beyond the noise? Both are lists in seed order; the test is a
+    one-sided paired t-test (df = n - 1) on d = worse - better at the 5% level, reported with the 95%
+    interval of mean d and, when not significant but in the claimed direction, the seeds a test would
+    need for 80% power at the observed effect size. ``label`` records the claim for the summary table."""
+    r = stats.paired_test(better, worse)
+    dz = stats.effect_size(better, worse)
+    need = stats.seeds_needed(dz) if dz == dz and dz > 0 else (r.n if r.significant else math.inf)
+    if r.n < 2:
+        text = "not testable with one seed"
+    elif r.significant:
+        text = "reproduced at this scale"
+    elif r.mean > 0:
+        text = "same direction, not significant: not reproduced at this scale"
+    else:
+        text = "not reproduced at this scale"
+    _record(label, r, text, need)
+    power = f"; {need:g} seeds would give 80% power at the observed effect" if (
+        not r.significant and r.mean > 0 and r.n >= 2) else ""
+    return f"**{text}** ({r.describe()}{power})"
+
+
+def noninferior(candidate, reference, margin: float, label: str = "") -> str:
+    """Is ``candidate`` (lower is better) not worse than ``reference`` by more than ``margin``? One-sided
+    paired t-test of H0: mean(reference - candidate) <= -margin at the 5% level."""
+    r = stats.noninferiority(candidate, reference, margin)
+    text = ("not testable with one seed" if r.n < 2 else
+            "reproduced at this scale (non-inferior)" if r.significant else "not shown non-inferior at this scale")
+    _record(label, r, text, math.nan)
+    return f"**{text}** ({r.describe()})"
+
+
+def claims_table() -> list:
+    """The claims of the report in one table: paired difference (positive = the claimed direction), its
+    95% interval, the one-sided p-value, the verdict and the seeds needed for 80% power."""
+    if not CLAIMS:
+        return []
+    L = ["| claim | paired difference | 95% CI | one-sided p | verdict | seeds for 80% power |", "|---|---|---|---|---|---|"]
+    for c in CLAIMS:
+        margin = f" (margin {c['margin']:.3g})" if c["margin"] else ""
+        seeds = "—" if c["seeds_80"] != c["seeds_80"] else ("∞" if math.isinf(c["seeds_80"]) else f"{c['seeds_80']:g}")
+        L.append(f"| {c['claim']} | {c['mean']:.3g}{margin} | [{c['ci'][0]:.3g}, {c['ci'][1]:.3g}] | {c['p']:.2g} | "
+                 f"{c['verdict']} | {seeds} |")
+    return L
 
 
 def geo_ratio(values, reference) -> str:
@@ -425,18 +472,19 @@ def report_sparse(res: dict, rel) -> list:
     fd = {e: mean_std([r["fd"] for r in by[e]]) for e in ETAS}
     memv = {e: [r["memorized_fraction"] for r in by[e]] for e in ETAS}
     fdv = {e: [r["fd"] for r in by[e]] for e in ETAS}
-    d = np.asarray(fdv[0.98]) - np.asarray(fdv[0.0])
-    se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else 0.0
-    competitive = d.mean() <= 2 * se
+    margin = FD_MARGIN_REL * fd[0.0][0]
     L += ["Claims:", "",
           f"- *Masking reduces memorisation on small data*: memorised fraction {mem[0.0]:.3f} (η=0) → "
           f"{mem[0.5]:.3f} (0.5) → {mem[0.95]:.3f} (0.95) → {mem[0.98]:.3f} (0.98); η=0.95 vs dense: "
-          f"{compare(memv[0.95], memv[0.0])}; η=0.98 vs dense: {compare(memv[0.98], memv[0.0])}. Caveat: at "
+          f"{compare(memv[0.95], memv[0.0], 'sparse: memorisation, η=0.95 < dense')}; η=0.98 vs dense: "
+          f"{compare(memv[0.98], memv[0.0], 'sparse: memorisation, η=0.98 < dense')}. Caveat: at "
           "equal steps a heavily masked loss has a much noisier gradient, so part of the effect can be plain "
           "under-fitting; the loss-gap column shows how far each model is from the optimal (memorising) denoiser.",
           f"- *Quality stays competitive up to η = 0.98*: FD {fd[0.0][0]:.2f} ± {fd[0.0][1]:.2f} (η=0) vs "
-          f"{fd[0.98][0]:.2f} ± {fd[0.98][1]:.2f} (η=0.98), paired difference {d.mean():.2f} ± {se:.2f} s.e.: "
-          f"{verdict(competitive)} (criterion: not worse by more than two standard errors). η=0.95: "
+          f"{fd[0.98][0]:.2f} ± {fd[0.98][1]:.2f} (η=0.98): "
+          f"{noninferior(fdv[0.98], fdv[0.0], margin, 'sparse: quality FD, η=0.98 non-inferior to dense')} "
+          f"(criterion: a one-sided paired t-test that the FD is not worse by more than the margin "
+          f"{FD_MARGIN_REL:.0%} of the dense FD). η=0.95: "
           f"{fd[0.95][0]:.2f} ± {fd[0.95][1]:.2f}.", "",
           f"![metrics]({rel('sparse_metrics.png')})", "", f"![curves]({rel('sparse_curves.png')})", "",
           f"![samples]({rel('sparse_samples.png')})", ""]
@@ -497,18 +545,18 @@ def report_mdm(res: dict, rel) -> list:
     both, std = acc["P-POTS+MIRROR"], acc["standard"]
     L += ["", "Claims (variances at the shared checkpoint, where only the estimator differs):", "",
           f"- *MIRROR reduces the mask noise A*: A {m(A['standard']):.3g} (standard) → {m(A['MIRROR']):.3g} (MIRROR): "
-          f"{compare(A['MIRROR'], A['standard'])}; {m(A['P-POTS']):.3g} (P-POTS) → {m(A['P-POTS+MIRROR']):.3g} "
-          f"(P-POTS+MIRROR): {compare(A['P-POTS+MIRROR'], A['P-POTS'])}.",
+          f"{compare(A['MIRROR'], A['standard'], 'MDM: mask noise A, MIRROR < standard')}; {m(A['P-POTS']):.3g} (P-POTS) → {m(A['P-POTS+MIRROR']):.3g} "
+          f"(P-POTS+MIRROR): {compare(A['P-POTS+MIRROR'], A['P-POTS'], 'MDM: A, P-POTS+MIRROR < P-POTS')}.",
           f"- *P-POTS and MIRROR reduce the variance*: total loss variance {m(tot['standard']):.3g} (standard), "
           f"{m(tot['P-POTS']):.3g} (P-POTS), {m(tot['MIRROR']):.3g} (MIRROR), {m(tot['P-POTS+MIRROR']):.3g} (both); "
           f"gradient variance {m(gv['standard']):.3g}, {m(gv['P-POTS']):.3g}, {m(gv['MIRROR']):.3g}, "
-          f"{m(gv['P-POTS+MIRROR']):.3g}. Loss variance, both vs standard: {compare(tot['P-POTS+MIRROR'], tot['standard'])}; "
-          f"P-POTS vs standard: {compare(tot['P-POTS'], tot['standard'])}. Gradient variance, both vs standard: "
-          f"{compare(gv['P-POTS+MIRROR'], gv['standard'])}; P-POTS vs standard: {compare(gv['P-POTS'], gv['standard'])}.",
+          f"{m(gv['P-POTS+MIRROR']):.3g}. Loss variance, both vs standard: {compare(tot['P-POTS+MIRROR'], tot['standard'], 'MDM: loss variance, both < standard')}; "
+          f"P-POTS vs standard: {compare(tot['P-POTS'], tot['standard'], 'MDM: loss variance, P-POTS < standard')}. Gradient variance, both vs standard: "
+          f"{compare(gv['P-POTS+MIRROR'], gv['standard'], 'MDM: gradient variance, both < standard')}; P-POTS vs standard: {compare(gv['P-POTS'], gv['standard'], 'MDM: gradient variance, P-POTS < standard')}.",
           f"- *Accuracy rises*: {np.mean(std):.3f} (standard) vs {np.mean(both):.3f} (P-POTS+MIRROR): "
-          f"{compare([-a for a in both], [-a for a in std])}. P-POTS alone ({np.mean(acc['P-POTS']):.3f}): "
-          f"{compare([-a for a in acc['P-POTS']], [-a for a in std])}; MIRROR alone ({np.mean(acc['MIRROR']):.3f}): "
-          f"{compare([-a for a in acc['MIRROR']], [-a for a in std])}.",
+          f"{compare([-a for a in both], [-a for a in std], 'MDM: accuracy, both > standard')}. P-POTS alone ({np.mean(acc['P-POTS']):.3f}): "
+          f"{compare([-a for a in acc['P-POTS']], [-a for a in std], 'MDM: accuracy, P-POTS > standard')}; MIRROR alone ({np.mean(acc['MIRROR']):.3f}): "
+          f"{compare([-a for a in acc['MIRROR']], [-a for a in std], 'MDM: accuracy, MIRROR > standard')}.",
           f"- *The worst P-POTS+MIRROR run beats the best standard run*: worst {min(both):.3f} vs best "
           f"{max(std):.3f}: {verdict(min(both) > max(std))}.",
           f"- *Run-to-run spread shrinks*: std {np.std(std, ddof=1) if len(std) > 1 else 0:.3f} (standard) vs "
@@ -517,7 +565,7 @@ def report_mdm(res: dict, rel) -> list:
         half = acc["MIRROR, ½ batch"]
         L += [f"- *Equal compute*: MIRROR doubles the sequences processed per step. With half the batch (the same "
               f"forward/backward work as standard) its accuracy is {np.mean(half):.3f} vs {np.mean(std):.3f}: "
-              f"{compare([-a for a in half], [-a for a in std])}. Its per-sequence variance is the MIRROR row's, but a "
+              f"{compare([-a for a in half], [-a for a in std], 'MDM: accuracy, MIRROR ½ batch > standard')}. Its per-sequence variance is the MIRROR row's, but a "
               f"batch mean over half as many sequences has twice that variance: {2 * m(tot['MIRROR']):.3g} vs "
               f"{m(tot['standard']):.3g} (loss), {2 * m(gv['MIRROR']):.3g} vs {m(gv['standard']):.3g} (gradient) "
               f"per unit of compute."]
@@ -561,7 +609,7 @@ def report_optimal(res: dict, rel) -> list:
               f"{mean_std([r['fd_real_floor'] for r in runs])[0]:.2f}.", "",
           f"- *The J*-derived schedule improves sample quality* (paper: FID 3.06 → 2.29 on ImageNet-64 flow "
           f"matching): FD {fd['edm']:.2f} (EDM) vs {fd['jstar']:.2f} (J*): "
-          f"{compare([r['fd'] for r in by['jstar']], [r['fd'] for r in by['edm']])}.", ""]
+          f"{compare([r['fd'] for r in by['jstar']], [r['fd'] for r in by['edm']], 'optimal loss: FD, J* weight < EDM')}.", ""]
     sig = np.array(runs[0]["gap_sigmas"])
     g = {n: np.mean([r["gap_curve"] for r in by[n]], axis=0) for n in by}
     ratio = g["jstar"] / g["edm"]
@@ -591,13 +639,17 @@ def write_report(args, results: dict, docs: Path, figs: Path, times: dict, load_
             return os.path.relpath(figs / name, docs)
 
     rel = Rel()
+    CLAIMS.clear()
     L = ["# Reproduction results", "",
          f"Generated by `python python_examples/reproduce.py --budget {args.budget}"
          f"{' --write-docs' if args.write_docs else ''}` (seeds "
          f"{', '.join(map(str, args.seeds))}; masked diffusion: seeds {', '.join(map(str, args.mdm_seeds))}). "
          "All numbers are mean ± standard deviation over the seeds. Claims are checked on paired differences "
          "(runs of one seed share the initialisation, the data subset or the shared checkpoint): "
-         "*reproduced* means the mean difference has the claimed sign and exceeds two standard errors.", "",
+         "*reproduced* means a one-sided paired t-test (df = seeds − 1) rejects \"no improvement\" at the 5% "
+         "level; each verdict gives the paired difference (positive = the claimed direction), its 95% interval and "
+         "the p-value, and \"quality stays competitive\" is a non-inferiority test with a stated margin. "
+         + power_note(args), "",
          f"**Budget: `{args.budget}`.** " + (
              "These are short CPU runs on tiny models and a tiny dataset (scikit-learn's 8x8 digits): they check "
              "that the methods run end to end and show which of the papers' effects are visible at this scale. "
@@ -618,9 +670,28 @@ def write_report(args, results: dict, docs: Path, figs: Path, times: dict, load_
         L += report_mdm(results["mdm"], rel)
     if "optimal" in results:
         L += report_optimal(results["optimal"], rel)
+    summary = claims_table()
+    if summary:
+        L += ["## Summary of the claims", "",
+              "Paired differences are signed so that positive is the claimed direction; non-inferiority rows test "
+              "against minus the margin. \"Seeds for 80% power\": how many seeds a one-sided paired t-test at 5% "
+              "needs to detect the observed standardised effect (mean / sd of the differences) with 80% power.", ""]
+        L += summary + [""]
+        print("\n".join(summary))
     path = docs / "RESULTS.md"
     path.write_text("\n".join(L) + "\n")
     return path
+
+
+def power_note(args) -> str:
+    """What the seed counts can detect: the standardised effect a one-sided paired t-test at 5% finds with
+    80% power."""
+    parts = []
+    for name, seeds in (("seeds", args.seeds), ("masked-diffusion seeds", args.mdm_seeds)):
+        d = stats.detectable_effect(len(seeds))
+        parts.append(f"{len(seeds)} {name}: d_z ≥ {d:.2f}" if math.isfinite(d) else f"{len(seeds)} {name}: none")
+    return ("With 80% power these seed counts detect standardised paired effects (mean / sd of the per-seed "
+            "differences) of " + "; ".join(parts) + ".")
 
 
 def _compact(results: dict) -> dict:
