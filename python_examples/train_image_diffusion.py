@@ -132,11 +132,17 @@ def fm_heun_sample(model: FlowNet, n: int, *, steps: int, seed: int, device, sha
 
 
 def train(args: argparse.Namespace, *, weight_fn: Optional[Callable[[Tensor], Tensor]] = None,
-          data: Optional[Tensor] = None, tag: str = "", verbose: bool = True) -> dict:
+          data: Optional[Tensor] = None, tag: str = "", verbose: bool = True, schedule=None) -> dict:
     """Train, sample and evaluate as described in the module docstring; returns the summary dict.
 
     ``weight_fn(sigma) -> (B,) weights`` replaces EDM's lambda(sigma) on the per-element x0-loss
     (used by optimal_loss_schedule.py); EDM objective only. ``data`` overrides ``args.data``.
+
+    ``schedule`` (either objective; excludes ``weight_fn``): an object with ``sample(n, gen) -> (n,)``
+    VE noise levels s (CPU float32), ``weight(s) -> (n,)`` weights on the per-element x0-loss, and
+    ``observe(step, s, x0_loss)`` receiving each step's levels and unweighted per-sample x0-losses
+    (used by optimal_loss_schedule.py for the adaptive noise sampling). For flow matching t = s / (1 + s)
+    and the velocity loss is weighted by weight(s) t^2 (the x0-loss is t^2 times the velocity loss).
     """
     t_start = time.perf_counter()
     set_threads(args.threads)
@@ -147,6 +153,8 @@ def train(args: argparse.Namespace, *, weight_fn: Optional[Callable[[Tensor], Te
         data = load_images(args.data, args.n_train, args.seed)
     if weight_fn is not None and args.objective != "edm":
         raise ValueError("weight_fn applies to the EDM objective only")
+    if weight_fn is not None and schedule is not None:
+        raise ValueError("give weight_fn or schedule, not both")
     shape = tuple(data.shape[1:])
     C, H, W = shape
     if H != W:
@@ -173,17 +181,25 @@ def train(args: argparse.Namespace, *, weight_fn: Optional[Callable[[Tensor], Te
         y = data_dev[idx.to(device)]
         noise = torch.randn((args.batch_size, *shape), generator=gen).to(device)
         if args.objective == "edm":
-            sigma = sample_noise_levels(args.batch_size, generator=gen).to(device)
+            if schedule is None:
+                sigma = sample_noise_levels(args.batch_size, generator=gen).to(device)
+            else:
+                sigma = schedule.sample(args.batch_size, gen).to(device)
             x = y + sigma.view(-1, 1, 1, 1) * noise
             pred, target = model(x, sigma), y
             weight = edm_loss_weight(sigma) if weight_fn is None else weight_fn(sigma)
+            weight = weight if schedule is None else schedule.weight(sigma)
             to_x0 = torch.ones_like(sigma)
         else:
-            t = torch.sigmoid(torch.randn(args.batch_size, generator=gen) * FM_P_STD + FM_P_MEAN).to(device)
+            if schedule is None:
+                t = torch.sigmoid(torch.randn(args.batch_size, generator=gen) * FM_P_STD + FM_P_MEAN).to(device)
+            else:
+                s_draw = schedule.sample(args.batch_size, gen).to(device)
+                t = s_draw / (1 + s_draw)
             sigma = t / (1 - t)
             x_t = (1 - t.view(-1, 1, 1, 1)) * y + t.view(-1, 1, 1, 1) * noise
             pred, target = model(x_t, t), noise - y
-            weight = torch.ones_like(t)
+            weight = torch.ones_like(t) if schedule is None else schedule.weight(sigma) * t * t
             to_x0 = t * t  # x0 error = -t * velocity error
         for group in opt.param_groups:
             group["lr"] = args.lr * min(1.0, (step + 1) / warmup)
@@ -197,6 +213,8 @@ def train(args: argparse.Namespace, *, weight_fn: Optional[Callable[[Tensor], Te
         opt.step()
         ema_update(ema, model, step, decay=args.ema_decay)
         binned.add(step, sigma, per_sample * to_x0)
+        if schedule is not None:
+            schedule.observe(step, sigma.detach(), (per_sample * to_x0).detach())
         losses.append(loss.detach())
         if (step + 1) % 50 == 0:
             bar.set_postfix(loss=f"{float(torch.stack(losses[-50:]).mean()):.4f}", refresh=False)
@@ -253,8 +271,9 @@ def train(args: argparse.Namespace, *, weight_fn: Optional[Callable[[Tensor], Te
         "config": {k: v for k, v in vars(args).items()},
         "n_train_images": int(data.shape[0]),
         "parameters": sum(p.numel() for p in model.parameters()),
-        "weighting": "edm lambda(sigma)" if weight_fn is None and args.objective == "edm" else
-                     ("custom weight_fn" if weight_fn is not None else "flow matching (unweighted velocity)"),
+        "weighting": "custom schedule" if schedule is not None else (
+            "edm lambda(sigma)" if weight_fn is None and args.objective == "edm" else
+            ("custom weight_fn" if weight_fn is not None else "flow matching (unweighted velocity)")),
         "losses": losses,
         "final_loss": float(np.mean(losses[-max(1, len(losses) // 10):])) if losses else float("nan"),
         "binned_train_loss": binned.to_dict(),

@@ -115,16 +115,60 @@ def test_addition_task_encoding():
 
 
 def test_optimal_loss_schedule(tmp_path, cache):
+    """--quick: every objective (EDM, flow matching) with every schedule (baseline, J* weight, J* weight +
+    adaptive sampling), end to end."""
     out = tmp_path / "sched"
-    s = optimal_loss_schedule.main(["--steps", "3", "--batch-size", "8", "--n-samples", "8", "--jstar-levels", "8",
-                                    "--jstar-queries", "16", "--cache", cache, "--no-progress", "--device", "cpu",
+    s = optimal_loss_schedule.main(["--quick", "--cache", cache, "--no-progress", "--device", "cpu",
                                     "--out", str(out)])
     for name in ("jstar.png", "schedule.png", "schedule_summary.json"):
         assert (out / name).is_file()
     j = np.array(s["j_star"]["j_star"])
     assert (j >= 0).all() and j[-1] > j[0]  # J* grows with the noise level
-    assert set(s["runs"]) == {"edm", "jstar"}
+    assert set(s["runs"]) == set(optimal_loss_schedule.RUN_NAMES.values())
     assert s["schedule"]["w_max"] > 0 and s["schedule"]["a"] > 0
+    for name in ("jstar+adaptive", "fm jstar+adaptive"):
+        sched = s["noise_schedules"][name]
+        assert sched["adaptive"] and sched["refreshes"] >= 1 and sched["density"] is not None
+    assert s["noise_schedules"]["fm jstar"]["density"] is None
+
+
+def test_noise_schedule_adaptive_density_against_float64():
+    """NoiseSchedule's p(s): (1 - m) w (J_theta - J*)_+ / Z + m * the baseline density, with J_theta the
+    per-level mean of the observed x0-losses (nearest level in ln s), computed here directly."""
+    import torch
+
+    grid = np.geomspace(0.01, 10.0, 7)
+    j = 0.1 * grid**2 / (0.1 + grid**2)
+    weight = optimal_loss_schedule.JStarWeight(grid, j, bump=0.0, bump_width=0.5, objective="fm")
+    sched = optimal_loss_schedule.NoiseSchedule("fm", grid, j, weight=weight, adaptive=True, warmup=2, refresh=2,
+                                                mix=0.25)
+    gen = torch.Generator().manual_seed(0)
+    base_draw = sched.sample(5, gen)  # before the warmup: logit-normal t, ln s ~ N(0, 1)
+    assert torch.equal(base_draw, torch.exp(torch.randn(5, generator=torch.Generator().manual_seed(0))))
+    losses = 2.0 * j + 0.01 * np.arange(7)  # above J* at every level
+    s_obs = torch.tensor(grid * 1.05, dtype=torch.float32)  # each observation nearest to its own level
+    sched.observe(0, s_obs, torch.tensor(losses, dtype=torch.float32))
+    assert sched.density is None  # still in the warmup
+    sched.observe(1, s_obs, torch.tensor(losses, dtype=torch.float32))
+    u = np.log(grid)
+    w = weight.numpy(grid)
+    p = w * (losses - j)
+    p = p / np.trapezoid(p, u)
+    base = np.exp(-0.5 * u**2) / np.sqrt(2 * np.pi)
+    expected = 0.75 * p + 0.25 * base / np.trapezoid(base, u)
+    np.testing.assert_allclose(sched.density, expected, rtol=1e-6)  # float32 losses
+    # the next refresh averages the new window's means with the old (0.5 each)
+    sched.observe(2, s_obs, torch.tensor(3 * losses, dtype=torch.float32))
+    sched.observe(3, s_obs, torch.tensor(3 * losses, dtype=torch.float32))
+    np.testing.assert_allclose(sched.j_theta, 2 * losses, rtol=1e-6)
+    draws = sched.sample(1000, gen)
+    assert draws.min() >= grid[0] * (1 - 1e-6) and draws.max() <= grid[-1] * (1 + 1e-6)
+    # the baseline schedule has the objective's own weight: flow matching's (1 + s)^2 / s^2 on the x0-loss
+    plain = optimal_loss_schedule.NoiseSchedule("fm", grid, j)
+    s = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    assert torch.allclose(plain.weight(s), (1 + s) ** 2 / s**2)
+    with pytest.raises(ValueError, match="adaptive"):
+        optimal_loss_schedule.NoiseSchedule("edm", grid, j, adaptive=True)
 
 
 def test_reproduce_writes_the_docs_only_when_asked():
@@ -138,10 +182,11 @@ def test_reproduce_tiny(tmp_path, cache):
     docs = tmp_path / "rep"
     r = reproduce.main(["--seeds", "0", "--out", str(docs), "--cache", cache,
                         "--extra", "image=" + " ".join(TINY_IMAGE[:-2]), "mdm=" + " ".join(TINY_MDM[:-2]),
-                        "schedule=--steps 2 --batch-size 8 --n-samples 8", "jstar=6 16"])
+                        "schedule=--quick", "jstar=6 16"])
     assert (docs / "runs" / "sparse" / "eta0.0_seed0" / "summary.json").is_file()
     text = (docs / "RESULTS.md").read_text()
-    for heading in ("Sparse supervision", "Masked diffusion LM", "optimal loss", "Budget: `small`"):
+    for heading in ("Sparse supervision", "Masked diffusion LM", "optimal loss", "Budget: `small`",
+                    "Summary of the claims", "one-sided p", "seeds for 80% power", "non-inferior"):
         assert heading in text
     for name in ("sparse_metrics.png", "sparse_curves.png", "sparse_samples.png", "mdm_variance_accuracy.png",
                  "jstar_digits.png", "schedule_gap.png", "results_small.json"):
