@@ -205,7 +205,7 @@ def test_projected_gradients_are_unbiased(gen):
 
 
 def test_nested_components_match_a_direct_computation(gen):
-    """The formulas of METHODS.md and a jackknife by explicit deletion, written out with loops."""
+    """The formulas of docs/METHODS.md section 2.2 and a jackknife by explicit deletion, written out with loops."""
     y = torch.randn(7, 4, 3, generator=gen, dtype=torch.float64) + torch.randn(7, 1, 1, generator=gen,
                                                                                   dtype=torch.float64)
 

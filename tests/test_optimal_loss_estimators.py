@@ -1,7 +1,7 @@
 """estimate_curve: each estimator against a brute-force float64 definition, the Gaussian closed form,
 the limits in C, reproducibility, streaming from numpy / memmaps, and argument errors.
 
-The brute-force definitions below are written from METHODS.md section 3, per query, with
+The brute-force definitions below are written from docs/METHODS.md section 3, per query, with
 reference.posterior.posterior_stats or an explicit softmax; only the query draws (the documented RNG
 convention: estimators.block_draws) are shared with the implementation.
 """
