@@ -290,6 +290,36 @@ def test_knn_screen_falls_back_where_it_cannot_prove(device, monkeypatch, gen):
     assert (data[i[:3].cpu()] == data[7]).all()
 
 
+def pixel_data(N, D, gen):
+    """Images at pixel scale: every value near 128 (a spread of 0.5 per pixel), in near-duplicate pairs
+    ~1e-2 apart (in norm)."""
+    return (128.0 + 0.5 * near_duplicate_data(N, D, gen, spread=2e-2 / D**0.5)).float()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_screens_prove_pixel_scale_data_without_float64(device, monkeypatch, gen):
+    """Data far from the origin (pixels around 128): the screens centre queries and data before the
+    float32 GEMM, so their error bound follows the data's spread, not its offset, and every query is
+    proven without the float64 engine (uncentred, ||y||^2 ~ 1e7 made the bound, ~1e3, wider than every
+    gap between rows, ~3e2, here). The results are the exact ones."""
+    N, D, M = 600, 512, 24
+    data = pixel_data(N, D, gen)
+    src = torch.randint(0, N, (M,), generator=gen)
+    queries = data[src].double() + 1e-3 * torch.randn(M, D, generator=gen, dtype=torch.float64)
+    calls = []
+    real_knn, real_partial = nearest_neighbours.knn_chunk, float64_engine.chunk_partial
+    monkeypatch.setattr(nearest_neighbours, "knn_chunk", lambda *a: calls.append("knn") or real_knn(*a))
+    monkeypatch.setattr(float64_engine, "chunk_partial", lambda *a: calls.append("post") or real_partial(*a))
+    d, i = knn(queries.to(device), data.to(device), 4, precision="auto")
+    sigma = 0.5
+    out = posterior_mean(queries.to(device), data.to(device), sigma, return_stats=True, precision="auto")
+    assert calls == []
+    rd, ri = ref.knn(queries, data, 4)
+    torch.testing.assert_close(d.cpu(), rd, rtol=1e-12, atol=1e-9)
+    assert torch.equal(i.cpu(), ri)
+    assert_close_to_oracle(*out, queries, data, sigma)
+
+
 @pytest.mark.parametrize("precision", ["auto", "float64"])
 def test_many_query_blocks(precision, gen):
     M = streaming.default_block_sizes(10**9, torch.device("cpu"))[0] * 2 + 3  # three blocks, the last one short

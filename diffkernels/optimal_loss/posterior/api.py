@@ -15,7 +15,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .blocks import QueryBlock
+from .blocks import QueryBlock, screen_center
 from .checks import (SAFE_MAGNITUDE, check_chunk_size, check_data_finite, check_data_shift, check_exclude,
                      check_index_offset, check_inputs, check_logits_in_range, check_precision, check_sigma_range,
                      choose_scale, largest_magnitude, per_query)
@@ -23,7 +23,7 @@ from .float64_engine import Float64Engine
 from .nearest_neighbours import KnnFloat64Engine, KnnScreenEngine
 from .partials import PosteriorPartial, cat_partials, empty_partial, unscale_partial
 from .screen_engine import ScreenEngine
-from .streaming import DataSource, default_block_sizes
+from .streaming import DataSource, default_block_sizes, screen_chunk_rows
 
 __all__ = ["posterior_partial", "posterior_mean", "knn"]
 
@@ -33,13 +33,13 @@ Scalar = Union[float, Tensor]
 def _run(x: Tensor, sigma: Tensor, alpha: Tensor, bias: Optional[Tensor], exclude: Optional[Tensor],
          source: DataSource, engine: str, block: int) -> PosteriorPartial:
     """The partial of float64 queries ``x`` over ``source``: one engine per block of ``block`` queries."""
-    Engine = ScreenEngine if engine == "auto" else Float64Engine
+    center = screen_center(x / alpha[:, None]) if engine == "auto" else None
     engines = []
     for a in range(0, x.shape[0], block):
         b = slice(a, a + block)
         qb = QueryBlock.of(x[b], sigma=sigma[b], alpha=alpha[b], bias=None if bias is None else bias[b],
                            exclude=None if exclude is None else exclude[b])
-        engines.append(Engine(qb, source))
+        engines.append(ScreenEngine(qb, source, center) if engine == "auto" else Float64Engine(qb, source))
     source.feed(engines)
     return cat_partials([e.result() for e in engines])
 
@@ -60,6 +60,8 @@ def _scaled_partial(queries, data, sigma, alpha, exclude_index, index_offset, lo
     index_offset = check_index_offset(index_offset)
     shift = check_data_shift(data_shift, D, device)
     block, chunk = default_block_sizes(M, device)
+    if engine == "auto":
+        chunk = screen_chunk_rows(chunk, D, device)
     chunk = check_chunk_size(chunk_size) or chunk
     if M == 0:
         return empty_partial(0, D, device), 1.0
@@ -161,8 +163,12 @@ def posterior_mean(
 
 
 def _knn_run(x: Tensor, source: DataSource, engine: str, block: int, k: int) -> tuple[Tensor, Tensor]:
-    Engine = KnnScreenEngine if engine == "auto" else KnnFloat64Engine
-    engines = [Engine(QueryBlock.of(x[a:a + block]), source, k) for a in range(0, x.shape[0], block)]
+    if engine == "auto":
+        center = screen_center(x)
+        engines = [KnnScreenEngine(QueryBlock.of(x[a:a + block]), source, k, center)
+                   for a in range(0, x.shape[0], block)]
+    else:
+        engines = [KnnFloat64Engine(QueryBlock.of(x[a:a + block]), source, k) for a in range(0, x.shape[0], block)]
     source.feed(engines)
     results = [e.result() for e in engines]
     return torch.cat([d for d, _ in results]), torch.cat([i for _, i in results])
@@ -191,6 +197,8 @@ def knn(queries: Tensor, data: Tensor, k: int, *, chunk_size: Optional[int] = No
     device = queries.device
     engine = check_precision(precision, device)
     block, chunk = default_block_sizes(M, device)
+    if engine == "auto":
+        chunk = screen_chunk_rows(chunk, queries.shape[1], device)
     chunk = max(check_chunk_size(chunk_size) or chunk, k)
     dtype = torch.promote_types(queries.dtype, torch.float32)
     if M == 0:

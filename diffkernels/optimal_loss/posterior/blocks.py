@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .fp32_gemm import screen_error_factor, screen_operand
 
-__all__ = ["QueryBlock", "Chunk", "BlockEngine", "RowSource", "gather_rows"]
+__all__ = ["QueryBlock", "Chunk", "ScreenRows", "screen_center", "tile_buffer", "BlockEngine", "RowSource", "gather_rows"]
 
 R = TypeVar("R", covariant=True)
 
@@ -76,6 +76,52 @@ class RowSource(Protocol):
     def gather(self, index: Tensor, device: torch.device) -> Tensor: ...
 
 
+def tile_buffer(buffer: Optional[Tensor], shape: tuple[int, int], like: Tensor) -> tuple[Tensor, Tensor]:
+    """(buffer, a contiguous float32 view of ``shape`` into it): the screen's output tile, reused from
+    chunk to chunk (a fresh tile of several MiB per chunk costs as much in page faults as a GEMM pass)."""
+    need = shape[0] * shape[1]
+    if buffer is None or buffer.numel() < need:
+        buffer = torch.empty(need, dtype=torch.float32, device=like.device)
+    return buffer, buffer[:need].view(shape)
+
+
+def screen_center(points: Tensor) -> Optional[Tensor]:
+    """A float32 point to subtract from queries and data before the screening GEMM, or None.
+
+    Distances do not change under a common shift, but the screen's error bound scales with the norms
+    it multiplies: data far from the origin (images in [0, 255]: a mean of ~128 in every pixel) would
+    widen it by (offset / spread)^2. The mean of the block's ``points`` (b, D) float64 is used when it
+    dominates their spread around it (the subtraction costs one pass over each chunk).
+    """
+    if points.shape[0] == 0:
+        return None
+    mean = points.mean(dim=0)
+    if float(mean.square().sum()) <= 4.0 * float((points - mean).square().sum(dim=1).mean()):
+        return None
+    return mean.float()
+
+
+@dataclass
+class ScreenRows:
+    """Data rows (float32, possibly less a center) as the screening GEMM reads them: the right operand,
+    the float32 squared norms (the bias row of :func:`~.fp32_gemm.screen_distances`), and an upper
+    bound on every row's norm."""
+
+    operand: Tensor
+    ysq: Tensor
+    max_norm: Tensor
+
+    @classmethod
+    def of(cls, y32: Tensor) -> "ScreenRows":
+        norms = torch.linalg.vector_norm(y32, dim=1)  # one fast pass: norms, not products and sums
+        D = y32.shape[1]
+        # The float32 norm is within gamma(D) of the truth (squared), less up to D 2^-149 where float32
+        # squares underflow (tiny rows); inf or NaN where float32 overflows.
+        top = norms.max().double() if norms.numel() else norms.new_zeros((), dtype=torch.float64)
+        max_norm = ((top.square() + D * 2.0**-148) * (1.0 + screen_error_factor(D))).sqrt()
+        return cls(screen_operand(y32, left=False), norms.square_(), max_norm)
+
+
 class Chunk:
     """One chunk of data rows on the queries' device, in its stored dtype; the float64 copy (for the
     float64 engine) and the screening views (float32 rows and squared norms) are made on first use."""
@@ -84,6 +130,7 @@ class Chunk:
         # start: position of the first row in the data; first_index: its number for QueryBlock.exclude.
         self.rows, self.start, self.first_index, self.n = rows, start, first_index, rows.shape[0]
         self.storage_device = rows.device
+        self._centred: Optional[tuple[Tensor, "ScreenRows"]] = None
 
     @functools.cached_property
     def y(self) -> Tensor:
@@ -98,33 +145,44 @@ class Chunk:
         return self.rows.to(torch.float32)
 
     @functools.cached_property
+    def _screen_uncentred(self) -> "ScreenRows":
+        return ScreenRows.of(self.y32)
+
+    def screen_rows(self, center: Optional[Tensor] = None) -> "ScreenRows":
+        """The chunk's rows as the screen reads them, less ``center`` (a float32 (D,) vector; None: 0).
+        The last center's rows are kept, for the other query blocks that share it."""
+        if center is None:
+            return self._screen_uncentred
+        if self._centred is None or self._centred[0] is not center:
+            self._centred = (center, ScreenRows.of(self.y32 - center))
+        return self._centred[1]
+
+    @property
     def screen_operand(self) -> Tensor:
-        return screen_operand(self.y32, left=False)
+        return self._screen_uncentred.operand
 
-    @functools.cached_property
+    @property
     def ysq32(self) -> Tensor:  # squared norms for the screen only: their rounding is in its error bound
-        return torch.linalg.vector_norm(self.y32, dim=1).double().square_()
+        return self._screen_uncentred.ysq.double()
 
-    @functools.cached_property
+    @property
     def max_norm(self) -> Tensor:
-        """An upper bound on every row's norm: ysq32 is within gamma(D) relative of ||y||^2, less up to
-        D 2^-149 where float32 squares underflow (tiny rows); inf or NaN where float32 overflows."""
-        D = self.rows.shape[1]
-        return ((self.ysq32.max() + D * 2.0**-148) * (1.0 + screen_error_factor(D))).sqrt()
+        return self._screen_uncentred.max_norm
 
     def gather(self, index: Tensor, device: torch.device) -> Tensor:
         """Rows ``index`` (positions in this chunk) in float64."""
         return gather_rows(self.y, index, device)
 
-    def mask_excluded(self, logits: Tensor, block: QueryBlock) -> None:
-        """Set the logit of each query's excluded row to -inf where that row is in this chunk (in place)."""
+    def mask_excluded(self, logits: Tensor, block: QueryBlock, fill: float = float("-inf")) -> None:
+        """Set the logit of each query's excluded row to ``fill`` (-inf; +inf for distances) where that row
+        is in this chunk (in place)."""
         if block.exclude is None:
             return
         local = block.exclude - self.first_index
         # At most one excluded column per query; queries without one rewrite column 0 unchanged (no host sync).
         hit, col = (local >= 0) & (local < self.n), local.clamp(0, self.n - 1)
         current = logits.gather(1, col[:, None])
-        logits.scatter_(1, col[:, None], torch.where(hit[:, None], float("-inf"), current))
+        logits.scatter_(1, col[:, None], torch.where(hit[:, None], fill, current))
 
 
 class BlockEngine(Protocol[R]):

@@ -7,11 +7,13 @@ use :func:`screen_sq_error` to prove which rows they may drop.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
-__all__ = ["screen_error_factor", "screen_sq_error", "screen_operand", "screen_products", "fp32_accurate_mm",
-           "SCREEN_MAX_NORM", "SPLIT_TF32_ON_CPU"]
+__all__ = ["screen_error_factor", "screen_sq_error", "screen_operand", "screen_products", "screen_distances",
+           "fp32_accurate_mm", "SCREEN_MAX_NORM", "SPLIT_TF32_ON_CPU"]
 
 # Tests set this to run the CUDA path's 3xTF32 splitting on the CPU (TF32 rounding emulated).
 SPLIT_TF32_ON_CPU = False
@@ -26,7 +28,9 @@ def screen_error_factor(D: int) -> float:
 
     Measured worst cases (float32 BLAS and emulated 3xTF32, D = 64..12288, signed and all-positive
     data): 7 and 21 units of 2^-24. The bound is 2^-24 (256 + D), 10-100x above them and above the
-    classical worst case of blocked summation; a loose bound only widens the screening margin.
+    classical worst case of blocked summation (D units); the 256 also covers the few roundings of a
+    screened distance outside the dot product (the float32 conversions, the norm and its square, the
+    fused add of :func:`screen_distances`). A loose bound only widens the screening margin.
     """
     return 2.0**-24 * (256 + D)
 
@@ -71,6 +75,19 @@ def screen_products(left: Tensor, right: Tensor) -> Tensor:
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
         return left @ right.T
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def screen_distances(ysq: Tensor, left: Tensor, right: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """ysq[None, :] - 2 left @ right.T in float32, by one fused GEMM (addmm, into ``out`` if given):
+    screened squared distances less ||left||^2, the same for every row of a query (no ranking changes)."""
+    if left.device.type != "cuda":
+        return torch.addmm(ysq[None, :], left, right.T, alpha=-2.0, out=out)
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        return torch.addmm(ysq[None, :], left, right.T, alpha=-2.0, out=out)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
 

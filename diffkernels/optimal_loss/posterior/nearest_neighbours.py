@@ -10,11 +10,13 @@ are recomputed by the float64 engine over all the data.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
-from .blocks import Chunk, QueryBlock
-from .fp32_gemm import screen_operand, screen_products, screen_sq_error
+from .blocks import Chunk, QueryBlock, tile_buffer
+from .fp32_gemm import screen_distances, screen_operand, screen_sq_error
 from .streaming import DataSource, merge_best, tile_elements
 
 __all__ = ["KnnFloat64Engine", "KnnScreenEngine", "knn_chunk", "KNN_EXTRA"]
@@ -56,13 +58,21 @@ class KnnFloat64Engine:
 
 
 class KnnScreenEngine:
-    """Screen and refine for knn (module docstring); the same result as :class:`KnnFloat64Engine`."""
+    """Screen and refine for knn (module docstring); the same result as :class:`KnnFloat64Engine`.
+    ``center``: a float32 point subtracted from queries and data before the screen (:func:`screen_center`
+    of all the queries, shared by every block so that each chunk is centred once)."""
 
-    def __init__(self, block: QueryBlock, source: DataSource, k: int):
+    chunk_outer = True  # DataSource.feed: each chunk to every block in turn
+
+    def __init__(self, block: QueryBlock, source: DataSource, k: int, center: Optional[Tensor] = None):
         self.block, self.source, self.k = block, source, k
         self.candidates = k + KNN_EXTRA
-        self.operand = screen_operand(block.x.float(), left=True)
-        self.x_norm = block.x.norm(dim=1)
+        self.center = center
+        self.tile: Optional[Tensor] = None
+        x = block.x if self.center is None else block.x - self.center.double()
+        self.operand = screen_operand(x.float(), left=True)
+        self.x_norm = torch.linalg.vector_norm(x, dim=1)
+        self.xsq = self.x_norm.square()
         self.best_d = block.x.new_empty(block.size, 0)
         self.best_i = torch.zeros_like(block.x, dtype=torch.int64)[:, :0]
         self.error = torch.zeros_like(block.xsq)
@@ -70,10 +80,14 @@ class KnnScreenEngine:
     def add(self, ch: Chunk) -> None:
         """Phase 1: each query's best screened rows over all chunks, and the screen's error bound e (b,)."""
         keep = self.candidates + 1
-        products = screen_products(self.operand, ch.screen_operand)
-        approx = (self.block.xsq[:, None] + ch.ysq32[None, :]).sub_(products.double(), alpha=2.0)
+        # Ranked in float32 on ||y||^2 - 2 x.y (the fused GEMM's output, no other pass over the tile);
+        # only the kept candidates get ||x||^2 added, in float64.
+        rows = ch.screen_rows(self.center)
+        self.tile, out = tile_buffer(self.tile, (self.block.size, ch.n), self.operand)
+        approx = screen_distances(rows.ysq, self.operand, rows.operand, out=out)
         d, i = torch.topk(approx, min(keep, ch.n), dim=1, largest=False, sorted=False)
-        self.error = torch.maximum(self.error, screen_sq_error(ch.rows.shape[1], self.x_norm, 1.0, ch.max_norm))
+        d = d.double().add_(self.xsq[:, None])
+        self.error = torch.maximum(self.error, screen_sq_error(ch.rows.shape[1], self.x_norm, 1.0, rows.max_norm))
         self.best_d, self.best_i = merge_best(self.best_d, self.best_i, d, i + ch.start, keep, largest=False)
 
     def result(self) -> tuple[Tensor, Tensor]:

@@ -15,14 +15,15 @@ of them fail the proof, the whole block uses the float64 engine from the start.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .blocks import Chunk, QueryBlock
+from .blocks import Chunk, QueryBlock, tile_buffer
 from .float64_engine import Float64Engine, exact_rows_partial
-from .fp32_gemm import screen_operand, screen_products, screen_sq_error
+from .fp32_gemm import screen_distances, screen_operand, screen_sq_error
 from .partials import PosteriorPartial, empty_partial, patch_partial
 from .streaming import DataSource, merge_best
 
@@ -42,24 +43,47 @@ PROBE_QUERIES = 32
 MAX_FALLBACK_FRACTION = 0.15
 
 
-def screen_chunk(block: QueryBlock, operand: Tensor, ax_norm: Tensor, ch: Chunk) -> tuple[Tensor, Tensor, Tensor]:
+@dataclass
+class ScreenQueries:
+    """A query block as the screen reads it. The logit of row y is -alpha^2 ||u - (y - c)||^2 / (2 sigma^2)
+    with u = x / alpha - c (c: the screen's center, or 0), so ranking each query's rows needs only
+    ||y - c||^2 - 2 u.(y - c): one fused float32 GEMM, no other pass over the tile."""
+
+    operand: Tensor  # u as a screen operand
+    u_norm: Tensor  # (b,) ||u||
+    usq: Tensor  # (b,) ||u||^2
+    center: Optional[Tensor]
+
+    @classmethod
+    def of(cls, block: QueryBlock, center: Optional[Tensor]) -> "ScreenQueries":
+        u = block.x / block.alpha[:, None]
+        if center is not None:
+            u = u - center.double()
+        norm = torch.linalg.vector_norm(u, dim=1)
+        return cls(screen_operand(u.float(), left=True), norm, norm.square(), center)
+
+    def select(self, rows: slice) -> "ScreenQueries":
+        return ScreenQueries(self.operand[rows], self.u_norm[rows], self.usq[rows], self.center)
+
+
+def screen_chunk(block: QueryBlock, q: ScreenQueries, ch: Chunk, tile: Optional[Tensor] = None
+                 ) -> tuple[Tensor, Tensor, Tensor]:
     """Screened logits of one chunk: each query's SCREEN_TOP + 1 best (values (b, <= 17), descending;
     their row positions in the data) and the bound E (b,) on every screened logit's error.
 
-    ``operand``: the block's ``ax`` as a screen operand; ``ax_norm``: its row norms. The screening
-    distances ||x||^2 + a^2 ||y||^2 - 2 (a x).y take x.y from one fp32-accurate GEMM and ||y||^2 in
-    float32, so each logit is within E = gamma(D) (2 ||a x|| + a^2 max ||y||) max ||y|| / (2 sigma^2)
-    of the truth (the bias shifts every row of a query alike and is left out).
+    The screened ||u - (y - c)||^2 takes u.(y - c) from one fp32-accurate GEMM and ||y - c||^2 in
+    float32, so each logit is within E = alpha^2 gamma(D) (2 ||u|| + M) M / (2 sigma^2) of the truth,
+    M = max ||y - c|| (the bias shifts every row of a query alike and is left out). ``tile``: an
+    optional (b, n) float32 buffer for the GEMM's output.
     """
-    inv_two_var, alpha = block.inv_two_var, block.alpha
-    products = screen_products(operand, ch.screen_operand)
-    dist = (block.xsq[:, None] + alpha.square()[:, None] * ch.ysq32[None, :]).sub_(products.double(), alpha=2.0)
-    del products
-    logits = dist.clamp_min_(0.0).mul_(-inv_two_var[:, None])
-    ch.mask_excluded(logits, block)
-    error = screen_sq_error(ch.rows.shape[1], ax_norm, alpha.square(), ch.max_norm) * inv_two_var
-    vals, index = logits.topk(min(SCREEN_TOP + 1, ch.n), dim=1)
-    return vals, index + ch.start, error
+    rows = ch.screen_rows(q.center)
+    dist = screen_distances(rows.ysq, q.operand, rows.operand, out=tile)
+    ch.mask_excluded(dist, block, float("inf"))
+    vals, index = dist.topk(min(SCREEN_TOP + 1, ch.n), dim=1, largest=False)
+    scale = block.alpha.square() * block.inv_two_var  # logit = -scale * ||u - (y - c)||^2
+    logits = vals.double().add_(q.usq[:, None]).clamp_min_(0.0).mul_(-scale[:, None])
+    error = screen_sq_error(ch.rows.shape[1], q.u_norm, 1.0, rows.max_norm) * scale
+    return logits, index + ch.start, error
 
 
 def proven(vals: Tensor, error: Tensor) -> Tensor:
@@ -72,17 +96,20 @@ def proven(vals: Tensor, error: Tensor) -> Tensor:
     if vals.shape[1] <= SCREEN_TOP:  # no other rows (unless the screen was out of its range: inf error)
         return torch.isfinite(error)
     ok = vals[:, SCREEN_TOP] + (2.0 * error + NEGLIGIBLE_NATS) < vals[:, 0]
-    return ok | (vals[:, 0] == float("-inf"))  # every row excluded: nothing to add
+    # Every row excluded: nothing to add (but not rows whose screened distances overflowed: inf error).
+    return ok | ((vals[:, 0] == float("-inf")) & torch.isfinite(error))
 
 
 class ScreenEngine:
     """Screen and refine for one query block (module docstring); ``source`` is read again, by the
     float64 engine, for the queries the refine cannot prove."""
 
-    def __init__(self, block: QueryBlock, source: DataSource):
+    chunk_outer = True  # DataSource.feed: each chunk to every block in turn
+
+    def __init__(self, block: QueryBlock, source: DataSource, center: Optional[Tensor] = None):
         self.block, self.source = block, source
-        self.operand = screen_operand(block.ax.float(), left=True)
-        self.ax_norm = block.ax.norm(dim=1)
+        self.screen = ScreenQueries.of(block, center)
+        self.tile: Optional[Tensor] = None
         # Phase 1 state: each query's best screened logits and their rows, the largest error bound
         # and the largest row norm seen.
         self.cand_val = block.x.new_empty(block.size, 0)
@@ -98,17 +125,18 @@ class ScreenEngine:
             size = min(PROBE_QUERIES, self.block.size // 8)
             if size:  # a spread posterior on a few queries of the first chunk: the whole block in float64
                 s = slice(0, size)
-                vals, _, error = screen_chunk(self.block.select(s), self.operand[s], self.ax_norm[s], ch)
+                vals, _, error = screen_chunk(self.block.select(s), self.screen.select(s), ch)
                 if 1.0 - float(proven(vals, error).double().mean()) > MAX_FALLBACK_FRACTION:
                     self.fallback = Float64Engine(self.block)
         if self.fallback is not None:
             self.fallback.add(ch)
             return
-        vals, rows, error = screen_chunk(self.block, self.operand, self.ax_norm, ch)
+        self.tile, out = tile_buffer(self.tile, (self.block.size, ch.n), self.screen.operand)
+        vals, rows, error = screen_chunk(self.block, self.screen, ch, out)
         self.cand_val, self.cand_row = merge_best(self.cand_val, self.cand_row, vals, rows, SCREEN_TOP + 1,
                                                   largest=True)
         self.error = torch.maximum(self.error, error)
-        self.max_norm = torch.maximum(self.max_norm, ch.max_norm)
+        self.max_norm = torch.maximum(self.max_norm, ch.screen_rows(self.screen.center).max_norm)
 
     def result(self) -> PosteriorPartial:
         if self.fallback is not None:

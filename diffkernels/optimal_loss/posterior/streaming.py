@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .blocks import BlockEngine, Chunk, gather_rows
 
-__all__ = ["DataSource", "default_block_sizes", "merge_best", "TILE_ELEMENTS_CPU", "TILE_ELEMENTS_CUDA"]
+__all__ = ["DataSource", "default_block_sizes", "screen_chunk_rows", "merge_best", "TILE_ELEMENTS_CPU", "TILE_ELEMENTS_CUDA"]
 
 # Elements of one (queries x chunk) float64 logit tile: bounds the memory beyond the outputs.
 TILE_ELEMENTS_CUDA = 1 << 25  # 256 MiB of float64
@@ -39,6 +39,12 @@ def default_block_sizes(M: int, device: torch.device) -> tuple[int, int]:
 
 def tile_elements(device: torch.device) -> int:
     return TILE_ELEMENTS_CUDA if device.type == "cuda" else TILE_ELEMENTS_CPU
+
+
+def screen_chunk_rows(chunk: int, D: int, device: torch.device) -> int:
+    """Data rows per chunk for the float32 screens: also at most a tile of chunk x D elements, so the
+    chunk's float32 (centred) rows stay small and are reused by every query block."""
+    return min(chunk, max(256, tile_elements(device) // max(1, D)))
 
 
 class DataSource:
@@ -66,17 +72,21 @@ class DataSource:
                 rows = rows.to(torch.float64) * (1.0 / self.scale)  # a power of two: exact
             if start not in self._measured:  # each chunk once, however many blocks read it
                 self._measured.add(start)
-                big = rows.abs().amax().to(torch.float64)
+                # max |value| in one fast read pass (no |rows| copy); NaN if the chunk holds one.
+                lo, hi = torch.aminmax(rows)
+                big = torch.maximum(hi, -lo).to(torch.float64)
                 self.largest = big if self.largest is None else torch.maximum(self.largest, big)  # keeps NaN
             yield Chunk(rows, start, self.first_index + start)
 
     def feed(self, engines: Sequence[BlockEngine]) -> None:
         """Give every chunk to every engine, in data order for each engine, moving each chunk once."""
-        if self.data.device == self.device:  # data resident: query blocks outside, so each block streams long chunks
+        chunk_outer = all(getattr(e, "chunk_outer", False) for e in engines)
+        if self.data.device == self.device and not chunk_outer:
+            # data resident: query blocks outside, so each block streams long chunks
             for engine in engines:
                 for ch in self.chunks():
                     engine.add(ch)
-        else:  # data elsewhere (host memory): move each chunk once and use it for every block
+        else:  # data elsewhere (host memory), or screens sharing a chunk's float32 rows: each chunk once
             for ch in self.chunks():
                 for engine in engines:
                     engine.add(ch)
