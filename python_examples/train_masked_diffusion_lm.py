@@ -128,10 +128,11 @@ class Method:
         return "+".join(parts)
 
 
-def training_loss(model: TinyTransformer, masked, ids: Tensor, importance: Optional[Tensor] = None) -> Tensor:
+def training_loss(model: TinyTransformer, masked, ids: Tensor, importance: Optional[Tensor] = None,
+                  row_clamp: Optional[float] = None) -> Tensor:
     """The MDM loss through the fused masked cross-entropy from hidden states and the LM head."""
     return masked_diffusion_loss(masked, ids, hidden=model.hidden(masked.noisy_ids), lm_head_weight=model.head.weight,
-                                 importance=importance)
+                                 importance=importance, row_clamp=row_clamp)
 
 
 @torch.no_grad()
@@ -216,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppots-examples", type=int, default=16, help="examples per grid point (paper: 15)")
     p.add_argument("--ppots-masks", type=int, default=16, help="masks per example and grid point (paper: 15)")
     p.add_argument("--ppots-mix", type=float, default=0.1, help="mix the P-POTS density with this much uniform")
+    p.add_argument("--ppots-reference", action="store_true",
+                   help="the P-POTS reference code's recipe: t ~ p(t) without the 1/p(t) weight, each sequence's loss "
+                        "clamped at 10 (a biased objective; for comparison with that code)")
     p.add_argument("--var-nx", type=int, default=24, help="variance decomposition: examples")
     p.add_argument("--var-nt", type=int, default=6, help="variance decomposition: rates per example")
     p.add_argument("--var-nm", type=int, default=4, help="variance decomposition: masks per rate")
@@ -257,7 +261,9 @@ def _run_steps(model, opt, task, method, sampler, args, device, first, count, de
         lr = args.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / total))
         for group in opt.param_groups:
             group["lr"] = lr
-        loss = training_loss(model, masked, ids, importance=w)
+        # the reference recipe (a P-POTS sampler without 1/p weights) clamps each sequence's loss at 10
+        clamp = 10.0 if isinstance(sampler, PPOTSSampler) and not sampler.importance_weights else None
+        loss = training_loss(model, masked, ids, importance=w, row_clamp=clamp)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -296,9 +302,10 @@ def train(args: argparse.Namespace, *, shared: Optional[dict] = None, verbose: b
         grid = ppots_grid(model, pool, eligible, method, T=args.ppots_grid, a=args.ppots_examples,
                           c=args.ppots_masks, seed=args.seed)
         fit = fit_epr(grid, restarts=4, seed=args.seed)
-        sampler = PPOTSSampler.from_fit(fit, mix=args.ppots_mix)
+        sampler = PPOTSSampler.from_fit(fit, mix=args.ppots_mix, importance_weights=not args.ppots_reference)
         ppots = {"t": grid.t.tolist(), "g": grid.g.tolist(), "v": grid.v.tolist(), "w": grid.w.tolist(),
-                 "fit": fit.params, "fit_kl": fit.kl, "fit_r2": fit.r2, "mix": args.ppots_mix}
+                 "fit": fit.params, "fit_kl": fit.kl, "fit_r2": fit.r2, "mix": args.ppots_mix,
+                 "reference_recipe": args.ppots_reference}
 
     t_var = time.perf_counter()
     var_kw = dict(n_x=args.var_nx, n_t=args.var_nt, n_m=args.var_nm, seed=fold_seed(args.seed, 5),

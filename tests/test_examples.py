@@ -100,6 +100,12 @@ def test_masked_diffusion_lm(tmp_path):
     assert s["ppots"] is not None and len(s["ppots"]["w"]) == 3
 
 
+def test_masked_diffusion_lm_ppots_reference_recipe(tmp_path):
+    s = train_masked_diffusion_lm.main(TINY_MDM + ["--t-sampler", "ppots", "--ppots-reference",
+                                                   "--out", str(tmp_path / "ref")])
+    assert s["ppots"]["reference_recipe"] is True and all(np.isfinite(s["losses"]))
+
+
 def test_masked_diffusion_lm_stratified(tmp_path):
     s = train_masked_diffusion_lm.main(TINY_MDM + ["--t-sampler", "stratified", "--out", str(tmp_path / "s")])
     assert s["method"] == "stratified" and s["ppots"] is None
