@@ -111,8 +111,12 @@ def _words_to_uniform(word: torch.Tensor) -> torch.Tensor:
 
 def uniform(seed: int, index: torch.Tensor) -> torch.Tensor:
     """``U(seed, index)`` as float32, elementwise for an integer tensor of indices >= 0."""
+    if not isinstance(index, torch.Tensor):
+        raise TypeError(f"index must be a torch.Tensor, got {type(index).__name__}")
     if index.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"index must be an int32 or int64 tensor, got {index.dtype}")
+    if index.is_meta:
+        raise ValueError("index: meta tensors are not supported")
     index = index.to(torch.int64)
     if index.numel() and bool((index < 0).any()):
         raise ValueError("index must be non-negative")

@@ -491,3 +491,24 @@ def test_strided_targets_and_coef_of_the_masked_ce(backend_device):
     bias = torch.zeros(2 * V, device=device)[::2]
     got = masked_cross_entropy(targets, coef, hidden=hidden, lm_head_weight=weight, lm_head_bias=bias)
     torch.testing.assert_close(got.double(), expected, rtol=2e-5, atol=0)
+
+
+def test_mask_tokens_accepts_a_numpy_integer_mask_id():
+    import numpy as np
+
+    ids = torch.randint(0, 50, (2, 16))
+    p = torch.tensor([0.3, 0.7])
+    a = mask_tokens(ids, p, 5, mask_id=np.int64(99))
+    b = mask_tokens(ids, p, 5, mask_id=99)
+    assert torch.equal(a.noisy_ids, b.noisy_ids) and torch.equal(a.masked, b.masked)
+    with pytest.raises(TypeError, match="mask_id"):
+        mask_tokens(ids, p, 5, mask_id=99.0)
+
+
+def test_uniform_rejects_meta_indices_clearly():
+    from diffkernels.rng import uniform
+
+    with pytest.raises(ValueError, match="meta tensors are not supported"):
+        uniform(3, torch.arange(8, device="meta"))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        uniform(3, [1, 2, 3])

@@ -145,8 +145,9 @@ def mask_tokens(
     device = input_ids.device
     seed = check_seed(seed)
     check_choice(mode, "mode", MODES)
-    if isinstance(mask_id, bool) or not isinstance(mask_id, int):
-        raise TypeError(f"mask_id must be an int, got {type(mask_id).__name__}")
+    if isinstance(mask_id, bool) or not isinstance(mask_id, numbers.Integral):
+        raise TypeError(f"mask_id must be an integer (Python int or numpy integer), got {type(mask_id).__name__}")
+    mask_id = int(mask_id)
     info = torch.iinfo(input_ids.dtype)
     if not info.min <= mask_id <= info.max:
         raise ValueError(f"mask_id {mask_id} does not fit in input_ids' dtype {input_ids.dtype}")
