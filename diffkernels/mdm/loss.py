@@ -137,10 +137,11 @@ def masked_diffusion_loss(
     ``normalizer``:
     * ``"row"`` (docs/METHODS.md): divide l_b by the row's eligible count P_b, average over the B rows;
     * ``"batch"``: sum over the batch divided by the batch's total eligible count;
-    * ``"global"``: sum divided by ``num_tokens``, a count you fix for the whole optimizer step
-      (e.g. the eligible tokens of the global batch over all micro-batches and ranks), so the
-      gradient does not change with gradient accumulation or data-parallel size. Sum the losses
-      of the micro-batches (do not average them).
+    * ``"global"``: sum divided by ``num_tokens``, a count you fix for the whole optimizer step,
+      so the gradient does not change with gradient accumulation or data-parallel size: in one
+      process, the eligible tokens of all its micro-batches; under DDP/FSDP, which average the
+      ranks' gradients, the eligible tokens of the global batch divided by the world size. Sum
+      the losses of the micro-batches (do not average them).
     ``row_clamp``: clamp each l_b (after normalisation) at this finite value >= 0; clamped rows
     get no gradient. Biased; needs ``normalizer="row"``; costs a second pass over the masked tokens.
 
