@@ -71,6 +71,28 @@ def sparse_mse_loss(
     ``create_graph=True`` its backward is itself differentiable (gradient penalties, gradgradcheck).
 
     All tensors must be on one device; meta tensors are rejected outside fake-tensor tracing.
+
+    Examples:
+        >>> import torch
+        >>> from diffkernels import sparse_mask, sparse_mse_loss
+        >>> x = torch.tensor([[1., 2., 3., 4.], [4., 3., 2., 1.]])
+        >>> sparse_mask(x.shape, 0.5, seed=8)  # the elements this seed keeps
+        tensor([[ True,  True,  True,  True],
+                [ True,  True, False, False]])
+        >>> sparse_mse_loss(x, torch.zeros_like(x), 0.5, seed=8, reduction="none")  # sum kept / (4 * 0.5)
+        tensor([15.0000, 12.5000])
+
+        In training: a fresh seed every step, and gradients only where elements are kept.
+
+        >>> pred = torch.randn(2, 3, 4, 4, requires_grad=True)
+        >>> target = torch.randn(2, 3, 4, 4)
+        >>> loss = sparse_mse_loss(pred, target, mask_ratio=0.75, seed=1234)
+        >>> loss.shape, loss.dtype
+        (torch.Size([]), torch.float32)
+        >>> loss.backward()
+        >>> keep = sparse_mask(pred.shape, 0.75, seed=1234)
+        >>> bool(((pred.grad != 0) == keep).all())
+        True
     """
     check_float_tensor(pred, "pred")
     check_float_tensor(target, "target")
@@ -108,7 +130,17 @@ def sparse_mse_loss(
 
 
 def sparse_mask(shape, mask_ratio: float, seed: int, *, granularity: str = "element", device=None) -> Tensor:
-    """The boolean keep-mask that ``sparse_mse_loss`` uses for a tensor of ``shape`` (True = kept)."""
+    """The boolean keep-mask that ``sparse_mse_loss`` uses for a tensor of ``shape`` (True = kept).
+
+    Examples:
+        >>> from diffkernels import sparse_mask
+        >>> keep = sparse_mask((2, 3, 4, 4), 0.75, seed=3)
+        >>> keep.shape, keep.dtype
+        (torch.Size([2, 3, 4, 4]), torch.bool)
+        >>> pixel = sparse_mask((2, 3, 4, 4), 0.75, seed=3, granularity="pixel")
+        >>> bool((pixel == pixel[:, :1]).all())  # one draw per pixel, shared by its 3 channels
+        True
+    """
     shape = torch.Size(shape)
     if len(shape) < 1:
         raise ValueError("shape must have a batch dimension")
@@ -132,7 +164,21 @@ class SparseMSELoss(torch.nn.Module):
     """Module form of :func:`sparse_mse_loss`; ``forward(pred, target, seed, weight=None)``.
 
     Derive a fresh seed every step (e.g. ``diffkernels.fold_seed(base_seed, step, rank)``):
-    the same seed gives the same mask.
+    the same seed gives the same mask. The constructor's arguments are those of
+    :func:`sparse_mse_loss`.
+
+    Examples:
+        >>> import torch
+        >>> from diffkernels import SparseMSELoss, fold_seed
+        >>> criterion = SparseMSELoss(mask_ratio=0.75)
+        >>> criterion
+        SparseMSELoss(mask_ratio=0.75, granularity='element', normalize='expected', reduction='mean')
+        >>> pred, target = torch.randn(2, 3, 4, 4, requires_grad=True), torch.randn(2, 3, 4, 4)
+        >>> step, rank = 0, 0
+        >>> loss = criterion(pred, target, seed=fold_seed(1234, step, rank))
+        >>> loss.backward()
+        >>> loss.shape, pred.grad.shape
+        (torch.Size([]), torch.Size([2, 3, 4, 4]))
     """
 
     def __init__(self, mask_ratio: float, *, granularity: str = "element", normalize: str = "expected",
@@ -146,6 +192,18 @@ class SparseMSELoss(torch.nn.Module):
         self.granularity, self.normalize, self.reduction, self.backward = granularity, normalize, reduction, backward
 
     def forward(self, pred: Tensor, target: Tensor, seed: int, weight: Optional[Tensor] = None) -> Tensor:
+        """The sparse MSE of ``pred`` against ``target`` with this module's settings.
+
+        Args:
+            pred: (B, ...) floating-point prediction; with ``granularity="pixel"``, (B, C, ...).
+            target: the regression target, same shape, dtype and device as ``pred``.
+            seed: any integer; it fixes the keep-mask (use a new one every step).
+            weight: optional (B,) per-sample weights.
+
+        Returns:
+            A 0-d tensor for ``reduction="mean"`` or ``"sum"``, the (B,) per-sample losses for
+            ``"none"``; float32 for half, bfloat16 and float32 inputs, float64 for float64.
+        """
         return sparse_mse_loss(pred, target, self.mask_ratio, seed, weight=weight, granularity=self.granularity,
                                normalize=self.normalize, reduction=self.reduction, backward=self.backward)
 
