@@ -99,7 +99,18 @@ def default(device: torch.device) -> str:
 
 @contextlib.contextmanager
 def use_backend(name: str | None):
-    """Force a backend inside a ``with`` block (``None`` restores the defaults); thread-local."""
+    """Force a backend inside a ``with`` block (``None`` restores the defaults); thread-local.
+
+    ``name``: one of ``"triton"``, ``"cuda"``, ``"cpp"``, ``"torch"`` (the plain-PyTorch
+    reference). An op whose tensors the forced backend cannot take raises a RuntimeError.
+
+    Examples:
+        >>> from diffkernels import sparse_mask, use_backend
+        >>> with use_backend("torch"):  # the reference implementation
+        ...     reference = sparse_mask((2, 8), 0.5, seed=1)
+        >>> bool((reference == sparse_mask((2, 8), 0.5, seed=1)).all())  # the default backend agrees bit for bit
+        True
+    """
     if name is not None and name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
     previous = getattr(_override, "name", None)
@@ -111,7 +122,21 @@ def use_backend(name: str | None):
 
 
 def backends() -> dict:
-    """What each backend can do here, and which one runs by default per device."""
+    """What each backend can do here, and which one runs by default per device.
+
+    Returns a dict: for each backend name, ``"available..."`` or the reason it cannot run; under
+    ``"default"``, the backend used per device type; under ``"forced"``, a forced backend if any.
+
+    Examples:
+        >>> from diffkernels import backends
+        >>> report = backends()
+        >>> {"triton", "cuda", "cpp", "torch", "default"} <= set(report)
+        True
+        >>> report["torch"]
+        'available (plain-PyTorch reference)'
+        >>> report["default"]["cpu"] in ("cpp", "torch")
+        True
+    """
     cpu = torch.device("cpu")
     gpu = torch.device("cuda")
     _native.load()
