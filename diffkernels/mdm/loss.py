@@ -43,6 +43,28 @@ def masked_cross_entropy(
     a ValueError for CPU tensors, an asynchronous device-side assert for CUDA tensors. All tensors
     must be on one device (meta tensors are rejected outside fake-tensor tracing). No tokens give
     a loss of 0. The gradients are computed once, as constants: no second-order gradients.
+
+    Examples:
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from diffkernels.mdm import masked_cross_entropy
+        >>> logits = torch.randn(4, 10, requires_grad=True)  # 4 tokens, vocabulary of 10
+        >>> targets = torch.tensor([1, 2, 3, 4])
+        >>> coef = torch.tensor([1.0, 0.0, 0.5, 0.0])  # tokens 1 and 3 carry no loss
+        >>> loss = masked_cross_entropy(targets, coef, logits=logits)
+        >>> reference = (coef * F.cross_entropy(logits, targets, reduction="none")).sum()
+        >>> bool(torch.allclose(loss, reference))
+        True
+        >>> loss.backward()
+        >>> bool((logits.grad[1] == 0).all())  # no gradient where coef is 0
+        True
+
+        From the hidden states and the LM head, without the logits of the other tokens:
+
+        >>> hidden, head = torch.randn(4, 8), torch.randn(10, 8)
+        >>> loss = masked_cross_entropy(targets, coef, hidden=hidden, lm_head_weight=head)
+        >>> bool(torch.allclose(loss, masked_cross_entropy(targets, coef, logits=hidden @ head.T)))
+        True
     """
     flat_targets, flat_coef, source, name = _check_inputs(targets, coef, logits, hidden, lm_head_weight,
                                                           lm_head_bias, chunk_size)
@@ -146,6 +168,26 @@ def masked_diffusion_loss(
     get no gradient. Biased; needs ``normalizer="row"``; costs a second pass over the masked tokens.
 
     An empty batch (B = 0, L = 0 or no eligible token) gives a loss of 0.
+
+    Examples:
+        >>> import math
+        >>> import torch
+        >>> from diffkernels.mdm import mask_tokens, masked_diffusion_loss
+        >>> ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
+        >>> masked = mask_tokens(ids, 0.5, seed=0, mask_id=0)  # masks 2 tokens of row 0, 3 of row 1
+        >>> logits = torch.zeros(2, 6, 20, requires_grad=True)  # a model that predicts uniformly
+        >>> loss = masked_diffusion_loss(masked, ids, logits=logits)
+        >>> round(loss.item(), 4), round((2 * 2 / 6 + 3 * 2 / 6) / 2 * math.log(20), 4)  # mean over rows of sum(CE / p) / P
+        (2.4964, 2.4964)
+        >>> loss.backward()
+
+        With a model's hidden states and LM head (the logits of unmasked tokens are never formed):
+
+        >>> hidden = torch.randn(2, 6, 8, requires_grad=True)
+        >>> head = torch.randn(20, 8, requires_grad=True)
+        >>> loss = masked_diffusion_loss(masked, ids, hidden=hidden, lm_head_weight=head)
+        >>> bool(torch.allclose(loss, masked_diffusion_loss(masked, ids, logits=hidden @ head.T)))
+        True
     """
     if not isinstance(masked, MaskedTokens):
         raise TypeError("masked must be the MaskedTokens returned by diffkernels.mdm.mask_tokens")

@@ -33,6 +33,13 @@ class MaskedTokens:
         was passed in, not a copy). source_row (R,) int64: its input row.
 
     Per-sequence loss (docs/METHODS.md): l_b = sum_rows(row_weight * sum_l weights * CE) / eligible_count.
+
+    Examples:
+        >>> import torch
+        >>> from diffkernels.mdm import mask_tokens
+        >>> m = mask_tokens(torch.tensor([[5, 6, 7, 8]]), 0.5, seed=0, mask_id=0, mode="mirror")
+        >>> m.noisy_ids.shape, m.masked.dtype, m.row_weight, m.source_row
+        (torch.Size([2, 4]), torch.bool, tensor([0.5000, 0.5000]), tensor([0, 0]))
     """
 
     noisy_ids: Tensor
@@ -135,6 +142,37 @@ def mask_tokens(
     The masks are bit-identical across the Triton, C++ and reference backends. The check that
     eligible tokens do not already equal ``mask_id`` runs on CPU tensors only (it would need a
     host sync on the GPU).
+
+    Examples:
+        >>> import torch
+        >>> from diffkernels.mdm import mask_tokens
+        >>> ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
+        >>> m = mask_tokens(ids, 0.5, seed=0, mask_id=0)
+        >>> m.noisy_ids
+        tensor([[ 5,  0,  7,  8,  0, 10],
+                [11,  0,  0, 14,  0, 16]])
+        >>> m.weights  # 1/p at the masked tokens
+        tensor([[0., 2., 0., 0., 2., 0.],
+                [0., 2., 2., 0., 2., 0.]])
+
+        MIRROR: a second copy of each row from the same uniforms (at p = 1/2, the complement).
+
+        >>> m = mask_tokens(ids, 0.5, seed=0, mask_id=0, mode="mirror")
+        >>> m.noisy_ids
+        tensor([[ 5,  0,  7,  8,  0, 10],
+                [11,  0,  0, 14,  0, 16],
+                [ 0,  6,  0,  0,  9,  0],
+                [ 0, 12, 13,  0, 15,  0]])
+        >>> m.row_weight, m.source_row
+        (tensor([0.5000, 0.5000, 0.5000, 0.5000]), tensor([0, 1, 0, 1]))
+
+        Per-row rates (e.g. p = t from a t-sampler) and a prompt that is never masked:
+
+        >>> p = torch.tensor([0.3, 0.8])
+        >>> prompt = torch.tensor([True, True, False, False, False, False])
+        >>> m = mask_tokens(ids, p, seed=1, mask_id=0, eligible=~prompt.expand(2, 6))
+        >>> bool(m.masked[:, :2].any()), m.eligible_count
+        (False, tensor([4, 4]))
     """
     if not isinstance(input_ids, Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
         got = input_ids.dtype if isinstance(input_ids, Tensor) else type(input_ids).__name__
