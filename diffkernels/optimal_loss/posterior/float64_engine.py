@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .blocks import Chunk, QueryBlock, RowSource
 from .partials import PosteriorPartial, empty_partial, merge_partials
-from .streaming import DataSource, tile_elements
+from .streaming import DataSource, slab_elements
 
 __all__ = ["Float64Engine", "chunk_partial", "exact_rows_partial", "EXACT_HEAD"]
 
@@ -33,7 +33,7 @@ def exact_rows_partial(block: QueryBlock, rows: RowSource, index: Tensor, valid:
     x, alpha, inv_two_var, bias = block.x, block.alpha, block.inv_two_var, block.bias
     b, k = index.shape
     D = x.shape[1]
-    per = max(1, tile_elements(rows.storage_device) // max(1, k * D))  # queries per gathered (per, k, D) slab
+    per = max(1, slab_elements(x.device) // max(1, k * D))  # queries per gathered (per, k, D) slab
     fields = []
     for a in range(0, b, per):
         r = slice(a, a + per)

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .blocks import Chunk, QueryBlock, tile_buffer
 from .fp32_gemm import screen_distances, screen_operand, screen_sq_error
-from .streaming import DataSource, merge_best, tile_elements
+from .streaming import DataSource, merge_best, slab_elements
 
 __all__ = ["KnnFloat64Engine", "KnnScreenEngine", "knn_chunk", "KNN_EXTRA"]
 
@@ -33,7 +33,7 @@ def knn_chunk(block: QueryBlock, ch: Chunk, k: int) -> tuple[Tensor, Tensor]:
 def gathered_sq_distances(x: Tensor, source: DataSource, index: Tensor) -> Tensor:
     """||x_b - y[index[b, j]]||^2 (b, j) in float64 by direct differences, in tile-sized slabs."""
     b, k = index.shape
-    per = max(1, tile_elements(x.device) // max(1, k * x.shape[1]))
+    per = max(1, slab_elements(x.device) // max(1, k * x.shape[1]))
     out = []
     for a in range(0, b, per):
         diff = source.gather(index[a:a + per], x.device).sub_(x[a:a + per, None, :])

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .blocks import BlockEngine, Chunk, gather_rows
 
-__all__ = ["DataSource", "default_block_sizes", "screen_chunk_rows", "merge_best", "TILE_ELEMENTS_CPU", "TILE_ELEMENTS_CUDA"]
+__all__ = ["DataSource", "default_block_sizes", "screen_chunk_rows", "slab_elements", "merge_best", "TILE_ELEMENTS_CPU", "TILE_ELEMENTS_CUDA"]
 
 # Elements of one (queries x chunk) float64 logit tile: bounds the memory beyond the outputs.
 TILE_ELEMENTS_CUDA = 1 << 25  # 256 MiB of float64
@@ -39,6 +39,12 @@ def default_block_sizes(M: int, device: torch.device) -> tuple[int, int]:
 
 def tile_elements(device: torch.device) -> int:
     return TILE_ELEMENTS_CUDA if device.type == "cuda" else TILE_ELEMENTS_CPU
+
+
+def slab_elements(device: torch.device) -> int:
+    """Elements of one gathered (queries, rows, D) float64 slab of the exact recomputations. On the CPU
+    small (4 MiB): its temporaries are then reused from slab to slab instead of page-faulted in afresh."""
+    return TILE_ELEMENTS_CUDA if device.type == "cuda" else 1 << 19
 
 
 def screen_chunk_rows(chunk: int, D: int, device: torch.device) -> int:
