@@ -85,6 +85,25 @@ class BinnedEMABaseline(nn.Module):
     order. Everything is vectorised with scatter operations, with no host synchronisation (the
     range check on t runs on CPU tensors only). Under data parallelism each rank keeps its own
     state; pass the all-gathered (loss, t) of the global batch to keep the ranks identical.
+
+    Examples:
+        >>> import torch
+        >>> from diffkernels.mdm import BinnedEMABaseline
+        >>> baseline = BinnedEMABaseline(num_bins=5, decay=0.1, coef=1.0)  # plain l - b_j
+        >>> t = torch.tensor([0.2, 0.9])  # bins round(4 t) = 1 and 4
+        >>> baseline(torch.tensor([2.0, 1.0]), t)  # no baseline yet
+        tensor([2., 1.])
+        >>> [round(b, 4) for b in baseline.current_baseline().tolist()]  # bias-corrected: the bin's mean
+        [0.0, 2.0, 0.0, 0.0, 1.0]
+        >>> baseline(torch.tensor([2.5, 1.5]), t)
+        tensor([0.5000, 0.5000])
+
+        In training the adjusted loss has the gradient of the plain loss:
+
+        >>> loss_per_seq = torch.tensor([2.0, 1.0], requires_grad=True)
+        >>> baseline(loss_per_seq, t).mean().backward()
+        >>> loss_per_seq.grad
+        tensor([0.5000, 0.5000])
     """
 
     _STATS = ("mu_l", "mu_b", "cov_lb", "var_b", "stat_steps")
