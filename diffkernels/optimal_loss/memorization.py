@@ -24,7 +24,16 @@ __all__ = ["MemorizationResult", "memorization"]
 @dataclass
 class MemorizationResult:
     """``fraction`` memorised and ``mean_d1``; per sample (float64 CPU tensors): ``d1``, ``d2``,
-    ``ratio`` = d1 / d2, ``memorized`` (bool) and ``nearest`` (index of the nearest training row)."""
+    ``ratio`` = d1 / d2, ``memorized`` (bool) and ``nearest`` (index of the nearest training row).
+
+    Examples:
+        >>> import torch
+        >>> from diffkernels.optimal_loss import memorization
+        >>> train = torch.tensor([[0.0, 0.0], [100.0, 100.0], [200.0, 0.0]])
+        >>> r = memorization(torch.tensor([[1.0, 1.0], [50.0, 50.0]]), train)
+        >>> r.to_dict()
+        {'memorized_fraction': 0.5, 'mean_d1': 25.5, 'threshold': 0.3333333333333333, 'num_samples': 2}
+    """
 
     fraction: float
     mean_d1: float
@@ -51,6 +60,18 @@ def memorization(samples, train, threshold: float = 1.0 / 3.0, *, device=None) -
     ``samples``, ``train``: tensors (any device) or numpy arrays; ``train`` may be a memmap larger than
     memory (streamed in host chunks). Exact float64 distances; ``device`` defaults to the samples'.
     A NaN or Inf in either is an error (its distance ratio would be meaningless, not "memorised").
+
+    Examples:
+        >>> import torch
+        >>> from diffkernels.optimal_loss import memorization
+        >>> train = torch.tensor([[0.0, 0.0, 0.0, 0.0], [100.0, 100.0, 100.0, 100.0], [200.0, 0.0, 200.0, 0.0]])
+        >>> samples = torch.tensor([[1.0, 0.0, 0.0, 1.0],      # next to train[0]: a copy
+        ...                         [50.0, 50.0, 50.0, 50.0]])  # halfway between train[0] and train[1]
+        >>> r = memorization(samples, train)
+        >>> r.fraction, r.memorized, r.nearest
+        (0.5, tensor([ True, False]), tensor([0, 0]))
+        >>> r.d1, r.ratio  # RMS distance per pixel to the nearest image; d1 / d2
+        (tensor([ 0.7071, 50.0000], dtype=torch.float64), tensor([0.0071, 1.0000], dtype=torch.float64))
     """
     if isinstance(threshold, bool) or not (isinstance(threshold, numbers.Real) and 0 < threshold <= 1):
         raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
