@@ -22,6 +22,16 @@ def load_digits(*, pixels: bool = False, return_labels: bool = False):
     scale (value * 255 / 16), equal to ``to_pixels`` of the [-1, 1] images up to float32 rounding.
     ``return_labels``: also return the digit of each image (int64, shape (1797,)).
     Needs scikit-learn (``pip install scikit-learn``, or ``diffkernels[examples]``).
+
+    Examples:
+        >>> from diffkernels.datasets import load_digits
+        >>> images, labels = load_digits(return_labels=True)
+        >>> images.shape, images.dtype, float(images.min()), float(images.max())
+        (torch.Size([1797, 1, 8, 8]), torch.float32, -1.0, 1.0)
+        >>> labels[:5]
+        tensor([0, 1, 2, 3, 4])
+        >>> float(load_digits(pixels=True).max())  # the 0..255 scale of the memorisation metric
+        255.0
     """
     if not isinstance(pixels, bool):
         raise TypeError(f"pixels must be a bool, got {type(pixels).__name__}")
@@ -40,5 +50,12 @@ def load_digits(*, pixels: bool = False, return_labels: bool = False):
 
 
 def to_pixels(x: Tensor) -> Tensor:
-    """Images in [-1, 1] (clamped to it first) -> the 0..255 pixel scale, (x + 1) * 127.5."""
+    """Images in [-1, 1] (clamped to it first) -> the 0..255 pixel scale, (x + 1) * 127.5.
+
+    Examples:
+        >>> import torch
+        >>> from diffkernels.datasets import to_pixels
+        >>> to_pixels(torch.tensor([-1.0, 0.0, 1.0, 2.0]))
+        tensor([  0.0000, 127.5000, 255.0000, 255.0000])
+    """
     return (x.clamp(-1, 1) + 1.0) * 127.5
