@@ -246,7 +246,15 @@ class BinnedEMABaseline(nn.Module):
         self.steps.add_(present.to(torch.int64))
 
     def forward(self, loss_per_seq: Tensor, t: Tensor) -> Tensor:
-        """``adjust`` with the current state, then ``update`` with this batch; returns the adjusted losses."""
+        """``adjust`` with the current state, then ``update`` with this batch; returns the adjusted losses.
+
+        Args:
+            loss_per_seq: (B,) floating-point per-sequence losses (may require grad).
+            t: (B,) masking rates in [0, 1] of those sequences, on the module's device.
+
+        Returns:
+            l - c_j b_j, shape and dtype of ``loss_per_seq``, with its gradient.
+        """
         adjusted = self.adjust(loss_per_seq, t)
         self.update(loss_per_seq, t)
         return adjusted
