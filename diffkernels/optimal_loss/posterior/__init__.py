@@ -18,7 +18,7 @@ engines, both exact to float64 rounding in what they return:
   NEGLIGIBLE_NATS (e^-40 each) below the best even after the error bound, and the dropped rows
   cannot move the variance. Unproven queries (the posterior spread over more rows, i.e. larger sigma,
   or norms beyond the float32 screen's range) go to the float64 engine over all the data. A block
-  whose probe queries mostly fail on the first chunk uses the float64 engine from the start. The
+  whose queries fail too often on the first chunk uses the float64 engine from there on. The
   win is at small and moderate sigma, where the posterior sits on a few rows: one GEMM at fp32 speed
   instead of two at float64 speed.
 

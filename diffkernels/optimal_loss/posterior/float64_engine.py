@@ -39,9 +39,9 @@ def exact_rows_partial(block: QueryBlock, rows: RowSource, index: Tensor, valid:
         r = slice(a, a + per)
         idx, a_r = index[r], alpha[r, None]
 
-        def offsets_from(center_index):
-            center = rows.gather(center_index, x.device)
-            return center, rows.gather(idx, x.device).sub_(center[:, None, :])  # (per, k, D)
+        gathered = rows.gather(idx, x.device)  # (per, k, D): each row gathered once
+        center = gathered[:, 0]
+        offsets = gathered - center[:, None, :]
 
         def exact_logits(center, offsets):
             from_center = x[r] - a_r * center
@@ -53,11 +53,11 @@ def exact_rows_partial(block: QueryBlock, rows: RowSource, index: Tensor, valid:
                 logits.add_(bias[r, None])
             return logits.masked_fill_(~valid[r], float("-inf")), off_sq
 
-        center, offsets = offsets_from(idx[:, 0])
         logits, off_sq = exact_logits(center, offsets)
         log_max, best = logits.max(dim=1)
-        if bool((best != 0).any()):  # usually the first guess is the heaviest row: no second gather
-            center, offsets = offsets_from(idx.gather(1, best[:, None]).squeeze(1))
+        if bool((best != 0).any()):  # usually the first guess is the heaviest row: nothing to redo
+            center = gathered[torch.arange(best.shape[0], device=best.device), best]
+            torch.sub(gathered, center[:, None, :], out=offsets)
             off_sq = torch.linalg.vecdot(offsets, offsets)
         seen = log_max > float("-inf")
         w = logits.sub_(torch.where(seen, log_max, 0.0)[:, None]).exp_()
@@ -66,16 +66,25 @@ def exact_rows_partial(block: QueryBlock, rows: RowSource, index: Tensor, valid:
     return PosteriorPartial(*(torch.cat(f) for f in zip(*fields)))
 
 
-def chunk_partial(block: QueryBlock, ch: Chunk) -> PosteriorPartial:
+def chunk_partial(block: QueryBlock, ch: Chunk, tile: Optional[Tensor] = None,
+                  alpha_sq: Optional[float] = None) -> PosteriorPartial:
     """One data chunk y (n, D) by the float64 engine: logits by one GEMM, (alpha x) y^T; the EXACT_HEAD
     best rows per query recomputed by direct differences; the other rows' sums by a second GEMM, w y.
 
     The head carries the posterior's largest weights, so small variances (near-duplicate rows) and
     the log-sum-exp come from exact differences; the expanded form's rounding (~1e-16 (||x||^2 +
     a^2 ||y||^2) in the distances, ~1e-16 ||c||^2 per unit weight in the sums) only touches the tail.
+
+    ``tile``: an optional (b, n) float64 buffer for the logits. ``alpha_sq``: alpha^2 when every query
+    of the block has the same alpha; the distances are then one addmm into the tile, with no (b, n)
+    temporaries (fresh tiles of tens of MiB cost as much in page faults as the GEMM).
     """
     y, ysq = ch.y, ch.ysq
-    dist = torch.addmm(block.xsq[:, None] + block.alpha.square()[:, None] * ysq[None, :], block.ax, y.T, alpha=-2.0)
+    if alpha_sq is not None:
+        dist = torch.addmm(ysq[None, :] * alpha_sq, block.ax, y.T, alpha=-2.0, out=tile).add_(block.xsq[:, None])
+    else:
+        dist = torch.addmm(block.xsq[:, None] + block.alpha.square()[:, None] * ysq[None, :], block.ax, y.T,
+                           alpha=-2.0)
     logits = dist.clamp_min_(0.0).mul_(-block.inv_two_var[:, None])
     if block.bias is not None:
         logits.add_(block.bias[:, None])
@@ -102,9 +111,19 @@ class Float64Engine:
     def __init__(self, block: QueryBlock, source: Optional[DataSource] = None):
         self.block = block
         self.out: Optional[PosteriorPartial] = None
+        a = block.alpha
+        # One alpha for the whole block (the usual scalar alpha): one host sync, then no (b, n) temporaries.
+        self.alpha_sq = float(a[0]) ** 2 if a.numel() and bool((a == a[0]).all()) else None
+        self.tile: Optional[Tensor] = None
 
     def add(self, chunk: Chunk) -> None:
-        part = chunk_partial(self.block, chunk)
+        tile = None
+        if self.alpha_sq is not None:
+            need = self.block.size * chunk.n
+            if self.tile is None or self.tile.numel() < need:
+                self.tile = self.block.x.new_empty(need)
+            tile = self.tile[:need].view(self.block.size, chunk.n)
+        part = chunk_partial(self.block, chunk, tile, self.alpha_sq)
         self.out = part if self.out is None else merge_partials(self.out, part)
 
     def result(self) -> PosteriorPartial:

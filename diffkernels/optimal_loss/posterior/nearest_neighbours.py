@@ -26,7 +26,7 @@ KNN_EXTRA = 8  # candidates beyond k per query that the knn screen recomputes ex
 
 def knn_chunk(block: QueryBlock, ch: Chunk, k: int) -> tuple[Tensor, Tensor]:
     """The float64 engine's k nearest rows of one chunk (unsorted, local indices), by the expanded form."""
-    d = torch.addmm(block.xsq[:, None] + ch.ysq[None, :], block.x, ch.y.T, alpha=-2.0).clamp_min_(0.0)
+    d = torch.addmm(ch.ysq[None, :], block.x, ch.y.T, alpha=-2.0).add_(block.xsq[:, None]).clamp_min_(0.0)
     return torch.topk(d, min(k, ch.n), dim=1, largest=False, sorted=False)
 
 

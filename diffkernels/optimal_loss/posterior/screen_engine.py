@@ -9,8 +9,8 @@ SCREEN_TOP best rows of each query are recomputed exactly, in float64 by direct 
 best by more than NEGLIGIBLE_NATS (e^-40 each) also after the error bound, and the rows dropped that
 way cannot move the variance. Unproven queries (a posterior spread over more than SCREEN_TOP rows,
 i.e. larger sigma, or norms outside the screen's float32 range) are recomputed by the float64
-engine over all the data. A block first screens a few probe queries on its first chunk; if too many
-of them fail the proof, the whole block uses the float64 engine from the start.
+engine over all the data. A block judges the screen by its first chunk; if too many of its queries
+fail the proof there, the whole block uses the float64 engine from that chunk on.
 """
 
 from __future__ import annotations
@@ -27,17 +27,17 @@ from .fp32_gemm import screen_distances, screen_operand, screen_sq_error
 from .partials import PosteriorPartial, empty_partial, patch_partial
 from .streaming import DataSource, merge_best
 
-__all__ = ["ScreenEngine", "screen_chunk", "proven", "SCREEN_TOP", "NEGLIGIBLE_NATS", "PROBE_QUERIES",
+__all__ = ["ScreenEngine", "screen_chunk", "proven", "SCREEN_TOP", "NEGLIGIBLE_NATS", "PROBE_MIN_QUERIES",
            "MAX_FALLBACK_FRACTION"]
 
 # Rows per query recomputed exactly, and the margin below the best logit beyond which a row is
 # dropped (e^-40 = 4e-18 of the best row's weight).
 SCREEN_TOP = 16
 NEGLIGIBLE_NATS = 40.0
-# A block first tries the screen on up to this many queries (an eighth of the block at most) of its
-# first chunk: if too many fall back (a spread posterior at this sigma), the rest of the block uses
-# the float64 engine at once.
-PROBE_QUERIES = 32
+# A block of at least this many queries judges the screen by its first chunk: if too many of its
+# queries fail the proof there (a spread posterior at this sigma), the block uses the float64 engine
+# from that chunk on.
+PROBE_MIN_QUERIES = 8
 # Screening a chunk costs ~1/4 (GPU) to ~1/3 (CPU) of the float64 engine, plus top-k and gathers;
 # past this fraction of fallen-back queries it no longer pays, and the block switches to float64.
 MAX_FALLBACK_FRACTION = 0.15
@@ -120,19 +120,18 @@ class ScreenEngine:
         self.fallback: Optional[Float64Engine] = None  # set when the probe sends the block to float64
 
     def add(self, ch: Chunk) -> None:
-        if not self.probed:
-            self.probed = True
-            size = min(PROBE_QUERIES, self.block.size // 8)
-            if size:  # a spread posterior on a few queries of the first chunk: the whole block in float64
-                s = slice(0, size)
-                vals, _, error = screen_chunk(self.block.select(s), self.screen.select(s), ch)
-                if 1.0 - float(proven(vals, error).double().mean()) > MAX_FALLBACK_FRACTION:
-                    self.fallback = Float64Engine(self.block)
         if self.fallback is not None:
             self.fallback.add(ch)
             return
         self.tile, out = tile_buffer(self.tile, (self.block.size, ch.n), self.screen.operand)
         vals, rows, error = screen_chunk(self.block, self.screen, ch, out)
+        if not self.probed:  # the first chunk is the probe: a spread posterior on many queries -> float64
+            self.probed = True
+            if self.block.size >= PROBE_MIN_QUERIES and \
+                    1.0 - float(proven(vals, error).double().mean()) > MAX_FALLBACK_FRACTION:
+                self.fallback = Float64Engine(self.block)
+                self.fallback.add(ch)
+                return
         self.cand_val, self.cand_row = merge_best(self.cand_val, self.cand_row, vals, rows, SCREEN_TOP + 1,
                                                   largest=True)
         self.error = torch.maximum(self.error, error)
