@@ -67,7 +67,7 @@ def exact_rows_partial(block: QueryBlock, rows: RowSource, index: Tensor, valid:
 
 
 def chunk_partial(block: QueryBlock, ch: Chunk, tile: Optional[Tensor] = None,
-                  alpha_sq: Optional[float] = None) -> PosteriorPartial:
+                  uniform: Optional[tuple[float, float]] = None) -> PosteriorPartial:
     """One data chunk y (n, D) by the float64 engine: logits by one GEMM, (alpha x) y^T; the EXACT_HEAD
     best rows per query recomputed by direct differences; the other rows' sums by a second GEMM, w y.
 
@@ -75,16 +75,16 @@ def chunk_partial(block: QueryBlock, ch: Chunk, tile: Optional[Tensor] = None,
     the log-sum-exp come from exact differences; the expanded form's rounding (~1e-16 (||x||^2 +
     a^2 ||y||^2) in the distances, ~1e-16 ||c||^2 per unit weight in the sums) only touches the tail.
 
-    ``tile``: an optional (b, n) float64 buffer for the logits. ``alpha_sq``: alpha^2 when every query
-    of the block has the same alpha; the distances are then one addmm into the tile, with no (b, n)
-    temporaries (fresh tiles of tens of MiB cost as much in page faults as the GEMM).
+    ``tile``: an optional (b, n) float64 buffer for the logits. ``uniform``: (alpha^2, 1 / (2 sigma^2))
+    when every query of the block has the same alpha and sigma. The tile is then one addmm,
+    g = (alpha x.y - alpha^2 ||y||^2 / 2) / sigma^2, which differs from the logits by a constant per
+    query: ranked as it is and exponentiated against its own row maximum in one pass each, with the
+    constant applied to the (b,) sums afterwards (no other pass over the tile, no (b, n) temporaries).
     """
     y, ysq = ch.y, ch.ysq
-    if alpha_sq is not None:
-        dist = torch.addmm(ysq[None, :] * alpha_sq, block.ax, y.T, alpha=-2.0, out=tile).add_(block.xsq[:, None])
-    else:
-        dist = torch.addmm(block.xsq[:, None] + block.alpha.square()[:, None] * ysq[None, :], block.ax, y.T,
-                           alpha=-2.0)
+    if uniform is not None:
+        return _uniform_chunk_partial(block, ch, tile, *uniform)
+    dist = torch.addmm(block.xsq[:, None] + block.alpha.square()[:, None] * ysq[None, :], block.ax, y.T, alpha=-2.0)
     logits = dist.clamp_min_(0.0).mul_(-block.inv_two_var[:, None])
     if block.bias is not None:
         logits.add_(block.bias[:, None])
@@ -96,13 +96,39 @@ def chunk_partial(block: QueryBlock, ch: Chunk, tile: Optional[Tensor] = None,
     seen = part.log_max > float("-inf")
     w = logits.sub_(torch.where(seen, part.log_max, 0.0)[:, None]).exp_()  # the tile is reused as the weights
     w.scatter_(1, head, 0.0)
-    tail_w = w.sum(dim=1)
-    wy = w @ y
-    center = part.center
+    return _add_tail(part, w, ch, torch.ones_like(part.sum_w))
+
+
+def _add_tail(part: PosteriorPartial, w: Tensor, ch: Chunk, factor: Tensor) -> PosteriorPartial:
+    """``part`` (the head) plus the tail rows of weights factor * w (b, n), relative to the head's center."""
+    y, ysq, center = ch.y, ch.ysq, part.center
+    tail_w = w.sum(dim=1).mul_(factor)
+    wy = (w @ y).mul_(factor[:, None])
     # Tail sums relative to the head's center: sum w ||y - c||^2 = sum w ||y||^2 - 2 <c, sum w y> + ||c||^2 sum w.
-    tail_wyy = (w @ ysq - 2.0 * (center * wy).sum(dim=1) + tail_w * center.square().sum(dim=1)).clamp_min(0.0)
+    tail_wyy = ((w @ ysq).mul_(factor) - 2.0 * (center * wy).sum(dim=1) + tail_w * center.square().sum(dim=1))
     return PosteriorPartial(center, part.log_max, part.sum_w + tail_w, part.sum_wy + wy - tail_w[:, None] * center,
-                            part.sum_wyy + tail_wyy)
+                            part.sum_wyy + tail_wyy.clamp_min(0.0))
+
+
+def _uniform_chunk_partial(block: QueryBlock, ch: Chunk, tile: Optional[Tensor], alpha_sq: float,
+                           inv_two_var: float) -> PosteriorPartial:
+    """:func:`chunk_partial` for one alpha and sigma: logit = g - inv_two_var ||x||^2 + bias, with g by one addmm."""
+    y, ysq = ch.y, ch.ysq
+    g = torch.addmm(ysq[None, :] * (-alpha_sq * inv_two_var), block.ax, y.T, alpha=2.0 * inv_two_var, out=tile)
+    ch.mask_excluded(g, block)
+    head_g, head = g.topk(min(EXACT_HEAD, y.shape[0]), dim=1)
+    part = exact_rows_partial(block, ch, head, head_g > float("-inf"))
+    if head.shape[1] == y.shape[0]:
+        return part
+    g_max = head_g[:, 0]
+    shift = torch.where(g_max > float("-inf"), g_max, 0.0)
+    w = g.sub_(shift[:, None]).exp_()  # e^(logit - max screened logit), <= 1 up to rounding
+    w.scatter_(1, head, 0.0)
+    # e^(max screened logit - exact log_max): close to 1 (0 where the head saw no row: no tail either).
+    rest = -inv_two_var * block.xsq + (0.0 if block.bias is None else block.bias)
+    seen = (part.log_max > float("-inf")) & (g_max > float("-inf"))
+    factor = torch.where(seen, (shift + rest - torch.where(seen, part.log_max, 0.0)).exp(), 0.0)
+    return _add_tail(part, w, ch, factor)
 
 
 class Float64Engine:
@@ -111,19 +137,26 @@ class Float64Engine:
     def __init__(self, block: QueryBlock, source: Optional[DataSource] = None):
         self.block = block
         self.out: Optional[PosteriorPartial] = None
-        a = block.alpha
-        # One alpha for the whole block (the usual scalar alpha): one host sync, then no (b, n) temporaries.
-        self.alpha_sq = float(a[0]) ** 2 if a.numel() and bool((a == a[0]).all()) else None
+        a, v = block.alpha, block.inv_two_var
+        # One alpha and sigma for the whole block (the usual scalars): one host sync, then no (b, n) temporaries.
+        same = a.numel() and bool(((a == a[0]) & (v == v[0])).all())
+        self.uniform = (float(a[0]) ** 2, float(v[0])) if same else None
+        self.xsq_max = float(block.xsq.max()) if same else 0.0
         self.tile: Optional[Tensor] = None
 
     def add(self, chunk: Chunk) -> None:
         tile = None
-        if self.alpha_sq is not None:
+        if self.uniform is not None:
             need = self.block.size * chunk.n
             if self.tile is None or self.tile.numel() < need:
                 self.tile = self.block.x.new_empty(need)
             tile = self.tile[:need].view(self.block.size, chunk.n)
-        part = chunk_partial(self.block, chunk, tile, self.alpha_sq)
+        uniform = self.uniform
+        if uniform is not None:  # |g| <= inv_two_var (||x||^2 + 2 alpha^2 ||y||^2): must stay far from overflow
+            alpha_sq, inv = uniform
+            if not inv * (self.xsq_max + 2.0 * alpha_sq * float(chunk.ysq.max())) < 2.0**1000:
+                uniform = None
+        part = chunk_partial(self.block, chunk, tile if uniform is not None else None, uniform)
         self.out = part if self.out is None else merge_partials(self.out, part)
 
     def result(self) -> PosteriorPartial:
