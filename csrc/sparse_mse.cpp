@@ -6,14 +6,21 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ScalarOps.h>
+#include <ATen/TensorOperators.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/mul.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/irange.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -220,6 +227,140 @@ void scale_rows_(at::Tensor grad, const at::Tensor& factor) {
   });
 }
 
+
+// --- the loss with its autograd in C++: the eager CPU path of backward="fused" -------------------
+//
+// The same forward and backward as the Python op layer (diffkernels/ops/sparse_mse.py: _forward,
+// _backward), op for op, so that both give bitwise-equal results; done here, the step costs one
+// dispatcher call and an autograd node in C++ instead of Python's autograd.Function.
+
+enum Normalize : int64_t { kExpected = 0, kAll = 1, kKept = 2 };
+enum Reduction : int64_t { kMean = 0, kSum = 1, kNone = 2 };
+
+constexpr const char* kSecondBackward =
+    "diffkernels.sparse_mse_loss: this graph was already differentiated once. With backward='fused' (the "
+    "default) the gradient is computed in the forward pass and rescaled in place by the first backward, so a "
+    "graph can be differentiated only once. For retain_graph=True, gradcheck or Jacobians, call "
+    "sparse_mse_loss(..., backward='recompute').";
+
+constexpr const char* kCreateGraphFused =
+    "diffkernels.sparse_mse_loss: backward='fused' (the default) cannot give second-order gradients "
+    "(create_graph=True, e.g. a gradient penalty or Hessian-vector products): its gradient is computed in the "
+    "forward pass, as a constant. Call sparse_mse_loss(..., backward='recompute'), whose backward is "
+    "differentiable.";
+
+// d loss / d sq_sum[b] apart from w_b and, for "kept", 1/Z_b (the Python _loss_scale).
+double loss_scale(int64_t B, int64_t n, double mask_ratio, int64_t normalize, int64_t reduction) {
+  const double reduce_factor =
+      reduction == kMean ? (B ? 1.0 / static_cast<double>(B) : std::numeric_limits<double>::quiet_NaN()) : 1.0;
+  double known = 0.0;  // 0: not known ("kept"), like Python's `or 1.0`
+  if (normalize == kExpected) known = static_cast<double>(n) * (1.0 - mask_ratio);
+  if (normalize == kAll) known = static_cast<double>(n);
+  return reduce_factor / (known != 0.0 ? known : 1.0);
+}
+
+struct LossForward {
+  at::Tensor loss, grad, kept, sq_sum;  // kept: "kept" only, sq_sum: with a weight only
+  double scale;
+};
+
+LossForward loss_forward(const at::Tensor& pred, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+                         double mask_ratio, int64_t seed, int64_t channels, int64_t normalize, int64_t reduction,
+                         bool want_grad) {
+  TORCH_CHECK(normalize >= kExpected && normalize <= kKept, "invalid normalize code ", normalize);
+  TORCH_CHECK(reduction >= kMean && reduction <= kNone, "invalid reduction code ", reduction);
+  TORCH_CHECK(pred.dim() >= 1, "pred must have a batch dimension");
+  const bool has_weight = weight.has_value() && weight->defined();
+  const int64_t B = pred.size(0);
+  const int64_t n = B ? pred.numel() / B : 0;
+  const double scale = loss_scale(B, n, mask_ratio, normalize, reduction);
+  std::optional<at::Tensor> grad_scale;
+  if (want_grad) {
+    const auto acc = pred.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    grad_scale = has_weight ? weight->to(acc) * (2.0 * scale)
+                            : at::full({B}, 2.0 * scale, pred.options().dtype(acc));
+  }
+  auto [sq_sum, kept, grad] = sparse_mse_fwd(pred, target, mask_ratio, seed, channels, grad_scale);
+  LossForward out;
+  out.scale = scale;
+  at::Tensor per_sample = sq_sum;
+  if (normalize == kKept) {
+    out.kept = kept.clamp_min(1);
+    per_sample = sq_sum / out.kept;  // float64, like the per-row sums
+  }
+  if (has_weight) {
+    per_sample = per_sample * *weight;  // promotes to float64
+    out.sq_sum = sq_sum;
+  }
+  if (reduction != kNone) per_sample = per_sample.sum();
+  // computed in float64, stored as the loss dtype: one op (Python: torch.mul(x, scale, out=...))
+  auto scale_t = c10::scalar_to_tensor(scale);
+  scale_t.unsafeGetTensorImpl()->set_wrapped_number(true);
+  out.loss = at::empty(per_sample.sizes(), pred.options().dtype(at::promote_types(pred.scalar_type(), at::kFloat)));
+  at::mul_out(out.loss, per_sample, scale_t);
+  if (want_grad) out.grad = grad;
+  return out;
+}
+
+struct SparseMSELoss : public torch::autograd::Function<SparseMSELoss> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& pred, const at::Tensor& target,
+                            const std::optional<at::Tensor>& weight, double mask_ratio, int64_t seed,
+                            int64_t channels, int64_t normalize, int64_t reduction) {
+    auto f = loss_forward(pred, target, weight, mask_ratio, seed, channels, normalize, reduction, true);
+    ctx->saved_data["scale"] = f.scale;
+    ctx->saved_data["reduction"] = reduction;
+    ctx->save_for_backward({f.grad, weight.has_value() ? *weight : at::Tensor(), f.kept, f.sq_sum});
+    return f.loss;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_outputs) {
+    TORCH_CHECK(!at::GradMode::is_enabled(), kCreateGraphFused);  // create_graph=True
+    torch::autograd::variable_list saved;
+    try {
+      saved = ctx->get_saved_variables();
+    } catch (const c10::Error& e) {
+      // the saved gradient was rescaled in place by an earlier backward through this graph
+      if (std::string(e.what()).find("inplace") == std::string::npos) throw;
+      TORCH_CHECK(false, kSecondBackward);
+    }
+    at::Tensor grad = saved[0], weight = saved[1], kept = saved[2], sq_sum = saved[3];
+    const double scale = ctx->saved_data["scale"].toDouble();
+    const int64_t reduction = ctx->saved_data["reduction"].toInt();
+    const at::Tensor& grad_loss = grad_outputs[0];
+    const int64_t B = grad.size(0);
+    const at::Tensor per_row = reduction == kNone ? grad_loss : grad_loss.expand({B});
+    at::Tensor grad_pred, grad_target, grad_weight;
+    const bool need_pred = ctx->needs_input_grad(0), need_target = ctx->needs_input_grad(1);
+    if (need_pred || need_target) {
+      const at::Tensor factor = kept.defined() ? per_row / kept : per_row;
+      scale_rows_(grad, factor.contiguous());
+      torch::autograd::impl::bump_version(grad);  // a second backward through this graph is detected
+      if (need_pred) grad_pred = grad;
+      if (need_target) grad_target = -grad;
+    }
+    if (weight.defined() && ctx->needs_input_grad(2)) {
+      const at::Tensor per_sample = kept.defined() ? sq_sum * per_row / kept : sq_sum * per_row;  // float64
+      grad_weight = (per_sample * scale).to(weight.scalar_type());
+    }
+    return {grad_pred, grad_target, grad_weight, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+at::Tensor sparse_mse_loss_autograd(const at::Tensor& pred, const at::Tensor& target,
+                                    const std::optional<at::Tensor>& weight, double mask_ratio, int64_t seed,
+                                    int64_t channels, int64_t normalize, int64_t reduction) {
+  return SparseMSELoss::apply(pred, target, weight, mask_ratio, seed, channels, normalize, reduction);
+}
+
+// Below autograd (inference mode, no gradient): the loss alone.
+at::Tensor sparse_mse_loss_cpu(const at::Tensor& pred, const at::Tensor& target,
+                               const std::optional<at::Tensor>& weight, double mask_ratio, int64_t seed,
+                               int64_t channels, int64_t normalize, int64_t reduction) {
+  return loss_forward(pred, target, weight, mask_ratio, seed, channels, normalize, reduction, false).loss;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(diffkernels_native, m) {
@@ -230,12 +371,20 @@ TORCH_LIBRARY(diffkernels_native, m) {
       "sparse_mse_fwd(Tensor pred, Tensor target, float mask_ratio, int seed, int channels, Tensor? grad_scale)"
       " -> (Tensor, Tensor, Tensor)");
   m.def("scale_rows_(Tensor(a!) grad, Tensor factor) -> ()");
+  // normalize: 0 "expected", 1 "all", 2 "kept"; reduction: 0 "mean", 1 "sum", 2 "none"
+  m.def(
+      "sparse_mse_loss(Tensor pred, Tensor target, Tensor? weight, float mask_ratio, int seed, int channels,"
+      " int normalize, int reduction) -> Tensor");
 }
+
+// The loss with its gradient (backward="fused") and autograd node in C++, for CPU tensors.
+TORCH_LIBRARY_IMPL(diffkernels_native, Autograd, m) { m.impl("sparse_mse_loss", &sparse_mse_loss_autograd); }
 
 TORCH_LIBRARY_IMPL(diffkernels_native, CPU, m) {
   m.impl("philox_uniform", &philox_uniform_op);
   m.impl("sparse_mse_fwd", &sparse_mse_fwd);
   m.impl("scale_rows_", &scale_rows_);
+  m.impl("sparse_mse_loss", &sparse_mse_loss_cpu);
 }
 
 // These take no tensor argument to dispatch on, so they are registered for the catch-all key.

@@ -45,7 +45,7 @@ def test_sparse_mse_fast_path_matches_custom_op(backend_device, gen, backward, n
 def test_sparse_mse_fast_path_is_taken(monkeypatch, gen):
     pred = torch.randn(2, 6, generator=gen, requires_grad=True)
     target = torch.randn(2, 6, generator=gen)
-    loss = dk.sparse_mse_loss(pred, target, 0.5, 3)
+    loss = dk.sparse_mse_loss(pred, target, 0.5, 3, backward="recompute")
     assert type(loss.grad_fn).__name__ == "_SparseMSEFunctionBackward"
 
     def no_custom_op(*args):
@@ -219,3 +219,134 @@ def test_mask_tokens_matches_reference_with_rare_on_device_tensor(backend_device
     out = mask_tokens(ids, p, 6, mask_id=99, rare=rare, rare_delta=0.3)
     noisy, masked, weights = ref_mdm.mask_tokens(ids, p, 6, mask_id=99, rare=torch.isin(ids, rare), rare_delta=0.3)
     assert torch.equal(out.masked, masked.view(2, 30)) and torch.equal(out.weights, weights.view(2, 30))
+
+
+# --- the native op: backward="fused" on CPU with the autograd node in C++ ---------------------------
+
+native_available = pytest.mark.skipif(ops_mod.native_loss() is None, reason="the native library is not built")
+
+
+def is_native(loss):
+    return "SparseMSELoss" in loss.grad_fn.name() and type(loss.grad_fn).__name__ == "CppFunction"
+
+
+def reference_loss(pred, target, weight, mask_ratio, seed, normalize, reduction, granularity):
+    """Independent float64 plain-PyTorch loss of the public docstring's formula."""
+    n = pred[0].numel() if pred.shape[0] else 1
+    keep = dk.sparse_mask(pred.shape, mask_ratio, seed, granularity=granularity).reshape(pred.shape[0], n)
+    d = (pred.double() - target.double()).reshape(pred.shape[0], n)
+    sq = torch.where(keep, d * d, 0.0).sum(1)
+    z = {"expected": n * (1 - mask_ratio), "all": float(n), "kept": keep.sum(1).clamp(min=1).double()}[normalize]
+    per = sq / z * (1.0 if weight is None else weight.double())
+    return {"mean": per.mean(), "sum": per.sum(), "none": per}[reduction]
+
+
+@native_available
+def test_native_op_is_taken_for_the_fused_cpu_step(monkeypatch, gen):
+    pred = torch.randn(2, 3, 4, generator=gen, requires_grad=True)
+    target = torch.randn(2, 3, 4, generator=gen)
+
+    def no_python_path(*args, **kwargs):
+        raise AssertionError("the Python path ran")
+
+    monkeypatch.setattr(ops_mod, "_forward", no_python_path)
+    monkeypatch.setattr(ops_mod._SparseMSEFunction, "apply", no_python_path)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        p = pred.detach().to(dtype).requires_grad_()
+        for weight in (None, torch.rand(2, generator=gen).requires_grad_()):
+            loss = dk.sparse_mse_loss(p, target.to(dtype), 0.5, 3, weight=weight, granularity="pixel")
+            assert is_native(loss)
+            loss.backward()
+    # everything else takes the Python path
+    monkeypatch.undo()
+    half = pred.detach().half().requires_grad_()
+    assert not is_native(dk.sparse_mse_loss(half, target.half(), 0.5, 3))  # float16: recompute
+    assert not is_native(dk.sparse_mse_loss(pred, target, 0.5, 3, backward="recompute"))
+    with dk.use_backend("torch"):
+        assert not is_native(dk.sparse_mse_loss(pred, target, 0.5, 3))
+    assert dk.sparse_mse_loss(pred.detach(), target, 0.5, 3).grad_fn is None
+
+
+@native_available
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_native_op_matches_python_path_and_reference(monkeypatch, gen, dtype):
+    """Bitwise equal to the Python path (same ops in the same order), close to a float64 reference."""
+    cases = [(normalize, reduction) for normalize in ("expected", "all", "kept") for reduction in ("mean", "sum", "none")]
+    for shape, (normalize, reduction) in zip([(3, 2, 5), (4, 7), (0, 2, 3)] * 3, cases):
+        B = shape[0]
+        pred = torch.randn(shape, generator=gen).to(dtype)
+        target = torch.randn(shape, generator=gen).to(dtype)
+        weight = torch.rand(B, generator=gen) + 0.5
+        for w in (None, weight):
+            granularity = "pixel" if len(shape) == 3 else "element"
+            kw = dict(normalize=normalize, reduction=reduction, granularity=granularity)
+            up = torch.rand(B if reduction == "none" else (), generator=gen) + 0.5
+            results = []
+            for native in (True, False):
+                if not native:
+                    monkeypatch.setattr(ops_mod, "_native_loss", False)
+                inputs = [pred.clone().requires_grad_(), target.clone().requires_grad_()]
+                inputs += [] if w is None else [w.clone().requires_grad_()]
+                loss = dk.sparse_mse_loss(inputs[0], inputs[1], 0.6, 11, weight=inputs[2] if w is not None else None,
+                                          **kw)
+                assert is_native(loss) == native
+                results.append((loss.detach(), torch.autograd.grad(loss, inputs, up)))
+            monkeypatch.undo()
+            (loss, grads), (py_loss, py_grads) = results
+            assert torch.equal(loss, py_loss) or (loss.isnan().all() and py_loss.isnan().all())
+            for a, b in zip(grads, py_grads):
+                assert torch.equal(a, b)
+            # float64: summation order only; bfloat16/float32: the float32 loss of exactly representable inputs
+            ref = reference_loss(pred, target, w, 0.6, 11, normalize, reduction, granularity)
+            torch.testing.assert_close(loss.double(), ref, rtol=1e-12 if dtype == torch.float64 else 1e-6, atol=0,
+                                       equal_nan=True)
+            if B:  # d loss / d pred of the float64 reference
+                p = pred.double().requires_grad_()
+                ref_grad, = torch.autograd.grad(
+                    reference_loss(p, target, w, 0.6, 11, normalize, reduction, granularity), p, up.double())
+                tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]  # bf16: 8-bit mantissa
+                torch.testing.assert_close(grads[0].double(), ref_grad, rtol=tol, atol=0)
+                torch.testing.assert_close(grads[1].double(), -ref_grad, rtol=tol, atol=0)
+
+
+@native_available
+def test_native_op_errors_match_python_path(monkeypatch, gen):
+    pred = torch.randn(2, 8, generator=gen, requires_grad=True)
+    target = torch.randn(2, 8, generator=gen)
+    messages = []
+    for native in (True, False):
+        if not native:
+            monkeypatch.setattr(ops_mod, "_native_loss", False)
+        loss = dk.sparse_mse_loss(pred, target, 0.5, 3)
+        assert is_native(loss) == native
+        (2 * loss).backward(retain_graph=True)
+        with pytest.raises(RuntimeError, match="backward='recompute'") as second:
+            (2 * loss).backward()
+        loss = dk.sparse_mse_loss(pred, target, 0.5, 3)
+        with pytest.raises(RuntimeError, match="create_graph=True") as create_graph:
+            torch.autograd.grad(loss, pred, create_graph=True)
+        messages.append((str(second.value).split("\n")[0], str(create_graph.value).split("\n")[0]))
+    assert messages[0] == messages[1]
+    assert messages[0] == (ops_mod.SECOND_BACKWARD, ops_mod.CREATE_GRAPH_FUSED)
+
+
+@native_available
+def test_native_step_issues_few_tensor_ops(gen):
+    pred = torch.randn(4, 8, generator=gen, requires_grad=True)
+    target = torch.randn(4, 8, generator=gen)
+
+    def step():
+        pred.grad = None
+        dk.sparse_mse_loss(pred, target, 0.9, 1).backward()
+
+    step()
+    ops = launch_ops(step)
+    # the Python path's ops (test_sparse_mse_issues_few_tensor_ops), issued from C++
+    assert sorted(ops) == ["aten::contiguous", "aten::full", "aten::mul", "aten::ones_like", "aten::sum"], ops
+    assert "aten::_local_scalar_dense" not in ops
+
+
+def test_python_fused_step_issues_few_tensor_ops(monkeypatch, gen):
+    """The Python path (other backends, or no native library): as few tensor ops as the native op."""
+    monkeypatch.setattr(ops_mod, "_native_loss", False)
+    test_sparse_mse_issues_few_tensor_ops(monkeypatch, gen)

@@ -14,7 +14,10 @@ The custom ops are what torch.compile, export and fake tensors see. Plain eager 
 Python dispatcher (about 100 us a call, more than the kernels at small shapes) through an
 autograd.Function that runs the same ``_forward`` / ``_backward`` (``sparse_mse``, the entry point
 of the public function); both issue as few tensor ops as they can, since on a GPU each is a
-kernel launch.
+kernel launch. The commonest eager call, backward="fused" on CPU tensors with the C++ backend,
+takes the native op ``diffkernels_native::sparse_mse_loss`` instead (csrc/sparse_mse.cpp): the
+same ops in C++ with an autograd node in C++, so that a small training step costs no more host
+time than the dense ``F.mse_loss`` step it replaces.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import _backend, _native
 from .._validate import acc_dtype, check_fake_devices, eager_fast_path
 from ..reference import sparse_mse as reference
 from . import _kernels
@@ -305,17 +309,40 @@ class _SparseMSEFunction(torch.autograd.Function):
 # --- the entry points of the public functions (diffkernels/sparse/loss.py) ------------------------
 
 
+_NORMALIZE_CODE = {name: i for i, name in enumerate(NORMALIZATIONS)}  # as the native op numbers them
+_REDUCTION_CODE = {name: i for i, name in enumerate(REDUCTIONS)}
+_native_loss = None  # diffkernels_native::sparse_mse_loss once looked up; False where the library lacks it
+
+
+def native_loss():
+    """The native op that runs ``_forward`` and ``_backward`` of backward="fused" for CPU tensors, with
+    its autograd node in C++ (one dispatcher call a step, no Python in backward), or None."""
+    global _native_loss
+    if _native_loss is None:
+        # a library built from older sources lacks the op
+        packet = getattr(_native.ops(), "sparse_mse_loss", None) if _native.load() else None
+        _native_loss = packet.default if packet is not None else False
+    return _native_loss or None
+
+
 def sparse_mse(pred: Tensor, target: Tensor, weight: Optional[Tensor], mask_ratio: float, seed: int, channels: int,
                normalize: str, reduction: str, fused_grad: bool) -> Tensor:
     """The loss, for validated contiguous arguments: in plain eager mode the kernels directly (through
-    an autograd.Function where a gradient is wanted), else (torch.compile, fake tensors, ...) the custom op."""
-    args = (pred, target, weight, mask_ratio, seed, channels, normalize, reduction, fused_grad)
+    the native op or an autograd.Function where a gradient is wanted), else (torch.compile, fake
+    tensors, ...) the custom op."""
     if not eager_fast_path(pred, target, weight):
-        return sparse_mse_op(*args)[0]
+        return sparse_mse_op(pred, target, weight, mask_ratio, seed, channels, normalize, reduction, fused_grad)[0]
+    # The common CPU training step, decided without the (slower) general backend selection: the C++
+    # backend runs CPU tensors unless another one is forced.
+    if fused_grad and pred.is_cpu and _backend.forced() in (None, "cpp") and native_loss() is not None:
+        return _native_loss(pred, target, weight, mask_ratio, seed, channels, _NORMALIZE_CODE[normalize],
+                            _REDUCTION_CODE[reduction])
+    kernels = _kernels.for_device(pred.device)
+    args = (pred, target, weight, mask_ratio, seed, channels, normalize, reduction, fused_grad)
     if torch.is_grad_enabled() and (pred.requires_grad or target.requires_grad
                                     or (weight is not None and weight.requires_grad)):
         return _SparseMSEFunction.apply(*args)
-    return _forward(_kernels.for_device(pred.device), *args)[0]
+    return _forward(kernels, *args)[0]
 
 
 def sparse_mask(seed: int, B: int, C: int, R: int, mask_ratio: float, device: torch.device) -> Tensor:

@@ -15,6 +15,7 @@ from ..ops.sparse_mse import NORMALIZATIONS, REDUCTIONS
 
 GRANULARITIES = ("element", "pixel")
 BACKWARD_MODES = ("fused", "recompute")
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 __all__ = ["SparseMSELoss", "sparse_mask", "sparse_mse_loss"]
 
@@ -104,16 +105,21 @@ def sparse_mse_loss(
         raise ValueError(f"pred and target must be on the same device, got {pred.device} and {target.device}")
     if weight is not None:
         check_float_tensor(weight, "weight")
-    check_devices({"pred": pred, "target": target, "weight": weight})
+    if weight is not None or pred.is_meta:  # pred and target share a device: nothing else to check
+        check_devices({"pred": pred, "target": target, "weight": weight})
     if pred.dim() < 1:
         raise ValueError("pred must have a batch dimension (dim 0), got a 0-d tensor")
-    mask_ratio = check_mask_ratio(mask_ratio)
-    seed = check_seed(seed)
+    # The checks below cost microseconds, as much as the kernel at small shapes: a float mask ratio
+    # in range and an int seed in int64 range are already what they return.
+    if type(mask_ratio) is not float or not 0.0 <= mask_ratio < 1.0:
+        mask_ratio = check_mask_ratio(mask_ratio)
+    if type(seed) is not int or not _INT64_MIN <= seed <= _INT64_MAX:
+        seed = check_seed(seed)
     check_choice(normalize, "normalize", NORMALIZATIONS)
     check_choice(reduction, "reduction", REDUCTIONS)
     channels = _channels(pred.shape, granularity)
     B = pred.shape[0]
-    if B and math.prod(pred.shape[1:]) == 0:
+    if B and pred.numel() == 0:
         raise ValueError(f"pred has no elements per sample (shape {tuple(pred.shape)})")
     channels = max(channels, 1)  # B = 0 with no channels: nothing to mask, and the kernels need C >= 1
     if weight is not None:
