@@ -2,7 +2,8 @@
 
 Each module's docstring examples are collected with ``doctest.DocTestFinder`` and run with
 ``doctest.DocTestRunner`` (ELLIPSIS | NORMALIZE_WHITESPACE), one torch thread, each docstring in a
-fresh namespace. Examples print only values that do not depend on the random state (or seed it).
+fresh namespace of their own (not the module's globals: an example imports what it uses). Examples
+print only values that do not depend on the random state, or seed it.
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ def _import(name: str):
 @pytest.mark.parametrize("module_name", MODULES)
 def test_docstring_examples_run(module_name, one_thread):
     module = _import(module_name)
-    tests = [t for t in doctest.DocTestFinder(exclude_empty=True).find(module, module_name) if t.examples]
+    # Empty globals: an example must import what it uses, as a reader copying it would.
+    tests = [t for t in doctest.DocTestFinder(exclude_empty=True).find(module, module_name, globs={}) if t.examples]
     runner = doctest.DocTestRunner(optionflags=FLAGS)
     for test in tests:
         runner.run(test)
