@@ -101,7 +101,7 @@ def test_docstring_examples_run(module_name, one_thread):
     for test in tests:
         runner.run(test)
     result = runner.summarize(verbose=False)
-    assert result.failed == 0, f"{result.failed} of {result.attempted} docstring examples of {module_name} failed (above)"
+    assert result.failed == 0, f"{result.failed} of {result.attempted} examples of {module_name} failed (above)"
 
 
 @pytest.mark.parametrize("qualname,name,obj", list(_public_objects()), ids=lambda v: v if isinstance(v, str) else "")
@@ -110,7 +110,7 @@ def test_public_name_has_an_example(qualname, name, obj):
         assert not _has_example(obj), f"{qualname} has an example now: remove it from EXEMPT"
         pytest.skip(f"{qualname}: example pending (EXEMPT)")
     assert _has_example(obj), f"{qualname} has no '>>>' example in its docstring"
-    assert obj.__module__ in MODULES, f"{qualname} is defined in {obj.__module__}, whose examples are not run: add it to MODULES"
+    assert obj.__module__ in MODULES, f"{qualname} is defined in {obj.__module__}: add that module to MODULES"
 
 
 def test_forward_of_modules_is_documented():
