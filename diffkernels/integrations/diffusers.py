@@ -314,7 +314,7 @@ def optimal_training_loss(
     Returns:
         An :class:`OptimalTrainingLoss`. Each distinct noise level is estimated once.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from diffusers import DDPMScheduler
         >>> from diffkernels.integrations.diffusers import optimal_training_loss
