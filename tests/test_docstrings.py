@@ -119,3 +119,12 @@ def test_forward_of_modules_is_documented():
         if inspect.isclass(obj) and "forward" in vars(obj):
             doc = inspect.getdoc(obj.forward) or ""
             assert "Args:" in doc and "Returns:" in doc, f"{qualname}.forward lacks Args/Returns in its docstring"
+
+
+@pytest.mark.parametrize("module_name", MODULES)
+def test_examples_sections_are_titled_examples(module_name):
+    """mkdocstrings (Google style) renders ``Examples:`` as code; ``Example:`` becomes an admonition
+    whose ``>>>`` lines turn into nested blockquotes."""
+    source = inspect.getsource(_import(module_name))
+    bad = [n for n, line in enumerate(source.splitlines(), 1) if line.strip() == "Example:"]
+    assert not bad, f"{module_name}: 'Example:' on lines {bad}; title the section 'Examples:'"
