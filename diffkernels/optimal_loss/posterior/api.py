@@ -59,9 +59,9 @@ def _scaled_partial(queries, data, sigma, alpha, exclude_index, index_offset, lo
     exclude = check_exclude(exclude_index, M, device)
     index_offset = check_index_offset(index_offset)
     shift = check_data_shift(data_shift, D, device)
+    # Long chunks (not screen_chunk_rows): the screen judges a block by its first chunk, and a query
+    # whose heavy rows lie in a later chunk looks spread there.
     block, chunk = default_block_sizes(M, device)
-    if engine == "auto":
-        chunk = screen_chunk_rows(chunk, D, device)
     chunk = check_chunk_size(chunk_size) or chunk
     if M == 0:
         return empty_partial(0, D, device), 1.0
