@@ -4,20 +4,24 @@
     python benchmarks/host_overhead.py [--device cuda] [--mse-shape 128,3,32,32] [--ids-shape 32,4096]
 
 For each case it prints the time per call (best of --repeats rounds of --calls calls, with the
-device synchronised around each round) and the aten ops one call issues, counted with the
+device synchronised around each round; the cases of a group are interleaved round by round, so
+that noise from other processes hits all of them alike), the load average before and after, and the aten ops one call issues, counted with the
 profiler: the aten ops not nested in another aten op, split into "launch" ops (the ones that do
 work: on a GPU, each is a kernel launch) and allocations / views / metadata (no launch). The
 counts include what the backend primitive itself issues; the "primitive" rows show that part.
 
 Cases: the sparse_mse training step (``loss = sparse_mse_loss(pred, target, 0.98, seed);
-loss.backward()``, with and without a per-sample weight), the eager ``((p - t)**2).mean()`` step,
-and the primitive ``sparse_mse_fwd`` alone; ``mdm.mask_tokens`` (standard and mirror), an eager
+loss.backward()``, with and without a per-sample weight), the dense steps it replaces (eager
+``((p - t)**2).mean()`` and ``F.mse_loss``), the eager masked loss a user would write
+(``torch.rand`` mask, benchmarks/bench_sparse_mse.py's baseline) and the primitive ``sparse_mse_fwd``
+alone; ``mdm.mask_tokens`` (standard and mirror), an eager
 ``torch.rand`` + ``where`` mask, and the ``mask_tokens`` primitive alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections import Counter
@@ -26,9 +30,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout too
+from benchmarks.bench_sparse_mse import baseline_loss  # noqa: E402
 from benchmarks.environment import pin_device  # noqa: E402
 from benchmarks.memory import quiet_stderr  # noqa: E402
-from benchmarks.timing import best_round_us  # noqa: E402
+from benchmarks.timing import sync  # noqa: E402
 
 import diffkernels as dk  # noqa: E402
 from diffkernels import _backend  # noqa: E402
@@ -101,6 +106,14 @@ def cases(device: torch.device, mse_shape, ids_shape):
         pred.grad = None
         ((pred - target) ** 2).mean().backward()
 
+    def dense_mse_loss():
+        pred.grad = None
+        torch.nn.functional.mse_loss(pred, target).backward()
+
+    def eager_masked():
+        pred.grad = None
+        baseline_loss(pred, target, 0.98).backward()
+
     def mse_primitive():
         kernels.sparse_mse_fwd(pred.detach(), target, 0.98, next(seed), 1, scale)
 
@@ -120,10 +133,30 @@ def cases(device: torch.device, mse_shape, ids_shape):
         kernels.mask_tokens(ids, table, next(seed), 1000, None, None, False)
 
     yield f"sparse_mse step {tuple(mse_shape)}", [
-        ("fused", fused()), ("fused, weight", fused(weight)), ("eager", eager_mse), ("primitive", mse_primitive)]
+        ("fused", fused()), ("fused, weight", fused(weight)), ("eager", eager_mse), ("F.mse_loss", dense_mse_loss),
+        ("eager masked", eager_masked), ("primitive", mse_primitive)]
     yield f"mask_tokens {tuple(ids_shape)}", [
         ("fused", masked("standard")), ("fused, mirror", masked("mirror")), ("eager", eager_mask),
         ("primitive", mask_primitive)]
+
+
+def interleaved_best_us(fns, device, calls: int, repeats: int, clock) -> list[float]:
+    """Microseconds per call of each of ``fns``: the best of ``repeats`` rounds of ``calls`` calls,
+    the functions timed in rotating order round by round."""
+    for fn in fns:
+        for _ in range(max(10, calls // 10)):
+            fn()
+    best = [float("inf")] * len(fns)
+    for r in range(repeats):
+        for k in range(len(fns)):
+            i = (r + k) % len(fns)
+            sync(device)
+            start = clock()
+            for _ in range(calls):
+                fns[i]()
+            sync(device)
+            best[i] = min(best[i], (clock() - start) / calls * 1e6)
+    return best
 
 
 def main() -> None:
@@ -147,15 +180,17 @@ def main() -> None:
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
           f"backend {_backend.select(device)}, torch {torch.__version__}, best of {args.repeats} rounds of "
           f"{args.calls} calls, {'CPU' if args.cpu_time else 'wall'} time")
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     for title, rows in cases(device, shape(args.mse_shape), shape(args.ids_shape)):
         print(f"\n{title}\n  {'case':<16}{'us/call':>10}{'launch ops':>12}{'other ops':>11}{'syncs':>7}")
-        for name, fn in rows:
-            us = best_round_us(fn, device, args.calls, args.repeats, clock)
+        times = interleaved_best_us([fn for _, fn in rows], device, args.calls, args.repeats, clock)
+        for (name, fn), us in zip(rows, times):
             launch, other, syncs, names = count_ops(fn)
             print(f"  {name:<16}{us:>10.1f}{launch:>12.1f}{other:>11.1f}{syncs:>7.1f}")
             if args.show_ops:
                 listed = (f"{k.removeprefix('aten::')} x{v / PROFILED_CALLS:g}" for k, v in sorted(names.items()))
                 print("      " + ", ".join(listed))
+    print(f"\nload average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

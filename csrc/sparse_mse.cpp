@@ -127,9 +127,11 @@ at::Tensor sparse_mask(int64_t seed, int64_t B, int64_t C, int64_t R, double mas
 
 // Per-row sums of keep * (pred - target)^2 (float64), per-row kept element counts (int64), and,
 // when grad_scale (B,) is given, grad = grad_scale[b] * keep * (pred - target) in pred's dtype.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_mse_fwd(const at::Tensor& pred, const at::Tensor& target,
-                                                              double mask_ratio, int64_t seed, int64_t channels,
-                                                              const std::optional<at::Tensor>& grad_scale) {
+// (sparse_mse_fwd_impl: or, with grad_const, the same grad_scale for every row, without a tensor for it.)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_mse_fwd_impl(const at::Tensor& pred, const at::Tensor& target,
+                                                                   double mask_ratio, int64_t seed, int64_t channels,
+                                                                   const std::optional<at::Tensor>& grad_scale,
+                                                                   std::optional<double> grad_const) {
   check_cpu(pred, "pred");
   check_cpu(target, "target");
   TORCH_CHECK(pred.sizes() == target.sizes() && pred.scalar_type() == target.scalar_type(),
@@ -140,8 +142,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_mse_fwd(const at::Tensor& 
   TORCH_CHECK(channels >= 1 && n % channels == 0, "channels must divide the per-sample size");
   const int64_t C = channels, R = n / C;
   const float eta = static_cast<float>(mask_ratio);
-  const bool want_grad = grad_scale.has_value();
-  if (want_grad) {
+  const bool want_grad = grad_scale.has_value() || grad_const.has_value();
+  if (grad_scale.has_value()) {
     check_cpu(*grad_scale, "grad_scale");
     TORCH_CHECK(grad_scale->numel() == B, "grad_scale must have one entry per sample");
   }
@@ -159,14 +161,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_mse_fwd(const at::Tensor& 
     scalar_t* g = want_grad ? grad.data_ptr<scalar_t>() : nullptr;
     at::Tensor gs_acc;
     const acc_t* gs = nullptr;
-    if (want_grad) {
+    if (grad_scale.has_value()) {
       gs_acc = grad_scale->to(acc_scalar_type<acc_t>()).contiguous();
       gs = gs_acc.data_ptr<acc_t>();
     }
+    const acc_t gc = static_cast<acc_t>(grad_const.value_or(0.0));
     at::parallel_for(0, B * T, task_grain(kTaskSpan * C), [&](int64_t lo, int64_t hi) {
       for (int64_t task = lo; task < hi; ++task) {
         const int64_t b = task / T;
-        const acc_t scale = want_grad ? gs[b] : acc_t(0);
+        const acc_t scale = gs != nullptr ? gs[b] : gc;
         double sum = 0.0;
         int64_t kept = 0;
         bool keep[kChunk];
@@ -201,6 +204,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_mse_fwd(const at::Tensor& 
     k[b] = cnt;
   }
   return std::make_tuple(sq_sum, kept, grad);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_mse_fwd(const at::Tensor& pred, const at::Tensor& target,
+                                                              double mask_ratio, int64_t seed, int64_t channels,
+                                                              const std::optional<at::Tensor>& grad_scale) {
+  return sparse_mse_fwd_impl(pred, target, mask_ratio, seed, channels, grad_scale, std::nullopt);
 }
 
 // grad[b, ...] *= factor[b], skipping rows whose factor is exactly 1 (the usual loss.backward()).
@@ -274,30 +283,47 @@ LossForward loss_forward(const at::Tensor& pred, const at::Tensor& target, const
   const int64_t B = pred.size(0);
   const int64_t n = B ? pred.numel() / B : 0;
   const double scale = loss_scale(B, n, mask_ratio, normalize, reduction);
+  // The per-row gradient scale 2 * scale * w_b (Python: _grad_scale), a constant without a weight.
   std::optional<at::Tensor> grad_scale;
-  if (want_grad) {
-    const auto acc = pred.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    grad_scale = has_weight ? weight->to(acc) * (2.0 * scale)
-                            : at::full({B}, 2.0 * scale, pred.options().dtype(acc));
+  std::optional<double> grad_const;
+  if (want_grad && has_weight) {
+    grad_scale = weight->to(pred.scalar_type() == at::kDouble ? at::kDouble : at::kFloat) * (2.0 * scale);
+  } else if (want_grad) {
+    grad_const = 2.0 * scale;
   }
-  auto [sq_sum, kept, grad] = sparse_mse_fwd(pred, target, mask_ratio, seed, channels, grad_scale);
+  auto [sq_sum, kept, grad] = sparse_mse_fwd_impl(pred, target, mask_ratio, seed, channels, grad_scale, grad_const);
   LossForward out;
   out.scale = scale;
+  // Elementwise in scalar code, each step the same IEEE operation as the tensor op of the Python
+  // path (float64 per-row values; the weight and the counts converted to float64).
   at::Tensor per_sample = sq_sum;
-  if (normalize == kKept) {
-    out.kept = kept.clamp_min(1);
-    per_sample = sq_sum / out.kept;  // float64, like the per-row sums
-  }
-  if (has_weight) {
-    per_sample = per_sample * *weight;  // promotes to float64
-    out.sq_sum = sq_sum;
+  if (normalize == kKept || has_weight) {
+    per_sample = at::empty({B}, sq_sum.options());
+    const double* s = sq_sum.data_ptr<double>();
+    double* ps = per_sample.data_ptr<double>();
+    int64_t* k = kept.data_ptr<int64_t>();
+    at::Tensor w64 = has_weight ? weight->to(at::kDouble).contiguous() : at::Tensor();
+    const double* w = has_weight ? w64.data_ptr<double>() : nullptr;
+    for (int64_t b = 0; b < B; ++b) {
+      double v = s[b];
+      if (normalize == kKept) {
+        k[b] = std::max<int64_t>(k[b], 1);  // Z_b = max(1, K_b), saved for backward
+        v = v / static_cast<double>(k[b]);
+      }
+      if (w != nullptr) v = v * w[b];
+      ps[b] = v;
+    }
+    if (normalize == kKept) out.kept = kept;
+    if (has_weight) out.sq_sum = sq_sum;
   }
   if (reduction != kNone) per_sample = per_sample.sum();
-  // computed in float64, stored as the loss dtype: one op (Python: torch.mul(x, scale, out=...))
-  auto scale_t = c10::scalar_to_tensor(scale);
-  scale_t.unsafeGetTensorImpl()->set_wrapped_number(true);
+  // computed in float64, stored as the loss dtype (Python: torch.mul(x, scale, out=...))
   out.loss = at::empty(per_sample.sizes(), pred.options().dtype(at::promote_types(pred.scalar_type(), at::kFloat)));
-  at::mul_out(out.loss, per_sample, scale_t);
+  const double* ps = per_sample.data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES(out.loss.scalar_type(), "sparse_mse_loss", [&] {
+    scalar_t* l = out.loss.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < out.loss.numel(); ++i) l[i] = static_cast<scalar_t>(ps[i] * scale);
+  });
   if (want_grad) out.grad = grad;
   return out;
 }
@@ -327,18 +353,35 @@ struct SparseMSELoss : public torch::autograd::Function<SparseMSELoss> {
     at::Tensor grad = saved[0], weight = saved[1], kept = saved[2], sq_sum = saved[3];
     const double scale = ctx->saved_data["scale"].toDouble();
     const int64_t reduction = ctx->saved_data["reduction"].toInt();
-    const at::Tensor& grad_loss = grad_outputs[0];
+    const at::Tensor grad_loss = grad_outputs[0].contiguous();
     const int64_t B = grad.size(0);
-    const at::Tensor per_row = reduction == kNone ? grad_loss : grad_loss.expand({B});
     at::Tensor grad_pred, grad_target, grad_weight;
     const bool need_pred = ctx->needs_input_grad(0), need_target = ctx->needs_input_grad(1);
     if (need_pred || need_target) {
-      const at::Tensor factor = kept.defined() ? per_row / kept : per_row;
-      scale_rows_(grad, factor.contiguous());
+      // grad[b] *= upstream_b / Z_b ("kept") or upstream_b, rows with a factor of exactly 1 untouched:
+      // the Python path's factor (in the loss dtype) and scale_rows_, in one loop.
+      AT_DISPATCH_FLOATING_TYPES(grad_loss.scalar_type(), "sparse_mse_loss_backward", [&] {
+        const scalar_t* up = grad_loss.data_ptr<scalar_t>();
+        const int64_t* k = kept.defined() ? kept.data_ptr<int64_t>() : nullptr;
+        const int64_t up_stride = reduction == kNone ? 1 : 0;
+        const int64_t n = B ? grad.numel() / B : 0;
+        AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, grad.scalar_type(), "sparse_mse_loss_scale", [&] {
+          using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+          using up_t = std::remove_const_t<std::remove_pointer_t<decltype(up)>>;
+          scalar_t* g = grad.data_ptr<scalar_t>();
+          for (int64_t b = 0; b < B; ++b) {
+            const up_t u = up[b * up_stride];
+            const acc_t f = static_cast<acc_t>(k != nullptr ? u / static_cast<up_t>(k[b]) : u);
+            if (f == acc_t(1)) continue;
+            for (int64_t j = b * n; j < (b + 1) * n; ++j) g[j] = static_cast<scalar_t>(f * static_cast<acc_t>(g[j]));
+          }
+        });
+      });
       torch::autograd::impl::bump_version(grad);  // a second backward through this graph is detected
       if (need_pred) grad_pred = grad;
       if (need_target) grad_target = -grad;
     }
+    const at::Tensor per_row = reduction == kNone ? grad_loss : grad_loss.expand({B});
     if (weight.defined() && ctx->needs_input_grad(2)) {
       const at::Tensor per_sample = kept.defined() ? sq_sum * per_row / kept : sq_sum * per_row;  // float64
       grad_weight = (per_sample * scale).to(weight.scalar_type());

@@ -21,7 +21,13 @@ import torch
 from . import _native
 
 BACKENDS = ("triton", "cuda", "cpp", "torch")
-_override = threading.local()
+
+
+class _Override(threading.local):
+    name = None  # a class default: reading it costs no failed attribute look-up (the eager fast paths ask per call)
+
+
+_override = _Override()
 
 
 def interpreting() -> bool:

@@ -117,6 +117,7 @@ def launch_ops(fn):
 
 
 def test_sparse_mse_issues_few_tensor_ops(monkeypatch, gen):
+    monkeypatch.setattr(ops_mod, "_native_loss", False)  # the Python path (other backends, no native library)
     pred = torch.randn(4, 8, generator=gen, requires_grad=True)
     target = torch.randn(4, 8, generator=gen)
     stub = StubKernels(pred, calls=2)
@@ -341,12 +342,7 @@ def test_native_step_issues_few_tensor_ops(gen):
 
     step()
     ops = launch_ops(step)
-    # the Python path's ops (test_sparse_mse_issues_few_tensor_ops), issued from C++
-    assert sorted(ops) == ["aten::contiguous", "aten::full", "aten::mul", "aten::ones_like", "aten::sum"], ops
+    # autograd's upstream gradient of 1 and the sum over rows; the rest is scalar code in the native op
+    assert sorted(ops) == ["aten::ones_like", "aten::sum"], ops
     assert "aten::_local_scalar_dense" not in ops
 
-
-def test_python_fused_step_issues_few_tensor_ops(monkeypatch, gen):
-    """The Python path (other backends, or no native library): as few tensor ops as the native op."""
-    monkeypatch.setattr(ops_mod, "_native_loss", False)
-    test_sparse_mse_issues_few_tensor_ops(monkeypatch, gen)
