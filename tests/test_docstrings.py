@@ -54,20 +54,6 @@ EXEMPT = {
     # optimal_loss/posterior
     "knn", "posterior_mean", "posterior_partial", "merge_partials", "empty_partial", "PosteriorPartial",
     "PosteriorStats",
-    # optimal_loss/distributed.py
-    "shard_bounds",
-    # optimal_loss/conversions.py
-    "loss_factor", "s_from_ve", "s_from_vp", "s_from_flow", "flow_t_from_s", "interpolate_log", "schedule_loss",
-    "edm_schedule_loss", "flow_matching_schedule_loss",
-    # optimal_loss/schedules.py
-    "find_s_star", "loss_weight", "adaptive_density", "sample_sigmas",
-    # optimal_loss/scaling.py
-    "PowerLaw", "OffsetPowerLaw", "ScalingFit", "fit_power_law", "fit_offset_power_law", "fit_scaling_law",
-    # mdm/samplers.py
-    "Clipped", "EPRFit", "LowDiscrepancy", "PPOTSGrid", "PPOTSSampler", "Stratified", "TimeSampler", "Uniform",
-    "estimate_ppots_grid", "fit_epr",
-    # mdm/syrm.py
-    "SyRMWeights", "syrm_coefficients", "syrm_loss", "syrm_weights",
 }
 
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE

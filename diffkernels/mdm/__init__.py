@@ -1,4 +1,4 @@
-"""Masked diffusion language models (METHODS.md section 2): variance-reduced training tools."""
+"""Masked diffusion language models (docs/METHODS.md section 2): variance-reduced training tools."""
 
 from .ema import BinnedEMABaseline
 from .loss import masked_cross_entropy, masked_diffusion_loss

@@ -1,4 +1,4 @@
-"""Samplers of the masking rate t for masked diffusion LMs (METHODS.md section 2: P-POTS, StraTS).
+"""Samplers of the masking rate t for masked diffusion LMs (docs/METHODS.md section 2: P-POTS, StraTS).
 
 Every sampler returns ``(t, weight)`` such that, for any integrable f,
 
@@ -115,7 +115,21 @@ def _below_one(dtype: torch.dtype) -> float:
 class TimeSampler:
     """Base class: subclasses implement ``_draw(G, gen) -> (t, weight)``, float64 on CPU, for the
     whole global batch; this class adds seeding, slicing by rank and micro-batch, casting and
-    argument checks, so that every sampler behaves the same under data parallelism."""
+    argument checks, so that every sampler behaves the same under data parallelism.
+
+    Examples:
+        Every sampler: ``sample(n, seed)`` gives this rank's (t, weight); seed once per step.
+
+        >>> import torch
+        >>> from diffkernels.mdm import Stratified
+        >>> t, w = Stratified(k=4).sample(8, seed=0)
+        >>> t.shape, w.dtype
+        (torch.Size([8]), torch.float32)
+        >>> t0, _ = Stratified(k=4).sample(4, seed=0, rank=0, world_size=2)  # rank 0's half of the global batch
+        >>> t1, _ = Stratified(k=4).sample(4, seed=0, rank=1, world_size=2)
+        >>> bool((torch.cat([t0, t1]) == t).all())
+        True
+    """
 
     def _draw(self, G: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
@@ -197,7 +211,14 @@ def _stratified_uniforms(G: int, k: int, gen: torch.Generator, reweight: bool) -
 
 
 class Uniform(TimeSampler):
-    """t ~ U(0, 1) i.i.d., weight 1: the standard MDM objective."""
+    """t ~ U(0, 1) i.i.d., weight 1: the standard MDM objective.
+
+    Examples:
+        >>> from diffkernels.mdm import Uniform
+        >>> t, w = Uniform().sample(4, seed=0)
+        >>> bool(((t >= 0) & (t <= 1)).all()), w
+        (True, tensor([1., 1., 1., 1.]))
+    """
 
     def _draw(self, G, gen):
         return torch.rand(G, generator=gen, dtype=_F64), torch.ones(G, dtype=_F64)
@@ -219,6 +240,14 @@ class Stratified(TimeSampler):
     for every allocation of the remainder, and the weights of the global batch sum to G. With
     ``reweight=False`` all weights are 1; that is still unbiased on average over the random
     allocation (each stratum's expected count is G / k) but adds the allocation's noise.
+
+    Examples:
+        >>> from diffkernels.mdm import Stratified
+        >>> t, w = Stratified(k=4).sample(8, seed=0)
+        >>> (t * 4).floor().sort().values  # two draws in each quarter of [0, 1]
+        tensor([0., 0., 1., 1., 2., 2., 3., 3.])
+        >>> w  # k divides G: all weights 1
+        tensor([1., 1., 1., 1., 1., 1., 1., 1.])
     """
 
     def __init__(self, k: Optional[int] = None, *, reweight: bool = True):
@@ -243,6 +272,12 @@ class LowDiscrepancy(Stratified):
 
     MDLM's low-discrepancy sampler uses one shared offset, t_i = (u + i/G) mod 1; this draws
     each stratum independently instead (same marginals, same one-per-stratum coverage).
+
+    Examples:
+        >>> from diffkernels.mdm import LowDiscrepancy
+        >>> t, w = LowDiscrepancy().sample(4, seed=0)
+        >>> (t * 4).floor().sort().values  # one draw in each of the 4 strata
+        tensor([0., 1., 2., 3.])
     """
 
     def __init__(self):
@@ -262,6 +297,12 @@ class Clipped(TimeSampler):
     over [t_min, t_max] only, i.e. E[f(t)] = (1 / (t_max - t_min)) * integral_{t_min}^{t_max} f,
     dropping the rates outside the window (typically the very low masking rates whose 1/t-weighted
     loss is the noisiest). Use it as a deliberate change of objective, not as variance reduction.
+
+    Examples:
+        >>> from diffkernels.mdm import Clipped
+        >>> t, w = Clipped(0.1, 0.9).sample(6, seed=0)
+        >>> bool(((t >= 0.1) & (t <= 0.9)).all())
+        True
     """
 
     def __init__(self, t_min: float, t_max: float):
@@ -296,6 +337,14 @@ class PPOTSGrid:
 
     ``t``: the grid; ``g``: mean loss at each t; ``v``: mean over examples of the within-example
     variance of the loss over masks; ``w = sqrt(g**2 + v)``: the optimal density, unnormalised.
+
+    Examples:
+        >>> from diffkernels.mdm import estimate_ppots_grid
+        >>> grid = estimate_ppots_grid(lambda x, t, seed: x / t, [1.0, 2.0], T=5, a=2, c=2, progress=False)
+        >>> grid.t.tolist()
+        [0.2, 0.4, 0.6, 0.8]
+        >>> grid.w.shape, bool((grid.w > 0).all())
+        (torch.Size([4]), True)
     """
 
     t: Tensor
@@ -343,6 +392,20 @@ def estimate_ppots_grid(loss_fn: Callable[[Any, float, int], Any], examples: Seq
 
     ``loss_fn`` runs under ``torch.no_grad()``. The result is a deterministic function of ``seed``
     if ``loss_fn`` is, so every rank can compute it, or one rank can compute and broadcast it.
+
+    Examples:
+        A loss that falls as 1/t, evaluated on 4 examples at T - 1 = 9 rates:
+
+        >>> from diffkernels.mdm import PPOTSSampler, estimate_ppots_grid
+        >>> def loss_fn(example, t, mask_seed):
+        ...     return example / t
+        >>> grid = estimate_ppots_grid(loss_fn, [1.0, 2.0, 3.0, 4.0], T=10, a=4, c=2, progress=False)
+        >>> grid.t.shape, round(float(grid.g[0]), 4)  # g(0.1) = mean(example) / 0.1
+        (torch.Size([9]), 25.0)
+        >>> sampler = PPOTSSampler.from_grid(grid, mix=0.1)
+        >>> t, w = sampler.sample(8, seed=0)
+        >>> t.shape
+        torch.Size([8])
     """
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
@@ -413,6 +476,15 @@ class EPRFit:
     ``kl``: KL(w_normalised || p_normalised) over the grid points, the quantity minimised;
     ``r2``: 1 - SS_res/SS_tot of the normalised p against the normalised w on the grid (NaN when w
     is constant there); ``success``: whether the best restart's optimiser reported convergence.
+
+    Examples:
+        >>> import torch
+        >>> from diffkernels.mdm import PPOTSGrid, fit_epr
+        >>> t = torch.linspace(0.05, 0.95, 19, dtype=torch.float64)
+        >>> w = (1 + 4 * t).sqrt()
+        >>> fit = fit_epr(PPOTSGrid(t, w, torch.zeros_like(t), w), restarts=2)
+        >>> type(fit).__name__, fit.r2 > 0.99
+        ('EPRFit', True)
     """
 
     a: float
@@ -474,6 +546,18 @@ def fit_epr(grid: PPOTSGrid, restarts: int = 8, seed: int = 0) -> EPRFit:
     ``restarts`` starting points (the first fixed, the others random from ``seed``); the best one
     wins. The smooth parametric form is what the paper samples from: it averages out the grid's
     estimation noise and extrapolates to the ends of [0, 1]. Needs scipy.
+
+    Examples:
+        >>> import torch
+        >>> from diffkernels.mdm import PPOTSGrid, PPOTSSampler, fit_epr
+        >>> t = torch.linspace(0.05, 0.95, 19, dtype=torch.float64)
+        >>> w = (1 + 4 * t).sqrt()  # the shape of a P-POTS weight
+        >>> fit = fit_epr(PPOTSGrid(t, w, torch.zeros_like(t), w), restarts=2)
+        >>> fit.r2 > 0.99
+        True
+        >>> t_draw, weight = PPOTSSampler.from_fit(fit, mix=0.05).sample(4, seed=0)
+        >>> t_draw.shape
+        torch.Size([4])
     """
     if not isinstance(grid, PPOTSGrid):
         raise TypeError(f"grid must be a PPOTSGrid, got {type(grid).__name__}")
@@ -574,6 +658,16 @@ class PPOTSSampler(TimeSampler):
     ``stratify=True`` stratifies the uniforms fed to the inverse CDF over the global batch, as in
     :class:`Stratified` (k strata, default floor(sqrt(G)); the weight is then the stratum weight
     times 1/p(t)): P-POTS and StraTS combined.
+
+    Examples:
+        >>> import torch
+        >>> from diffkernels.mdm import PPOTSSampler
+        >>> sampler = PPOTSSampler([0.0, 0.5, 1.0], [1.0, 3.0, 1.0])  # more draws near t = 0.5
+        >>> sampler.pdf(torch.tensor([0.0, 0.5])).tolist()  # normalised: the integral is 1
+        [0.5, 1.5]
+        >>> t, w = sampler.sample(4, seed=0)
+        >>> bool(torch.allclose(w, 1 / sampler.pdf(t.double()).float()))  # importance weights 1/p(t)
+        True
     """
 
     def __init__(self, knots, values, *, mix: float = 0.0, stratify: bool = False, k: Optional[int] = None,

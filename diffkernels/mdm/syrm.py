@@ -1,4 +1,4 @@
-"""SyRM: syntax-token masking for masked diffusion LMs (METHODS.md section 2, method 6).
+"""SyRM: syntax-token masking for masked diffusion LMs (docs/METHODS.md section 2, method 6).
 
 Structural prompt tokens (table tags, code syntax, delimiters), given by a set of token ids or a
 predicate, become eligible for masking alongside the response. Each sequence's loss is
@@ -62,6 +62,14 @@ class SyRMWeights(NamedTuple):
         ``mask_tokens(..., eligible=eligible)``.
     weight (B, L) float32: alpha on response tokens, 1 - alpha on syntax tokens, 0 elsewhere
         (with ``variant="core"`` alpha is each sequence's P_resp / P).
+
+    Examples:
+        >>> import torch
+        >>> from diffkernels.mdm import syrm_weights
+        >>> eligible, weight = syrm_weights(torch.tensor([[1, 7, 8]]), torch.tensor([[False, False, True]]),
+        ...                                 syntax_ids=[1])
+        >>> eligible, weight
+        (tensor([[ True, False,  True]]), tensor([[0.5000, 0.0000, 0.5000]]))
     """
 
     eligible: Tensor
@@ -118,6 +126,19 @@ def syrm_weights(
     ``prompt_rate`` m in [0, 1]: every other prompt token also joins the syntax group with
     probability m, drawn with ``seed`` (required when m > 0; fold the step into it) at the flat
     token index b * L + i. With m > 0, ``syntax_ids`` and ``syntax_predicate`` may both be omitted.
+
+    Examples:
+        Prompt "( 5 )" (ids 1 7 2, brackets are syntax), response 8 9:
+
+        >>> import torch
+        >>> from diffkernels.mdm import syrm_weights
+        >>> ids = torch.tensor([[1, 7, 2, 8, 9]])
+        >>> response = torch.tensor([[False, False, False, True, True]])
+        >>> groups = syrm_weights(ids, response, syntax_ids=[1, 2], alpha=0.75)
+        >>> groups.eligible
+        tensor([[ True, False,  True,  True,  True]])
+        >>> groups.weight
+        tensor([[0.2500, 0.0000, 0.2500, 0.7500, 0.7500]])
     """
     if not isinstance(input_ids, Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
         got = input_ids.dtype if isinstance(input_ids, Tensor) else type(input_ids).__name__
@@ -246,6 +267,17 @@ def syrm_loss(
 
     ``reduction``: ``"mean"`` over the B sequences, ``"sum"``, or ``"none"`` for the (B,) vector.
     Computed in float32 whatever the dtype of ``token_ce``; differentiable in ``token_ce``.
+
+    Examples:
+        >>> import torch
+        >>> from diffkernels.mdm import mask_tokens, syrm_loss, syrm_weights
+        >>> ids = torch.tensor([[1, 7, 2, 8, 9]])
+        >>> response = torch.tensor([[False, False, False, True, True]])
+        >>> groups = syrm_weights(ids, response, syntax_ids=[1, 2])
+        >>> masked = mask_tokens(ids, 1.0, seed=0, mask_id=0, eligible=groups.eligible)  # p = 1: all eligible masked
+        >>> token_ce = torch.full((1, 5), 2.0)  # CE 2 at every token
+        >>> syrm_loss(token_ce, masked, groups=groups, response_mask=response)  # 0.5 * 2 + 0.5 * 2
+        tensor(2.)
     """
     check_choice(reduction, "reduction", REDUCTIONS)
     scale = _token_scale(masked_tokens, groups, response_mask, empty_group)
@@ -285,6 +317,20 @@ def syrm_coefficients(
 
     Same arguments and definitions as :func:`syrm_loss` (no ``"none"`` reduction: the fused
     loss is a scalar).
+
+    Examples:
+        >>> import torch
+        >>> from diffkernels.mdm import mask_tokens, masked_cross_entropy, syrm_coefficients, syrm_loss, syrm_weights
+        >>> ids = torch.tensor([[1, 7, 2, 8, 9]])
+        >>> response = torch.tensor([[False, False, False, True, True]])
+        >>> groups = syrm_weights(ids, response, syntax_ids=[1, 2])
+        >>> masked = mask_tokens(ids, 0.7, seed=3, mask_id=0, eligible=groups.eligible)
+        >>> coef = syrm_coefficients(masked, groups=groups, response_mask=response)
+        >>> logits = torch.randn(1, 5, 16)
+        >>> fused = masked_cross_entropy(ids[masked.source_row], coef, logits=logits)
+        >>> ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids, reduction="none")
+        >>> bool(torch.allclose(fused, syrm_loss(ce, masked, groups=groups, response_mask=response)))
+        True
     """
     check_choice(reduction, "reduction", ("mean", "sum"))
     scale = _token_scale(masked_tokens, groups, response_mask, empty_group)

@@ -1,4 +1,4 @@
-"""Decompose the variance of the MDM loss (and of its gradient) into A, B, C (METHODS.md section 2).
+"""Decompose the variance of the MDM loss (and of its gradient) into A, B, C (docs/METHODS.md section 2).
 
 The per-sequence loss l of a masked diffusion LM is random in three nested ways: the example x0,
 the masking rate t given x0, and the mask given (x0, t). With g(x0, t) = E[l | x0, t] and
@@ -362,7 +362,7 @@ def variance_decomposition(
     ``grad=True`` also decomposes the trace of the gradient covariance: for every draw the
     gradient of ``l * w`` with respect to ``params`` (a list of tensors) is flattened, and the
     same estimator is applied to vectors, with ||.||^2 of deviations in place of squared
-    deviations (METHODS.md). By default the exact per-sample gradients are used (streamed: memory
+    deviations (docs/METHODS.md section 2.2). By default the exact per-sample gradients are used (streamed: memory
     n_x + n_t * n_m gradient vectors, fine for small models). ``num_projections=k`` instead
     projects each gradient with a fixed k x P Rademacher sketch S (entries +-1/sqrt(k),
     ``projection_seed`` defaults to one derived from ``seed``); every term is unbiased over S,

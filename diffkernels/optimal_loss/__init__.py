@@ -1,4 +1,4 @@
-"""Optimal loss value of diffusion models (METHODS.md section 3): the dataset's optimal denoiser,
+"""Optimal loss value of diffusion models (docs/METHODS.md section 3): the dataset's optimal denoiser,
 estimators of the optimal loss J*(s), conversions, schedules and scaling-law fits."""
 
 from .conversions import (

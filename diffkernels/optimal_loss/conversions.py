@@ -1,4 +1,4 @@
-"""From the x0-loss J*(s) to other parameterisations, processes and training schedules (METHODS.md section 3).
+"""From the x0-loss J*(s) to other parameterisations, processes and training schedules (docs/METHODS.md section 3).
 
 Every process x_t = alpha_t x0 + sigma_t eps has the same posterior of x0 as the VE process
 x = x0 + s eps with s = sigma_t / alpha_t, so J*(s) of the VE process is the optimal x0-loss of all
@@ -88,7 +88,15 @@ def _positive(s, name="s") -> np.ndarray:
 
 
 def loss_factor(s, target: str, *, sigma_data: float = EDM_SIGMA_DATA) -> np.ndarray:
-    """Multiply the x0-loss at VE noise level ``s`` by this to get the loss of ``target`` (table above)."""
+    """Multiply the x0-loss at VE noise level ``s`` by this to get the loss of ``target`` (table above).
+
+    Examples:
+        >>> from diffkernels.optimal_loss import loss_factor
+        >>> loss_factor([0.5, 1.0], "eps")  # eps-loss = J*(s) / s^2
+        array([4., 1.])
+        >>> float(loss_factor(2.0, "velocity"))  # (1 + s)^2 / s^2
+        2.25
+    """
     s = _positive(s)
     if target == "x0":
         return np.ones_like(s)
@@ -109,12 +117,24 @@ def loss_factor(s, target: str, *, sigma_data: float = EDM_SIGMA_DATA) -> np.nda
 
 
 def s_from_ve(sigma) -> np.ndarray:
-    """VE: x = x0 + sigma eps, so s = sigma."""
+    """VE: x = x0 + sigma eps, so s = sigma.
+
+    Examples:
+        >>> from diffkernels.optimal_loss import s_from_ve
+        >>> s_from_ve([0.1, 1.0])
+        array([0.1, 1. ])
+    """
     return _positive(sigma, "sigma")
 
 
 def s_from_vp(*, sigma=None, alpha=None) -> np.ndarray:
-    """VP (alpha^2 + sigma^2 = 1): s = sigma / alpha, from either sigma or alpha in (0, 1)."""
+    """VP (alpha^2 + sigma^2 = 1): s = sigma / alpha, from either sigma or alpha in (0, 1).
+
+    Examples:
+        >>> from diffkernels.optimal_loss import s_from_vp
+        >>> round(float(s_from_vp(sigma=0.6)), 6), round(float(s_from_vp(alpha=0.8)), 6)  # alpha = 0.8: s = 0.6 / 0.8
+        (0.75, 0.75)
+    """
     if (sigma is None) == (alpha is None):
         raise ValueError("give exactly one of sigma and alpha")
     v = _floats(sigma, "sigma") if sigma is not None else _floats(alpha, "alpha")
@@ -125,7 +145,13 @@ def s_from_vp(*, sigma=None, alpha=None) -> np.ndarray:
 
 
 def s_from_flow(t) -> np.ndarray:
-    """Flow matching x_t = (1 - t) x0 + t eps, t in (0, 1): s = t / (1 - t)."""
+    """Flow matching x_t = (1 - t) x0 + t eps, t in (0, 1): s = t / (1 - t).
+
+    Examples:
+        >>> from diffkernels.optimal_loss import s_from_flow
+        >>> s_from_flow([0.5, 0.75])  # t / (1 - t)
+        array([1., 3.])
+    """
     t = _floats(t, "t")
     if not ((t > 0).all() and (t < 1).all()):
         raise ValueError("flow-matching t must lie in (0, 1)")
@@ -133,6 +159,13 @@ def s_from_flow(t) -> np.ndarray:
 
 
 def flow_t_from_s(s) -> np.ndarray:
+    """The inverse of :func:`s_from_flow`: t = s / (1 + s), for s > 0.
+
+    Examples:
+        >>> from diffkernels.optimal_loss import flow_t_from_s
+        >>> flow_t_from_s([1.0, 3.0])  # s / (1 + s), the inverse of s_from_flow
+        array([0.5 , 0.75])
+    """
     s = _positive(s)
     return s / (1.0 + s)
 
@@ -152,7 +185,16 @@ def _check_table(sigmas, j_star) -> tuple[np.ndarray, np.ndarray]:
 
 
 def interpolate_log(s, sigmas, j_star) -> np.ndarray:
-    """J*(s) from a table: linear in ln s inside the grid, constant above, ~s^2 below (module docstring)."""
+    """J*(s) from a table: inside the grid, ln J* linear in ln s where both neighbours are > 0 (else J*
+    linear in ln s); constant above the grid, ~s^2 below it (module docstring).
+
+    Examples:
+        >>> import numpy as np
+        >>> from diffkernels.optimal_loss import interpolate_log
+        >>> sigmas, j_star = np.array([0.1, 1.0, 10.0]), np.array([0.01, 0.5, 1.0])
+        >>> interpolate_log([1.0, 100.0, 0.01], sigmas, j_star).round(6).tolist()  # on the grid, above it, below (~s^2)
+        [0.5, 1.0, 0.0001]
+    """
     grid, j = _check_table(sigmas, j_star)
     s = _positive(s)
     u, ug = np.log(s), np.log(grid)
@@ -176,6 +218,16 @@ def schedule_loss(sigmas, j_star, log_density: Callable[[np.ndarray], np.ndarray
 
     ``log_density(u)``: the log of the schedule's density of u = ln s (it must integrate to 1);
     ``u_range``: where to integrate (outside it the density must be negligible).
+
+    Examples:
+        J*(s) = 1, weight 1, ln s ~ N(0, 1), integrated over ln s in [-1, 1] only: P(|ln s| < 1).
+
+        >>> import numpy as np
+        >>> from diffkernels.optimal_loss import schedule_loss
+        >>> sigmas, j_star = np.array([0.1, 1.0, 10.0]), np.ones(3)
+        >>> log_density = lambda u: -0.5 * np.log(2 * np.pi) - u**2 / 2
+        >>> round(schedule_loss(sigmas, j_star, log_density, np.ones_like, (-1.0, 1.0)), 4)
+        0.6827
     """
     u = np.linspace(u_range[0], u_range[1], num_points)
     s = np.exp(u)
@@ -189,6 +241,14 @@ def edm_schedule_loss(sigmas, j_star, *, p_mean: float = EDM_P_MEAN, p_std: floa
 
     Equal to EDM's loss E[lambda ||D - x0||^2] (= E||F - F_target||^2) at the optimum. Use J* per
     element for EDM's per-element mean loss.
+
+    Examples:
+        >>> import numpy as np
+        >>> from diffkernels.optimal_loss import edm_schedule_loss
+        >>> sigmas = np.array([0.01, 0.1, 1.0, 10.0])
+        >>> j_star = np.array([1e-4, 0.01, 0.5, 1.0])  # J* per element
+        >>> round(edm_schedule_loss(sigmas, j_star), 3)  # the lowest loss EDM training can log
+        1.393
     """
     p_mean = _real(p_mean, "p_mean")
     p_std = _real(p_std, "p_std", positive=True)
@@ -204,6 +264,13 @@ def flow_matching_schedule_loss(sigmas, j_star) -> float:
     """Flow matching's optimal velocity loss with t ~ U(0, 1): E_t[(1 + s)^2 / s^2 J*(s)], s = t / (1 - t).
 
     In u = ln s = logit(t), uniform t has the logistic density t (1 - t).
+
+    Examples:
+        >>> import numpy as np
+        >>> from diffkernels.optimal_loss import flow_matching_schedule_loss
+        >>> sigmas = np.array([0.01, 0.1, 1.0, 10.0])
+        >>> round(flow_matching_schedule_loss(sigmas, np.array([1e-4, 0.01, 0.5, 1.0])), 3)
+        1.345
     """
 
     def log_density(u):

@@ -34,7 +34,13 @@ __all__ = ["shard_bounds", "shard_layout", "gather_rows", "all_merge_partials", 
 
 
 def shard_bounds(N: int, rank: int, world_size: int) -> tuple[int, int]:
-    """[start, stop) of rank ``rank``'s contiguous, nearly equal shard of N rows."""
+    """[start, stop) of rank ``rank``'s contiguous, nearly equal shard of N rows.
+
+    Examples:
+        >>> from diffkernels.optimal_loss import shard_bounds
+        >>> [shard_bounds(10, rank, 3) for rank in range(3)]
+        [(0, 4), (4, 7), (7, 10)]
+    """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
     base, extra = divmod(N, world_size)

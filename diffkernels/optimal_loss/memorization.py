@@ -1,4 +1,4 @@
-"""The memorisation metric of Gu et al. (2023), METHODS.md section 1, on top of the exact streaming :func:`knn`.
+"""The memorisation metric of Gu et al. (2023), docs/METHODS.md section 1, on top of the exact streaming :func:`knn`.
 
 Pixel values on the 0..255 scale; d(a, b) = ||a - b||_2 / sqrt(D). For each generated sample, d1 <= d2
 are the distances to its nearest and second-nearest training images; the sample is memorised iff

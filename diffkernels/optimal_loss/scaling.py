@@ -1,4 +1,4 @@
-"""Scaling-law fits with and without the optimal loss (METHODS.md section 3).
+"""Scaling-law fits with and without the optimal loss (docs/METHODS.md section 3).
 
 Three laws of the loss J against training compute F:
 
@@ -28,7 +28,14 @@ __all__ = ["PowerLaw", "OffsetPowerLaw", "ScalingFit", "fit_power_law", "fit_off
 
 @dataclass
 class PowerLaw:
-    """y = beta x^alpha with the log-space R^2 of the fit."""
+    """y = beta x^alpha with the log-space R^2 of the fit.
+
+    Examples:
+        >>> from diffkernels.optimal_loss import fit_power_law
+        >>> fit = fit_power_law([1.0, 2.0, 4.0], [2.0, 1.0, 0.5])
+        >>> type(fit).__name__, round(fit.alpha, 6)
+        ('PowerLaw', -1.0)
+    """
 
     beta: float
     alpha: float
@@ -40,7 +47,16 @@ class PowerLaw:
 
 @dataclass
 class OffsetPowerLaw:
-    """y = beta x^alpha + c with the log-space R^2 of the fit (residuals ln y - ln(beta x^alpha + c))."""
+    """y = beta x^alpha + c with the log-space R^2 of the fit (residuals ln y - ln(beta x^alpha + c)).
+
+    Examples:
+        >>> import numpy as np
+        >>> from diffkernels.optimal_loss import fit_offset_power_law
+        >>> x = np.array([1.0, 2.0, 4.0, 8.0])
+        >>> fit = fit_offset_power_law(x, 1 / x + 0.5)
+        >>> type(fit).__name__, round(fit.c, 4)
+        ('OffsetPowerLaw', 0.5)
+    """
 
     beta: float
     alpha: float
@@ -57,6 +73,14 @@ class ScalingFit:
     ``free``: J = beta F^alpha + c with c fitted (None with fewer than 4 points).
 
     ``beta``, ``alpha``, ``r2`` are the plain fit's; ``beta_gap``, ``alpha_gap``, ``r2_gap`` the gap fit's.
+
+    Examples:
+        >>> import numpy as np
+        >>> from diffkernels.optimal_loss import fit_scaling_law
+        >>> compute = np.array([1e18, 1e19, 1e20])
+        >>> fit = fit_scaling_law(compute, 2.0 * compute**-0.05)
+        >>> round(fit.plain.alpha, 4), fit.gap is None, fit.free is None  # no j_star; < 4 points
+        (-0.05, True, True)
     """
 
     plain: PowerLaw
@@ -72,7 +96,16 @@ class ScalingFit:
 
 
 def fit_power_law(x, y) -> PowerLaw:
-    """Least squares of ln y on ln x; x, y > 0, at least 2 distinct x."""
+    """Least squares of ln y on ln x; x, y > 0, at least 2 distinct x.
+
+    Examples:
+        >>> import numpy as np
+        >>> from diffkernels.optimal_loss import fit_power_law
+        >>> x = np.array([1.0, 10.0, 100.0])
+        >>> fit = fit_power_law(x, 3.0 * x**-0.5)
+        >>> round(fit.beta, 6), round(fit.alpha, 6), round(fit.r2, 6)
+        (3.0, -0.5, 1.0)
+    """
     x = _floats(x, "x").reshape(-1)
     y = _floats(y, "y").reshape(-1)
     if x.shape != y.shape or x.size < 2:
@@ -95,7 +128,16 @@ def _r2(ly, fitted) -> float:
 
 
 def fit_offset_power_law(x, y, *, iterations: int = 50) -> OffsetPowerLaw:
-    """Least squares of ln y against ln(beta x^alpha + c) with 0 <= c < min y; x, y > 0, >= 4 points."""
+    """Least squares of ln y against ln(beta x^alpha + c) with 0 <= c < min y; x, y > 0, >= 4 points.
+
+    Examples:
+        >>> import numpy as np
+        >>> from diffkernels.optimal_loss import fit_offset_power_law
+        >>> x = np.array([1e18, 1e19, 1e20, 1e21])
+        >>> fit = fit_offset_power_law(x, 3 * x**-0.1 + 0.2)
+        >>> round(fit.beta, 4), round(fit.alpha, 4), round(fit.c, 4)
+        (3.0, -0.1, 0.2)
+    """
     x = _floats(x, "x").reshape(-1)
     y = _floats(y, "y").reshape(-1)
     if x.shape != y.shape or x.size < 4:
@@ -140,7 +182,20 @@ def fit_offset_power_law(x, y, *, iterations: int = 50) -> OffsetPowerLaw:
 
 def fit_scaling_law(compute, loss, j_star: Optional[float] = None) -> ScalingFit:
     """Fit J = beta F^alpha, with ``j_star`` also J - J* = beta F^alpha (every J must exceed J*), and
-    with at least 4 points J = beta F^alpha + c (:func:`fit_offset_power_law`)."""
+    with at least 4 points J = beta F^alpha + c (:func:`fit_offset_power_law`).
+
+    Examples:
+        Losses J = J* + 3 F^-0.1 with J* = 0.2: the gap J - J* is an exact power law.
+
+        >>> import numpy as np
+        >>> from diffkernels.optimal_loss import fit_scaling_law
+        >>> compute = np.array([1e18, 1e19, 1e20, 1e21])
+        >>> fit = fit_scaling_law(compute, 0.2 + 3 * compute**-0.1, j_star=0.2)
+        >>> round(fit.alpha_gap, 4), round(fit.beta_gap, 4)
+        (-0.1, 3.0)
+        >>> round(fit.alpha, 4)  # the plain power law, fitted to J, hides the exponent
+        -0.0146
+    """
     plain = fit_power_law(compute, loss)
     free = fit_offset_power_law(compute, loss) if np.size(compute) >= 4 else None
     gap = None

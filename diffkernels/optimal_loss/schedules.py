@@ -1,4 +1,4 @@
-"""Training schedules derived from the optimal loss (METHODS.md section 3, the paper's form).
+"""Training schedules derived from the optimal loss (docs/METHODS.md section 3, the paper's form).
 
 - Loss weight: w(s) = a * min(1 / J*(s), w_max) + f(s) * 1[s < s*], with f a Gaussian bump in ln s,
   f(s) = h exp(-(ln s - ln c)^2 / (2 width^2)), and s* the noise level where J* leaves ~0
@@ -28,7 +28,15 @@ __all__ = ["find_s_star", "loss_weight", "adaptive_density", "sample_sigmas"]
 
 
 def find_s_star(sigmas, j_star, *, rel: float = 1e-3) -> float:
-    """The smallest tabulated s with J*(s) >= rel * max J*: where J* leaves ~0."""
+    """The smallest tabulated s with J*(s) >= rel * max J*: where J* leaves ~0.
+
+    Examples:
+        >>> import numpy as np
+        >>> from diffkernels.optimal_loss import find_s_star
+        >>> sigmas, j_star = np.array([0.01, 0.1, 1.0, 10.0]), np.array([1e-4, 0.01, 0.5, 1.0])
+        >>> find_s_star(sigmas, j_star), find_s_star(sigmas, j_star, rel=0.1)
+        (0.1, 1.0)
+    """
     s, j = _check_table(sigmas, j_star)
     rel = _real(rel, "rel")
     if not 0 < rel < 1:
@@ -40,7 +48,15 @@ def find_s_star(sigmas, j_star, *, rel: float = 1e-3) -> float:
 def loss_weight(s, sigmas, j_star, *, a: float = 1.0, w_max: Optional[float] = None, bump_height: float = 0.0,
                 bump_center: Optional[float] = None, bump_width: float = 0.5,
                 s_star: Optional[float] = None) -> np.ndarray:
-    """The paper's loss weight w(s) at the noise levels ``s`` (module docstring), from a J* table."""
+    """The paper's loss weight w(s) at the noise levels ``s`` (module docstring), from a J* table.
+
+    Examples:
+        >>> import numpy as np
+        >>> from diffkernels.optimal_loss import loss_weight
+        >>> sigmas, j_star = np.array([0.01, 0.1, 1.0, 10.0]), np.array([1e-4, 0.01, 0.5, 1.0])
+        >>> loss_weight(sigmas, sigmas, j_star)  # 1 / J*, capped at 1 / J*(s*) = 100
+        array([100., 100.,   2.,   1.])
+    """
     s = _positive(s)
     s_star = find_s_star(sigmas, j_star) if s_star is None else _real(s_star, "s_star", positive=True)
     if w_max is None:
@@ -62,7 +78,17 @@ def loss_weight(s, sigmas, j_star, *, a: float = 1.0, w_max: Optional[float] = N
 
 def adaptive_density(sigmas, weight, j_theta, j_star, *, floor: float = 0.0) -> np.ndarray:
     """p(s) ~ w(s) max(J_theta(s) - J*(s), 0) + floor on the grid, normalised so that its integral
-    over ln s (trapezoid) is 1; returned in the order of ``sigmas``. ``floor`` > 0 keeps every level reachable."""
+    over ln s (trapezoid) is 1; returned in the order of ``sigmas``. ``floor`` > 0 keeps every level reachable.
+
+    Examples:
+        >>> import numpy as np
+        >>> from diffkernels.optimal_loss import adaptive_density
+        >>> sigmas, j_star = np.array([0.01, 0.1, 1.0, 10.0]), np.array([1e-4, 0.01, 0.5, 1.0])
+        >>> j_theta = j_star + np.array([0.0, 0.0, 0.5, 0.1])  # the model's current loss per level
+        >>> density = adaptive_density(sigmas, np.ones(4), j_theta, j_star)
+        >>> int(density.argmax())  # most draws where the reducible loss is largest
+        2
+    """
     s, j = _check_table(sigmas, j_star)
     order = np.argsort(_floats(sigmas, "sigmas").reshape(-1))
     w = _floats(weight, "weight").reshape(-1)
@@ -91,6 +117,14 @@ def sample_sigmas(n: int, sigmas, density, *, generator: Optional[torch.Generato
     Returns float32 s on ``device``. Pick an interval by its trapezoid mass, then invert the linear
     density on it: with end values a, b and uniform r, x = r (a + b) / (a + sqrt(a^2 + r (b^2 - a^2))).
     ``n`` = 0 gives an empty tensor.
+
+    Examples:
+        >>> import numpy as np
+        >>> import torch
+        >>> from diffkernels.optimal_loss import sample_sigmas
+        >>> s = sample_sigmas(1000, [0.01, 1.0, 100.0], np.ones(3), generator=torch.Generator().manual_seed(0))
+        >>> s.shape, s.dtype, bool(((s >= 0.01) & (s <= 100.0)).all())
+        (torch.Size([1000]), torch.float32, True)
     """
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
         raise ValueError(f"n must be an int >= 0, got {n!r}")
