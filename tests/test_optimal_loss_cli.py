@@ -245,3 +245,21 @@ def test_out_folder_or_prefix(tmp_path, arr, monkeypatch, out, written):
     assert main(["optimal-loss", "d.npy", *FAST, "--out", out]) == 0
     for ext in (".csv", ".json", ".ckpt.json"):
         assert (tmp_path / (written + ext)).is_file(), written + ext
+
+
+def test_load_data_rows_reads_only_those_rows_and_names_rows_globally(tmp_path):
+    """rows=f: f gets N, only rows lo..hi-1 are checked and returned; errors give the row in the whole file."""
+    arr = np.arange(40, dtype=np.float32).reshape(10, 2, 2)
+    arr[1, 0, 0] = np.nan  # outside the rows asked for: not read, no error
+    np.save(tmp_path / "d.npy", arr)
+    seen = []
+    got = load_data(str(tmp_path / "d.npy"), rows=lambda N: seen.append(N) or (4, 7))
+    assert seen == [10]
+    assert isinstance(got, np.memmap) and got.shape == (3, 4)
+    np.testing.assert_array_equal(np.asarray(got), arr.reshape(10, 4)[4:7])
+    arr[5, 1, 1] = np.inf
+    np.save(tmp_path / "d.npy", arr)
+    with pytest.raises(DataError, match=r"d\.npy row 5 contains NaN or Inf"):
+        load_data(str(tmp_path / "d.npy"), rows=lambda N: (4, 7))
+    with pytest.raises(DataError, match=r"row 1 contains NaN or Inf"):  # without rows: the whole file
+        load_data(str(tmp_path / "d.npy"))

@@ -44,7 +44,6 @@ _DATA_HELP = ".npy (memory-mapped), .npz, .pt, .safetensors, or 'digits' (scikit
 _OL_DATA_HELP = (".npy (memory-mapped; under torchrun each process reads only its own rows), .npz, .pt, .safetensors "
                  "(under torchrun every process loads these whole, then keeps its rows), or 'digits' (scikit-learn's "
                  "bundled set, in [-1, 1])")
-_SCAN_ELEMENTS = 1 << 24  # a shard is checked for NaN / Inf in pieces of this many elements
 _RANGES = {"255": "0..255 (as is)", "unit": "0..1 (x 255)", "signed": "-1..1 ((x + 1) x 127.5)"}
 
 
@@ -171,40 +170,19 @@ def _dist_backend(choice: str | None, dev: str) -> str:
 def _npy_shard(spec: str, rank: int, world: int):
     """(this process's rows of the .npy file ``spec`` as an (n, D) memory map, N): only the header
     and these rows are read. DataError as from load_data, naming rows by their global index."""
-    import numpy as np
-
     from . import shard_bounds
-    from .io import DataError
+    from .io import DataError, load_data
 
-    path = Path(spec)
-    if not path.exists():
-        raise DataError(f"{spec}: no such file")
-    if path.is_dir():
-        raise DataError(f"{spec} is a directory, not a data file")
-    try:
-        whole = np.load(path, mmap_mode="r", allow_pickle=False)
-    except Exception as exc:  # a damaged or foreign file
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"cannot read {spec}: {msg}") from exc
-    if whole.dtype.kind not in "fiu":
-        raise DataError(f"{spec} has dtype {whole.dtype}; need real numbers")
-    if whole.ndim < 2:
-        raise DataError(f"{spec} has shape {whole.shape} (rank {whole.ndim}); need (N, ...) with one row "
-                        "per sample and at least 2 dimensions")
-    N, D = whole.shape[0], int(np.prod(whole.shape[1:]))
-    if N == 0 or D == 0:
-        raise DataError(f"{spec} is empty: shape {whole.shape}")
-    if N < world:
-        raise DataError(f"{spec} has {N} rows, fewer than the {world} processes (WORLD_SIZE)")
-    lo, hi = shard_bounds(N, rank, world)
-    shard = whole[lo:hi].reshape(hi - lo, D)
-    if shard.dtype.kind == "f":
-        step = max(1, _SCAN_ELEMENTS // D)
-        for start in range(0, hi - lo, step):
-            bad = np.flatnonzero(~np.isfinite(shard[start:start + step]).all(axis=1))
-            if bad.size:
-                raise DataError(f"{spec} row {lo + start + int(bad[0])} contains NaN or Inf")
-    return shard, N
+    total = []
+
+    def bounds(N):
+        if N < world:
+            raise DataError(f"{spec} has {N} rows, fewer than the {world} processes (WORLD_SIZE)")
+        total.append(N)
+        return shard_bounds(N, rank, world)
+
+    shard = load_data(spec, rows=bounds)
+    return shard, total[0]
 
 
 def _load_rows(args, launch: Launch | None):

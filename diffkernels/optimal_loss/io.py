@@ -73,8 +73,13 @@ def _load_file(path: Path, key: Optional[str]):
     raise DataError(f"{path}: unknown file type {suffix or '(none)'!r}; use .npy, .npz, .pt, .safetensors or 'digits'")
 
 
-def validate_data(data, name: str = "data"):
-    """Check ``data`` (tensor or numpy array) and flatten it to (N, D); DataError if malformed."""
+def validate_data(data, name: str = "data", *, rows=None):
+    """Check ``data`` (tensor or numpy array) and flatten it to (N, D); DataError if malformed.
+
+    ``rows``: a function N -> (lo, hi), called once the shape is checked: only rows lo..hi-1 are
+    then scanned for NaN / Inf and returned, as (hi - lo, D) (a memory-mapped ``.npy`` file is
+    read no further); errors name rows by their index in the whole of ``data``.
+    """
     if isinstance(data, torch.Tensor):
         if data.dtype.is_complex or data.dtype == torch.bool:
             raise DataError(f"{name} has dtype {data.dtype}; need real numbers")
@@ -90,23 +95,27 @@ def validate_data(data, name: str = "data"):
     D = int(np.prod(data.shape[1:]))
     if N == 0 or D == 0:
         raise DataError(f"{name} is empty: shape {tuple(data.shape)}")
-    flat = data.reshape(N, D)
+    lo, hi = (0, N) if rows is None else rows(N)
+    flat = data[lo:hi].reshape(hi - lo, D)
     step = max(1, _CHUNK_ELEMENTS // D)
-    for start in range(0, N, step):
+    for start in range(0, hi - lo, step):
         block = flat[start:start + step]
         if isinstance(block, torch.Tensor):
             bad = (~torch.isfinite(block)).any(dim=1).nonzero().flatten().tolist()
         else:
             bad = np.flatnonzero(~np.isfinite(block).all(axis=1)).tolist() if block.dtype.kind == "f" else []
         if bad:
-            raise DataError(f"{name} row {start + bad[0]} contains NaN or Inf")
+            raise DataError(f"{name} row {lo + start + bad[0]} contains NaN or Inf")
     return flat
 
 
-def load_data(spec: str, key: Optional[str] = None):
-    """Load ``spec`` (a file path or ``digits``) as a checked (N, D) numpy array / memmap or tensor."""
+def load_data(spec: str, key: Optional[str] = None, *, rows=None):
+    """Load ``spec`` (a file path or ``digits``) as a checked (N, D) numpy array / memmap or tensor.
+
+    ``rows``: only some rows, as in :func:`validate_data`.
+    """
     if spec == DIGITS:
-        return validate_data(_load_digits(), DIGITS)
+        return validate_data(_load_digits(), DIGITS, rows=rows)
     path = Path(spec)
     if not path.exists():
         raise DataError(f"{spec}: no such file")
@@ -119,4 +128,4 @@ def load_data(spec: str, key: Optional[str] = None):
     except Exception as exc:  # numpy / torch / zip / safetensors errors on a damaged or foreign file
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(f"cannot read {spec}: {msg}") from exc
-    return validate_data(data, spec)
+    return validate_data(data, spec, rows=rows)
