@@ -113,6 +113,17 @@ def posterior_partial(
     read), or if sigma is so small against the distances that even a query's largest logit is below
     float64's range. Values beyond ~1e120 or below ~1e-120 are handled exactly by rescaling (a second
     pass over the data); sums that overflow float64 in the result then come out as inf.
+
+    Examples:
+        Statistics over two halves of the data merge into those over all of it:
+
+        >>> import torch
+        >>> from diffkernels.optimal_loss import merge_partials, posterior_mean, posterior_partial
+        >>> data, x = torch.randn(10, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+        >>> parts = [posterior_partial(x, data[:6], 0.5), posterior_partial(x, data[6:], 0.5, index_offset=6)]
+        >>> merged = merge_partials(*parts).finalize()
+        >>> bool(torch.allclose(merged.mean, posterior_mean(x, data, 0.5)))
+        True
     """
     part, scale = _scaled_partial(queries, data, sigma, alpha, exclude_index, index_offset, logit_bias, chunk_size,
                                   precision, data_shift)
@@ -146,6 +157,19 @@ def posterior_mean(
 
     Not differentiable: the results never carry a gradient (``requires_grad`` False, no ``grad_fn``),
     even for inputs that require one.
+
+    Examples:
+        >>> import torch
+        >>> from diffkernels import posterior_mean
+        >>> data = torch.tensor([[-1.0], [1.0]])  # two training points
+        >>> x = torch.tensor([[0.0], [0.5], [3.0]])  # noisy queries
+        >>> posterior_mean(x, data, sigma=1.0)  # E[x0 | x] = tanh(x / sigma^2) here
+        tensor([[0.0000],
+                [0.4621],
+                [0.9951]])
+        >>> mean, logsumexp, variance = posterior_mean(x, data, sigma=1.0, return_stats=True)
+        >>> variance  # tr Cov[x0 | x] = 1 - tanh^2
+        tensor([1.0000, 0.7864, 0.0099], dtype=torch.float64)
     """
     check_inputs(queries, data)
     if data.shape[0] == 0:
@@ -188,6 +212,14 @@ def knn(queries: Tensor, data: Tensor, k: int, *, chunk_size: Optional[int] = No
     empty (0, k) results. NaN or Inf in the queries or the data is a ValueError (the data is checked
     as it is read); data of any finite magnitude is handled exactly (distances beyond float64's range
     come back as inf). Not differentiable: the distances never carry a gradient.
+
+    Examples:
+        >>> import torch
+        >>> from diffkernels import knn
+        >>> data = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0], [5.0, 5.0]])
+        >>> dist2, index = knn(torch.tensor([[0.9, 0.1]]), data, k=2)
+        >>> index, dist2.round(decimals=4)  # squared distances, nearest first
+        (tensor([[1, 0]]), tensor([[0.0200, 0.8200]]))
     """
     check_inputs(queries, data)
     M, N = queries.shape[0], data.shape[0]

@@ -27,6 +27,15 @@ class PosteriorPartial:
     ``sum_wy`` = sum_n e^(...) (y_n - center), ``sum_wyy`` = sum_n e^(...) ||y_n - center||^2.
     Partials over disjoint sets of rows merge exactly (:func:`merge_partials`) whatever their centers,
     so tiles, chunks, files and ranks can be combined in any order.
+
+    Examples:
+        >>> import torch
+        >>> from diffkernels.optimal_loss import PosteriorPartial, posterior_partial
+        >>> part = posterior_partial(torch.zeros(1, 2), torch.tensor([[1.0, 0.0], [-1.0, 0.0]]), 1.0)
+        >>> isinstance(part, PosteriorPartial), part.sum_w  # two rows at equal distance: weights 1 + 1
+        (True, tensor([2.], dtype=torch.float64))
+        >>> part.finalize().mean
+        tensor([[0., 0.]], dtype=torch.float64)
     """
 
     center: Tensor
@@ -51,7 +60,15 @@ class PosteriorPartial:
 
 @dataclass
 class PosteriorStats:
-    """mean (M, D): E[x0 | x]; logsumexp (M,): log sum_n e^logit_n; variance (M,): tr Cov[x0 | x]."""
+    """mean (M, D): E[x0 | x]; logsumexp (M,): log sum_n e^logit_n; variance (M,): tr Cov[x0 | x].
+
+    Examples:
+        >>> import torch
+        >>> from diffkernels.optimal_loss import posterior_partial
+        >>> stats = posterior_partial(torch.zeros(1, 1), torch.tensor([[-1.0], [1.0]]), 1.0).finalize()
+        >>> stats.mean, stats.variance  # halfway between the rows: mean 0, variance 1
+        (tensor([[0.]], dtype=torch.float64), tensor([1.], dtype=torch.float64))
+    """
 
     mean: Tensor
     logsumexp: Tensor
@@ -71,6 +88,17 @@ def merge_partials(*parts: PosteriorPartial) -> PosteriorPartial:
 
     The merged center is, per query, the center of the partial with the largest logit: the one
     closest to the posterior mass, so that the shifted sums stay small.
+
+    Examples:
+        >>> import torch
+        >>> from diffkernels.optimal_loss import empty_partial, merge_partials, posterior_partial
+        >>> data, x = torch.randn(8, 2, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
+        >>> a, b = posterior_partial(x, data[:5], 1.0), posterior_partial(x, data[5:], 1.0, index_offset=5)
+        >>> whole = posterior_partial(x, data, 1.0).finalize()
+        >>> bool(torch.allclose(merge_partials(b, a).finalize().mean, whole.mean))  # any order
+        True
+        >>> bool(torch.allclose(merge_partials(a, b, empty_partial(3, 2, "cpu")).finalize().mean, whole.mean))
+        True
     """
     if not parts:
         raise ValueError("merge_partials needs at least one partial")
@@ -94,7 +122,14 @@ def merge_partials(*parts: PosteriorPartial) -> PosteriorPartial:
 
 
 def empty_partial(M: int, D: int, device) -> PosteriorPartial:
-    """The partial of no rows: merging it changes nothing."""
+    """The partial of no rows: merging it changes nothing.
+
+    Examples:
+        >>> from diffkernels.optimal_loss import empty_partial
+        >>> p = empty_partial(3, 2, "cpu")  # 3 queries, 2 dims, no rows yet
+        >>> p.log_max
+        tensor([-inf, -inf, -inf], dtype=torch.float64)
+    """
     f64 = dict(dtype=torch.float64, device=device)
     return PosteriorPartial(torch.zeros(M, D, **f64), torch.full((M,), float("-inf"), **f64),
                             torch.zeros(M, **f64), torch.zeros(M, D, **f64), torch.zeros(M, **f64))
