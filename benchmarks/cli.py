@@ -53,6 +53,11 @@ def parse_shapes(text: str | None, default) -> list[tuple[int, ...]]:
     return [tuple(int(x) for x in s.split("x")) for s in text.split(",") if s]
 
 
+def shape_arg(shape) -> str:
+    """(128, 3, 32, 32) -> "128x3x32x32": a shape as ``parse_shapes`` reads it (also the pytest case ids)."""
+    return "x".join(map(str, shape))
+
+
 def parse_floats(text: str | None, default) -> list[float]:
     """"0,0.5,0.98" -> [0.0, 0.5, 0.98]; ``default`` when not given."""
     return [float(x) for x in text.split(",") if x] if text else list(default)

@@ -38,7 +38,9 @@ from benchmarks.bench_mdm import (  # noqa: E402
     make_loss_inputs,
     row_p,
 )
+from benchmarks.cli import shape_arg  # noqa: E402
 from benchmarks.environment import fused_backend  # noqa: E402
+from benchmarks.timing import benchmark_disabled  # noqa: E402
 
 import diffkernels  # noqa: E402
 from diffkernels.mdm.masking import mask_tokens  # noqa: E402
@@ -58,25 +60,17 @@ SEED = 0x5EED_0000_7E57
 MASK_ID = 32000
 
 
-def _disabled(config) -> bool:
-    return bool(config.getoption("benchmark_disable", default=False))
-
-
-def _sid(shape) -> str:
-    return "x".join(map(str, shape))
-
-
 def pytest_generate_tests(metafunc):
-    small = _disabled(metafunc.config)
+    small = benchmark_disabled(metafunc.config)
     if "mask_method" in metafunc.fixturenames:
         shapes = SMALL_MASK_SHAPES if small else MASK_SHAPES
-        params = [pytest.param(m, s, mode, id=f"{m}-{_sid(s)}-{mode}")
+        params = [pytest.param(m, s, mode, id=f"{m}-{shape_arg(s)}-{mode}")
                   for s in shapes for mode in MODES for m in MASK_METHODS]
         metafunc.parametrize(("mask_method", "shape", "mode"), params)
     elif "loss_method" in metafunc.fixturenames:
         shapes = SMALL_LOSS_SHAPES if small else LOSS_SHAPES[DEVICE.type]
         dtype = "fp32" if (small or DEVICE.type == "cpu") else "bf16"
-        params = [pytest.param(m, s, dtype, id=f"{m}-{_sid(s)}-{dtype}") for s in shapes for m in LOSS_FNS]
+        params = [pytest.param(m, s, dtype, id=f"{m}-{shape_arg(s)}-{dtype}") for s in shapes for m in LOSS_FNS]
         metafunc.parametrize(("loss_method", "shape", "dtype"), params)
 
 
@@ -105,7 +99,7 @@ def test_mask_tokens(benchmark, backend, mask_method, shape, mode):
     gen = torch.Generator().manual_seed(B * 1000 + L)
     ids = torch.randint(0, MASK_ID, (B, L), generator=gen).to(DEVICE)
     p = row_p(B, "stratified", DEVICE)
-    benchmark.group = f"mask_tokens {_sid(shape)} {mode}"
+    benchmark.group = f"mask_tokens {shape_arg(shape)} {mode}"
     benchmark.extra_info.update(device=str(DEVICE), backend=backend if mask_method != "eager" else "torch")
     with diffkernels.use_backend(backend):
         kernels = _kernels.for_device(DEVICE)
@@ -151,13 +145,13 @@ def test_mask_tokens(benchmark, backend, mask_method, shape, mode):
 def test_masked_diffusion_loss(request, benchmark, backend, liger, loss_method, shape, dtype):
     if loss_method.startswith("liger") and not liger[0]:
         pytest.skip(liger[1])
-    small = _disabled(request.config)
+    small = benchmark_disabled(request.config)
     B, L, H, V = shape
     hidden, weight, targets, masks = make_loss_inputs(B, L, H, V, DTYPES[dtype], DEVICE, n_masks=1,
                                                       seed=B * L + H + V)
     mt = masks[0]
     loss_fn = LOSS_FNS[loss_method]
-    benchmark.group = f"masked_diffusion_loss fwd+bwd {_sid(shape)} {dtype}"
+    benchmark.group = f"masked_diffusion_loss fwd+bwd {shape_arg(shape)} {dtype}"
     benchmark.extra_info.update(device=str(DEVICE), masked_fraction=float(mt.masked.float().mean()))
 
     def step():

@@ -26,7 +26,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script_method.*:Depr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout
 from benchmarks.bench_sparse_mse import BASE_SEED, DTYPES, ETAS, SHAPES, baseline_loss  # noqa: E402
+from benchmarks.cli import shape_arg  # noqa: E402
 from benchmarks.environment import fused_backend  # noqa: E402
+from benchmarks.timing import benchmark_disabled  # noqa: E402
 
 import diffkernels  # noqa: E402
 from diffkernels import reference as ref  # noqa: E402
@@ -40,16 +42,8 @@ SMALL_SHAPES = [(4, 3, 16, 16), (3, 5, 7, 9)]
 SMALL_COMPILE_ETAS = [0.98]
 
 
-def _disabled(config) -> bool:
-    return bool(config.getoption("benchmark_disable", default=False))
-
-
-def _shape_id(shape) -> str:
-    return "x".join(map(str, shape))
-
-
 def pytest_generate_tests(metafunc):
-    small = _disabled(metafunc.config)
+    small = benchmark_disabled(metafunc.config)
     shapes = SMALL_SHAPES if small else SHAPES
     cases = []
     for shape in shapes:
@@ -63,10 +57,10 @@ def pytest_generate_tests(metafunc):
                 if method == "compile" and small and (eta not in SMALL_COMPILE_ETAS or shape != shapes[0]):
                     continue
                 params.append(pytest.param(method, shape, eta, dtype,
-                                           id=f"{method}-{_shape_id(shape)}-eta{eta}-{dtype}"))
+                                           id=f"{method}-{shape_arg(shape)}-eta{eta}-{dtype}"))
         metafunc.parametrize(("method", "shape", "eta", "dtype"), params)
     elif "strategy" in metafunc.fixturenames:
-        params = [pytest.param(s, shape, eta, dtype, id=f"{s}-{_shape_id(shape)}-eta{eta}-{dtype}")
+        params = [pytest.param(s, shape, eta, dtype, id=f"{s}-{shape_arg(shape)}-eta{eta}-{dtype}")
                   for shape, eta, dtype in cases for s in ("A_one_pass", "B_two_pass")]
         metafunc.parametrize(("strategy", "shape", "eta", "dtype"), params)
 
@@ -93,9 +87,9 @@ def _inputs(shape, dtype_name):
 
 
 def test_forward_backward(request, benchmark, backend, method, shape, eta, dtype):
-    small = _disabled(request.config)
+    small = benchmark_disabled(request.config)
     pred, target = _inputs(shape, dtype)
-    benchmark.group = f"fwd+bwd {_shape_id(shape)} eta={eta} {dtype}"
+    benchmark.group = f"fwd+bwd {shape_arg(shape)} eta={eta} {dtype}"
     benchmark.extra_info.update(device=str(DEVICE), backend=backend if method == "fused" else "torch")
     seed = [BASE_SEED]
     out = {}
@@ -165,7 +159,7 @@ def test_grad_strategy(benchmark, backend, strategy, shape, eta, dtype):
     n = math.prod(shape) // B
     gscale = torch.full((B,), 2.0 / (B * n * (1.0 - eta)), dtype=torch.float32, device=DEVICE)
     seed = seed_to_int64(BASE_SEED)
-    benchmark.group = f"grad strategy {_shape_id(shape)} eta={eta} {dtype}"
+    benchmark.group = f"grad strategy {shape_arg(shape)} eta={eta} {dtype}"
     benchmark.extra_info.update(device=str(DEVICE), backend=backend)
 
     if strategy == "A_one_pass":

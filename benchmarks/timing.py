@@ -245,6 +245,11 @@ def add_timing_options(ap: argparse.ArgumentParser, *, max_reps: int = 400) -> N
     ap.add_argument("--keep-samples", action="store_true", help="store every timing sample in the JSON")
 
 
+def benchmark_disabled(config) -> bool:
+    """Whether pytest runs with ``--benchmark-disable`` (the pytest suites then run each case once, on small shapes)."""
+    return bool(config.getoption("benchmark_disable", default=False))
+
+
 def timing_defaults(quick: bool, cpu: bool) -> dict:
     """Defaults of add_timing_options' options: on a CPU wait for other processes to go idle and retry."""
     return dict(min_sample=2e-3 if cpu else 1e-3, warmup=0.1 if quick else 0.3,
