@@ -333,3 +333,11 @@ def test_example_script_quick(tmp_path):
         assert Path(summary["files"][name]).stat().st_size > 0
     assert np.isfinite(summary["train_loss"]) and summary["steps"] >= 1
     assert all(np.isfinite(v) and v >= 0 for v in summary["optimal_loss"])
+
+
+def test_meta_data_raises_even_when_only_s_inf_is_asked():
+    """At sigma = 1 alone (s = inf) the estimator never runs; the data check still rejects a meta tensor."""
+    scheduler = _fm()
+    with pytest.raises(ValueError, match="data is a meta tensor"):
+        optimal_training_loss(torch.empty(4, *SHAPE, device="meta"), scheduler, scheduler.timesteps[[0]],
+                              num_queries=8, progress=False)

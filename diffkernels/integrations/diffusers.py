@@ -61,6 +61,7 @@ import torch
 from torch import Tensor
 
 from ..optimal_loss.estimators import ESTIMATORS, estimate_curve
+from ..optimal_loss.estimators.data import as_2d
 
 __all__ = ["OptimalTrainingLoss", "optimal_training_loss", "PREDICTION_TYPES"]
 
@@ -144,24 +145,6 @@ class OptimalTrainingLoss:
 # --- input checks ------------------------------------------------------------------------------
 
 
-def _check_data(data) -> tuple[int, int]:
-    """(N, D) of (N, ...) data, with the same checks as the estimator (it re-checks)."""
-    if isinstance(data, Tensor):
-        ok = not (data.dtype.is_complex or data.dtype == torch.bool)
-    elif isinstance(data, np.ndarray):
-        ok = data.dtype.kind in "fiu"
-    else:
-        raise TypeError(f"data must be a torch.Tensor or a numpy array, got {type(data).__name__}")
-    if not ok:
-        raise TypeError(f"data must be real numbers, got dtype {data.dtype}")
-    if data.ndim < 2:
-        raise ValueError(f"data must have shape (N, ...) with at least 2 dimensions, got {tuple(data.shape)}")
-    N, D = data.shape[0], int(np.prod(data.shape[1:]))
-    if N == 0 or D == 0:
-        raise ValueError(f"data is empty: shape {tuple(data.shape)}")
-    return N, D
-
-
 def _as_timesteps(timesteps) -> np.ndarray:
     if isinstance(timesteps, Tensor):
         if timesteps.dtype.is_complex or timesteps.dtype == torch.bool:
@@ -234,9 +217,9 @@ def _target_coefficients(prediction_type: str, alpha: np.ndarray, sigma: np.ndar
     }[prediction_type]
 
 
-def _total_variance(data, N: int, D: int) -> float:
-    """E||x0 - mean||^2 over the rows (the optimal x0-loss at s = inf), in float64, in row chunks."""
-    flat = data.reshape(N, D)
+def _total_variance(flat) -> float:
+    """E||x0 - mean||^2 over the rows of (N, D) data (the optimal x0-loss at s = inf), in float64, in row chunks."""
+    N, D = flat.shape
     step = max(1, _CHUNK_ELEMENTS // D)
 
     def chunks():
@@ -329,7 +312,8 @@ def optimal_training_loss(
         [0.05, 3.44, 157.41]
     """
     diffusers = _require_diffusers()
-    N, D = _check_data(data)
+    flat = as_2d(data)  # the estimator checks data the same way; checked here before any other argument
+    N, D = flat.shape
     if isinstance(num_queries, bool) or not isinstance(num_queries, numbers.Integral):
         raise TypeError(f"num_queries must be an int, got {type(num_queries).__name__}")
     if num_queries < 1:
@@ -380,7 +364,7 @@ def optimal_training_loss(
         x0_total[finite] = curve.j_star[which.reshape(-1)]
         x0_se[finite] = curve.stderr[which.reshape(-1)]
     if not finite.all():
-        x0_total[~finite] = _total_variance(data, N, D)
+        x0_total[~finite] = _total_variance(flat)
 
     a, b = _target_coefficients(prediction_type, alpha, sigma)
     factor = (b - a * alpha / sigma) ** 2
