@@ -57,7 +57,7 @@ class BuildPyWithSources(build_py):
 CPP_SOURCES = ["csrc/sparse_mse.cpp", "csrc/mask_tokens.cpp"]
 CUDA_SOURCES = ["csrc/sparse_mse_cuda.cu", "csrc/mask_tokens_cuda.cu"]
 CXX_FLAGS = ["-O3", "-fopenmp", "-std=c++17", "-ffp-contract=off"]
-NVCC_FLAGS = ["-O3", "-std=c++17", "-lineinfo"]  # the same as diffkernels/_native.py
+NVCC_FLAGS = ["-O3", "-std=c++17", "-lineinfo"]  # the same as diffkernels/_native_cache.py
 
 
 def _flag(name):

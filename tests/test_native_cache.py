@@ -19,13 +19,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffkernels import _native, reference
+from diffkernels import _native, _native_cache, reference
 
 PRELUDE = '''
 import json, os, shutil, sys
 from pathlib import Path
 import torch
-from diffkernels import _native
+from diffkernels import _native, _native_cache
 _native._load_prebuilt = lambda: False  # the cache is under test, not an ahead-of-time build
 GOOD = {good!r}
 if {fake!r}:
@@ -36,7 +36,7 @@ if {fake!r}:
         lib = Path(build) / (name + ".so")
         shutil.copyfile(GOOD, lib)
         torch.ops.load_library(str(lib))
-    _native._compile = _fake_compile
+    _native_cache._compile = _fake_compile
 if {csrc!r}:
     _native._CSRC = Path({csrc!r})
 if {read_only!r}:  # a read-only file system, emulated: chmod does not stop root
@@ -339,7 +339,7 @@ def test_identical_sources_anywhere_share_one_build(tmp_path, good, monkeypatch)
     (changed / _native.HEADERS[0]).write_text((changed / _native.HEADERS[0]).read_text() + "\n// changed\n")
     assert _native._build_key(changed, False) != _native._build_key(here, False)
     key = _native._build_key(here, False)
-    monkeypatch.setattr(_native, "_cflags", lambda: ["-O2"])
+    monkeypatch.setattr(_native_cache, "_cflags", lambda: ["-O2"])
     assert _native._build_key(here, False) != key
 
 
