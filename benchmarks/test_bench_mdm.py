@@ -39,8 +39,7 @@ from benchmarks.bench_mdm import (  # noqa: E402
     row_p,
 )
 from benchmarks.cli import shape_arg  # noqa: E402
-from benchmarks.environment import fused_backend  # noqa: E402
-from benchmarks.timing import benchmark_disabled  # noqa: E402
+from benchmarks.timing import benchmark_disabled, sync  # noqa: E402
 
 import diffkernels  # noqa: E402
 from diffkernels.mdm.masking import mask_tokens  # noqa: E402
@@ -75,22 +74,9 @@ def pytest_generate_tests(metafunc):
 
 
 @pytest.fixture(scope="module")
-def backend():
-    try:
-        return fused_backend(DEVICE)
-    except RuntimeError as exc:
-        pytest.skip(str(exc))
-
-
-@pytest.fixture(scope="module")
 def liger():
     ok, note = liger_status(DEVICE)
     return ok, note
-
-
-def _sync():
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def test_mask_tokens(benchmark, backend, mask_method, shape, mode):
@@ -109,17 +95,17 @@ def test_mask_tokens(benchmark, backend, mask_method, shape, mode):
         def step():
             with diffkernels.use_backend(backend):
                 mt = mask_tokens(ids, p, SEED, mask_id=MASK_ID, mode=mode)
-            _sync()
+            sync(DEVICE)
             return mt.noisy_ids, mt.masked, mt.weights
     elif mask_method == "kernel":
         def step():
             out = kernels.mask_tokens(ids, table, seed_to_int64(SEED), MASK_ID, None, None, mirror)
-            _sync()
+            sync(DEVICE)
             return tuple(t.view(-1, L) for t in out)
     else:
         def step():
             out = eager_mask(ids, p, MASK_ID, mirror)
-            _sync()
+            sync(DEVICE)
             return out
 
     noisy, masked, weights = benchmark(step)
@@ -160,7 +146,7 @@ def test_masked_diffusion_loss(request, benchmark, backend, liger, loss_method, 
         with diffkernels.use_backend(backend):
             loss = loss_fn(mt, targets, hidden, weight)
             loss.backward()
-        _sync()
+        sync(DEVICE)
         return loss.detach()
 
     loss = float(benchmark(step))

@@ -27,8 +27,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script_method.*:Depr
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout
 from benchmarks.bench_sparse_mse import BASE_SEED, DTYPES, ETAS, SHAPES, baseline_loss  # noqa: E402
 from benchmarks.cli import shape_arg  # noqa: E402
-from benchmarks.environment import fused_backend  # noqa: E402
-from benchmarks.timing import benchmark_disabled  # noqa: E402
+from benchmarks.timing import benchmark_disabled, sync  # noqa: E402
 
 import diffkernels  # noqa: E402
 from diffkernels import reference as ref  # noqa: E402
@@ -63,19 +62,6 @@ def pytest_generate_tests(metafunc):
         params = [pytest.param(s, shape, eta, dtype, id=f"{s}-{shape_arg(shape)}-eta{eta}-{dtype}")
                   for shape, eta, dtype in cases for s in ("A_one_pass", "B_two_pass")]
         metafunc.parametrize(("strategy", "shape", "eta", "dtype"), params)
-
-
-@pytest.fixture(scope="module")
-def backend():
-    try:
-        return fused_backend(DEVICE)
-    except RuntimeError as exc:
-        pytest.skip(str(exc))
-
-
-def _sync():
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def _inputs(shape, dtype_name):
@@ -119,7 +105,7 @@ def test_forward_backward(request, benchmark, backend, method, shape, eta, dtype
             loss = loss_fn()
             loss.backward()
         out["loss"] = loss
-        _sync()
+        sync(DEVICE)
 
     step()  # warm-up (compiles forward and backward for torch.compile)
     benchmark(step)
@@ -165,13 +151,13 @@ def test_grad_strategy(benchmark, backend, strategy, shape, eta, dtype):
     if strategy == "A_one_pass":
         def step():
             r = kernels.sparse_mse_fwd(pred, target, eta, seed, 1, gscale)
-            _sync()
+            sync(DEVICE)
             return r
     else:
         def step():
             sq, kept, _ = kernels.sparse_mse_fwd(pred, target, eta, seed, 1, None)
             _, _, grad = kernels.sparse_mse_fwd(pred, target, eta, seed, 1, gscale)
-            _sync()
+            sync(DEVICE)
             return sq, kept, grad
 
     step()
