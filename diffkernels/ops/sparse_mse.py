@@ -334,7 +334,7 @@ def sparse_mse(pred: Tensor, target: Tensor, weight: Optional[Tensor], mask_rati
         return sparse_mse_op(pred, target, weight, mask_ratio, seed, channels, normalize, reduction, fused_grad)[0]
     # The common CPU training step, decided without the (slower) general backend selection: the C++
     # backend runs CPU tensors unless another one is forced.
-    if fused_grad and pred.is_cpu and _backend.forced() in (None, "cpp") and native_loss() is not None:
+    if fused_grad and pred.is_cpu and (_native_loss or native_loss()) and _backend.forced() in (None, "cpp"):
         return _native_loss(pred, target, weight, mask_ratio, seed, channels, _NORMALIZE_CODE[normalize],
                             _REDUCTION_CODE[reduction])
     kernels = _kernels.for_device(pred.device)

@@ -97,7 +97,8 @@ def sparse_mse_loss(
     """
     check_float_tensor(pred, "pred")
     check_float_tensor(target, "target")
-    if pred.shape != target.shape:
+    shape = pred.shape
+    if shape != target.shape:
         raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
     if pred.dtype != target.dtype:
         raise TypeError(f"pred and target must have the same dtype, got {pred.dtype} and {target.dtype}")
@@ -117,8 +118,8 @@ def sparse_mse_loss(
         seed = check_seed(seed)
     check_choice(normalize, "normalize", NORMALIZATIONS)
     check_choice(reduction, "reduction", REDUCTIONS)
-    channels = _channels(pred.shape, granularity)
-    B = pred.shape[0]
+    channels = _channels(shape, granularity)
+    B = shape[0]
     if B and pred.numel() == 0:
         raise ValueError(f"pred has no elements per sample (shape {tuple(pred.shape)})")
     channels = max(channels, 1)  # B = 0 with no channels: nothing to mask, and the kernels need C >= 1
