@@ -26,6 +26,7 @@ MODULES = [
     "diffkernels.mdm.masking",
     "diffkernels.mdm.loss",
     "diffkernels.mdm.samplers",
+    "diffkernels.mdm.ppots",
     "diffkernels.mdm.syrm",
     "diffkernels.mdm.ema",
     "diffkernels.mdm.variance",

@@ -637,6 +637,10 @@ def test_grid_bad_arguments():
 
 def test_public_names():
     import diffkernels.mdm as mdm
+    from diffkernels.mdm import ppots
 
-    for name in S.__all__:
-        assert getattr(mdm, name) is getattr(S, name)
+    for module in (S, ppots):
+        for name in module.__all__:
+            assert getattr(mdm, name) is getattr(module, name)
+    for name in ppots.__all__:  # P-POTS stays importable from the samplers module
+        assert getattr(S, name) is getattr(ppots, name)

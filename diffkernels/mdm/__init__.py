@@ -3,18 +3,8 @@
 from .ema import BinnedEMABaseline
 from .loss import masked_cross_entropy, masked_diffusion_loss
 from .masking import MaskedTokens, mask_tokens
-from .samplers import (
-    Clipped,
-    EPRFit,
-    LowDiscrepancy,
-    PPOTSGrid,
-    PPOTSSampler,
-    Stratified,
-    TimeSampler,
-    Uniform,
-    estimate_ppots_grid,
-    fit_epr,
-)
+from .ppots import EPRFit, PPOTSGrid, PPOTSSampler, estimate_ppots_grid, fit_epr
+from .samplers import Clipped, LowDiscrepancy, Stratified, TimeSampler, Uniform
 from .syrm import SyRMWeights, syrm_coefficients, syrm_loss, syrm_weights
 from .variance import VarianceComponents, VarianceDecomposition, nested_variance_components, variance_decomposition
 
