@@ -7,7 +7,7 @@
 micro-batch, t in [0, 1)); the other samplers are in :mod:`diffkernels.mdm.samplers`.
 
 One module on purpose: the grid estimate, the parametric fit and the sampler are the steps of one
-method, each consuming the previous one's result.
+method, each consuming the previous one's result (a third of the lines are docstrings and examples).
 """
 
 from __future__ import annotations
