@@ -6,8 +6,7 @@ per sequence with a :mod:`diffkernels.mdm` sampler, masks tokens with :func:`~di
 runs the model on the noisy ids and computes :func:`~diffkernels.mdm.masked_diffusion_loss` from the hidden
 states that enter the LM head and the head's weight (and bias): logits exist only for the masked tokens.
 :class:`MaskedDiffusionTrainer` is a ``transformers.Trainer`` whose ``compute_loss`` does this, so a
-fine-tuning script switches to masked diffusion by changing its Trainer class (it is defined in
-:mod:`diffkernels.integrations.transformers_trainer` and importable from here).
+fine-tuning script switches to masked diffusion by changing its Trainer class.
 
 Bidirectional attention. A masked diffusion LM (LLaDA, SMDM) attends in both directions. A decoder-only
 architecture built for causal LM attends causally unless told otherwise; :func:`make_bidirectional` tells it
@@ -19,6 +18,10 @@ denoiser, only a causally restricted one: the prediction for a masked token sees
 before its position, never those after it, so its loss (an upper bound of the negative log-likelihood, as
 always) stays higher than a bidirectional model's. No labels are shifted in either case: the hidden state at
 position l predicts the clean token at position l.
+
+One module on purpose: the loss and the model introspection it rests on (finding the LM head, the
+hidden states that enter it, the logit scale, the backbone, the attention's direction) belong together;
+the Trainer built on them is in :mod:`diffkernels.integrations.transformers_trainer`.
 """
 
 from __future__ import annotations
