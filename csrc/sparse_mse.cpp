@@ -284,10 +284,22 @@ LossForward loss_forward(const at::Tensor& pred, const at::Tensor& target, const
   const int64_t n = B ? pred.numel() / B : 0;
   const double scale = loss_scale(B, n, mask_ratio, normalize, reduction);
   // The per-row gradient scale 2 * scale * w_b (Python: _grad_scale), a constant without a weight.
+  // Computed in scalar code like the finalisation below: (acc_t) w_b * (acc_t) c is the tensor op's
+  // w.to(acc) * c (a float64 weight value rounds to float32 as the conversion does).
+  const at::Tensor w64 = has_weight ? weight->to(at::kDouble).contiguous() : at::Tensor();
+  const double* w = has_weight ? w64.data_ptr<double>() : nullptr;
   std::optional<at::Tensor> grad_scale;
   std::optional<double> grad_const;
   if (want_grad && has_weight) {
-    grad_scale = weight->to(pred.scalar_type() == at::kDouble ? at::kDouble : at::kFloat) * (2.0 * scale);
+    const double c = 2.0 * scale;
+    grad_scale = at::empty({B}, pred.options().dtype(pred.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+    if (grad_scale->scalar_type() == at::kDouble) {
+      double* gs = grad_scale->data_ptr<double>();
+      for (int64_t b = 0; b < B; ++b) gs[b] = w[b] * c;
+    } else {
+      float* gs = grad_scale->data_ptr<float>();
+      for (int64_t b = 0; b < B; ++b) gs[b] = static_cast<float>(w[b]) * static_cast<float>(c);
+    }
   } else if (want_grad) {
     grad_const = 2.0 * scale;
   }
@@ -302,8 +314,6 @@ LossForward loss_forward(const at::Tensor& pred, const at::Tensor& target, const
     const double* s = sq_sum.data_ptr<double>();
     double* ps = per_sample.data_ptr<double>();
     int64_t* k = kept.data_ptr<int64_t>();
-    at::Tensor w64 = has_weight ? weight->to(at::kDouble).contiguous() : at::Tensor();
-    const double* w = has_weight ? w64.data_ptr<double>() : nullptr;
     for (int64_t b = 0; b < B; ++b) {
       double v = s[b];
       if (normalize == kKept) {
