@@ -272,7 +272,8 @@ def test_native_op_is_taken_for_the_fused_cpu_step(monkeypatch, gen):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_native_op_matches_python_path_and_reference(monkeypatch, gen, dtype):
     """Bitwise equal to the Python path (same ops in the same order), close to a float64 reference."""
-    cases = [(normalize, reduction) for normalize in ("expected", "all", "kept") for reduction in ("mean", "sum", "none")]
+    cases = [(normalize, reduction) for normalize in ("expected", "all", "kept")
+             for reduction in ("mean", "sum", "none")]
     for shape, (normalize, reduction) in zip([(3, 2, 5), (4, 7), (0, 2, 3)] * 3, cases):
         B = shape[0]
         pred = torch.randn(shape, generator=gen).to(dtype)
