@@ -8,7 +8,8 @@ device synchronised around each round; the cases of a group are interleaved roun
 that noise from other processes hits all of them alike), the load average before and after, and
 the aten ops one call issues, counted with the profiler: the aten ops not nested in another aten
 op, split into "launch" ops (the ones that do work: on a GPU, each is a kernel launch) and
-allocations / views / metadata (no launch). The counts include what the backend primitive itself issues; the "primitive" rows show that part.
+allocations / views / metadata (no launch). The counts include what the backend primitive itself
+issues; the "primitive" rows show that part.
 
 Cases: the sparse_mse training step (``loss = sparse_mse_loss(pred, target, 0.98, seed);
 loss.backward()``, with and without a per-sample weight), the dense steps it replaces (eager
