@@ -40,6 +40,7 @@ from benchmarks.bench_mdm import (  # noqa: E402
 )
 from benchmarks.cli import shape_arg  # noqa: E402
 from benchmarks.timing import benchmark_disabled, sync  # noqa: E402
+from benchmarks.fixtures import backend  # noqa: E402, F401  (a pytest fixture)
 
 import diffkernels  # noqa: E402
 from diffkernels.mdm.masking import mask_tokens  # noqa: E402

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout
 from benchmarks.bench_sparse_mse import BASE_SEED, DTYPES, ETAS, SHAPES, baseline_loss  # noqa: E402
 from benchmarks.cli import shape_arg  # noqa: E402
 from benchmarks.timing import benchmark_disabled, sync  # noqa: E402
+from benchmarks.fixtures import backend  # noqa: E402, F401  (a pytest fixture)
 
 import diffkernels  # noqa: E402
 from diffkernels import reference as ref  # noqa: E402

@@ -1,4 +1,5 @@
-"""Fixtures shared by the pytest-benchmark suites."""
+"""Fixtures shared by the pytest-benchmark suites (imported by name into each suite: a conftest.py here
+would shadow tests/conftest.py, since both are imported as the module ``conftest``)."""
 
 from __future__ import annotations
 
