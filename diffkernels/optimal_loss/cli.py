@@ -307,7 +307,7 @@ def add_subcommands(sub) -> None:
                    help="under torchrun: the process group's backend (default: nccl with CUDA, gloo on the CPU)")
     p.add_argument("--precision", choices=("auto", "float64"), default=None,
                    help="posterior engine: auto = screen with an fp32-accurate GEMM and recompute the top rows "
-                        "exactly, float64 = float64 GEMMs; both exact to float64 rounding "
+                        "exactly and prove the rest negligible, float64 = float64 GEMMs "
                         "(default: auto on the CPU, float64 on CUDA)")
     p.add_argument("--out", default=DEFAULT_OUT, help="output prefix: writes OUT.csv, OUT.json, OUT.ckpt.json; a folder (existing, or ending in /) "
                         "gets OUT/optimal_loss.*")

@@ -155,8 +155,8 @@ def estimate_curve(
         distributed: True (default process group) or a ``torch.distributed`` process group to
             shard the data across ranks; every rank must pass the same arguments except ``data``.
         precision: the posterior engine, "auto" (screen and refine), "float64" or None (auto on the
-            CPU, float64 on CUDA); see :func:`~diffkernels.optimal_loss.posterior_partial`. Both are
-            exact to float64 rounding.
+            CPU, float64 on CUDA); see :func:`~diffkernels.optimal_loss.posterior_partial` and
+            docs/METHODS.md section 3.3 for what each guarantees.
         common_random_numbers: use the same source rows, subsets and unit noise eps at every noise
             level (queries x = x_n + s eps), so the curve is smooth in s; each level's estimate is
             still unbiased (see :mod:`diffkernels.optimal_loss.estimators`).

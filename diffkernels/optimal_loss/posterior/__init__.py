@@ -6,7 +6,8 @@ the denoiser is D(x) = sum_n w_n y_n and the posterior variance is tr Cov = sum_
 The precision hazard: logits are ~1/sigma^2 times squared distances, so at sigma = 2e-3 times the
 data scale the expanded-form distances ||x||^2 + ||y||^2 - 2 x.y need ~1e-12 relative accuracy;
 float32, TF32 or bf16 products lose the O(1) logit differences that decide the softmax. Two
-engines, both exact to float64 rounding in what they return:
+engines; the rows that carry the posterior mass are exact to float64 rounding in both, and "auto"
+also drops rows proven to weigh below e^-40 of the best one (docs/METHODS.md section 3.3):
 
 * ``precision="float64"`` (:mod:`.float64_engine`): every product in float64, two GEMMs per data
   chunk (logits and sums), the few heaviest rows per query by direct differences.

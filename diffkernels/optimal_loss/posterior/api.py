@@ -105,9 +105,9 @@ def posterior_partial(
     without a copy of the data; e.g. the data mean, so that all sums stay small). ``data`` may live on
     another device than ``queries`` (e.g. host memory): it is moved chunk by chunk. ``precision``:
     "auto" (screen and refine, see :mod:`diffkernels.optimal_loss.posterior`), "float64", or None
-    (auto on the CPU, float64 on CUDA); both are exact to float64 rounding. "auto" syncs with the host
-    once per chunk. Not differentiable: the result carries no gradient. M = 0 queries give an empty
-    partial.
+    (auto on the CPU, float64 on CUDA); the guarantee of each is in docs/METHODS.md section 3.3.
+    "auto" syncs with the host once per chunk. Not differentiable: the result carries no gradient.
+    M = 0 queries give an empty partial.
 
     Errors: ValueError if the queries or the data contain NaN or Inf (the data is checked as it is
     read), or if sigma is so small against the distances that even a query's largest logit is below
