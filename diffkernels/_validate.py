@@ -57,6 +57,12 @@ def check_choice(value, name: str, choices) -> None:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
+def check_not_meta(x: Tensor, name: str) -> None:
+    """Reject a meta tensor where the result depends on the values (meta tensors hold no data)."""
+    if x.device.type == "meta":
+        raise ValueError(f"{name} is a meta tensor: meta tensors are not supported (the result depends on the values)")
+
+
 def check_devices(tensors: dict, reference: str | None = None) -> torch.device:
     """All the tensors of ``tensors`` (name -> tensor or None) on one device, that of
     ``tensors[reference]`` (default: the first), and not meta outside tracing; returns the device.

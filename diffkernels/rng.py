@@ -122,8 +122,9 @@ def uniform(seed: int, index: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"index must be a torch.Tensor, got {type(index).__name__}")
     if index.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"index must be an int32 or int64 tensor, got {index.dtype}")
-    if index.is_meta:
-        raise ValueError("index: meta tensors are not supported")
+    from ._validate import check_not_meta  # here: _validate imports this module
+
+    check_not_meta(index, "index")
     index = index.to(torch.int64)
     if index.numel() and bool((index < 0).any()):
         raise ValueError("index must be non-negative")

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..._validate import check_not_meta
 from ..distributed import all_merge_partials, gather_rows, on_all_ranks, shard_layout
 from ..posterior import PosteriorPartial, merge_partials, posterior_partial
 
@@ -32,9 +33,7 @@ _F64 = torch.float64
 def as_2d(data, name: str = "data"):
     """(N, ...) tensor or numpy array -> (N, D) view, checked; errors name the argument ``name``."""
     if isinstance(data, Tensor):
-        if data.device.type == "meta":
-            raise ValueError(f"{name} is a meta tensor: meta tensors are not supported "
-                             "(the result depends on the values)")
+        check_not_meta(data, name)
         ok_dtype = data.dtype.is_floating_point or not (data.dtype.is_complex or data.dtype == torch.bool)
     elif isinstance(data, np.ndarray):
         ok_dtype = data.dtype.kind in "fiu"

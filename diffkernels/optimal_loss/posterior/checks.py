@@ -13,6 +13,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..._validate import check_not_meta
+
 __all__ = ["PRECISIONS", "check_inputs", "check_device", "check_chunk_size", "check_precision", "check_exclude",
            "check_index_offset", "check_data_shift", "per_query", "largest_magnitude", "check_data_finite",
            "choose_scale", "check_sigma_range", "check_logits_in_range", "SAFE_MAGNITUDE"]
@@ -21,8 +23,7 @@ PRECISIONS = ("auto", "float64")
 
 
 def check_device(x: Tensor, name: str) -> None:
-    if x.device.type == "meta":
-        raise ValueError(f"{name} is a meta tensor: meta tensors are not supported (the result depends on the values)")
+    check_not_meta(x, name)
 
 
 def check_inputs(queries: Tensor, data: Tensor) -> None:
