@@ -15,7 +15,6 @@ from ..ops.sparse_mse import NORMALIZATIONS, REDUCTIONS
 
 GRANULARITIES = ("element", "pixel")
 BACKWARD_MODES = ("fused", "recompute")
-_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 __all__ = ["SparseMSELoss", "sparse_mask", "sparse_mse_loss"]
 
@@ -110,12 +109,8 @@ def sparse_mse_loss(
         check_devices({"pred": pred, "target": target, "weight": weight})
     if pred.dim() < 1:
         raise ValueError("pred must have a batch dimension (dim 0), got a 0-d tensor")
-    # The checks below cost microseconds, as much as the kernel at small shapes: a float mask ratio
-    # in range and an int seed in int64 range are already what they return.
-    if type(mask_ratio) is not float or not 0.0 <= mask_ratio < 1.0:
-        mask_ratio = check_mask_ratio(mask_ratio)
-    if type(seed) is not int or not _INT64_MIN <= seed <= _INT64_MAX:
-        seed = check_seed(seed)
+    mask_ratio = check_mask_ratio(mask_ratio)
+    seed = check_seed(seed)
     check_choice(normalize, "normalize", NORMALIZATIONS)
     check_choice(reduction, "reduction", REDUCTIONS)
     channels = _channels(shape, granularity)
